@@ -1,0 +1,36 @@
+"""Exceptions named by what the message runner must do with the message in hand.
+
+Handlers raise these; the runner (``shared.bus.runner``) turns them into a
+retry, a RunFailed event or a dead letter. Keep the cause: ``raise ... from e``.
+"""
+
+from __future__ import annotations
+
+
+class PreimgError(Exception):
+    """Base of the errors the runner understands."""
+
+
+class RetryableError(PreimgError):
+    """A passing fault (broker, S3 or SMTP down, disk full): try the message again later."""
+
+
+class PermanentError(PreimgError):
+    """The input cannot be processed as it is; retrying will not help.
+
+    The runner acks the message and emits a RunFailed event carrying ``str(e)``
+    as the reason, so the text must say what went wrong and what to do.
+    """
+
+    def __init__(self, reason: str, **details: object):
+        super().__init__(reason)
+        self.reason = reason
+        self.details = details
+
+
+class InvalidMessage(PreimgError):
+    """The message cannot be understood at all: it goes to the dead-letter queue."""
+
+
+class IgnorableMessage(PreimgError):
+    """Nothing to do (e.g. an event for another instrument): ack and move on."""

@@ -1,0 +1,87 @@
+"""Typed settings, loaded once at start-up from the environment (``PREIMG_*``).
+
+Tests build ``Settings(...)`` directly; nothing reads ``os.environ`` at import
+time. Names follow DFOS where operators know them (``DFO_RAW_DIR`` etc. become
+directories under ``data_root``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PREIMG_", extra="ignore", frozen=True)
+
+    # --- where data lives -------------------------------------------------
+    data_root: Path = Field(Path("preimg-data"), description="Root of raw/, sci/, logs/, work/, cal/, state/")
+    delivery_area: Path | None = Field(
+        None, description="AOG drops raw files here; delivered paths must lie inside it "
+        "(default: <data_root>/incoming)"
+    )
+    cal_root: Path | None = Field(None, description="$DFO_CAL_DIR (default: <data_root>/cal)")
+
+    # --- broker ---------------------------------------------------------------
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    exchange: str = "preimg"
+    heartbeat_s: int = 30
+    retry_delays_ms: tuple[int, ...] = (1000, 5000, 30000)
+    max_attempts: int = 4
+
+    # --- service process --------------------------------------------------------
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(9100, description="Port of /metrics, /healthz and /readyz (0: any free port)")
+    shutdown_grace_s: float = 60.0
+
+    # --- QC server (S3 in the distributed set-up, a local directory otherwise) ---
+    qc_mode: str = Field("local", pattern="^(local|s3)$")
+    qc_dir: Path | None = Field(None, description="Local QC server directory (default: <data_root>/qc)")
+    qc_public_url: str = Field("", description="Base URL under which the QC server is browsed")
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "preimg-qc"
+    s3_prefix: str = ""
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+
+    # --- notification -------------------------------------------------------------
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_from: str = "preimg@localhost"
+    operator_email: str = ""
+
+    # --- legacy ---------------------------------------------------------------------
+    write_executed_flag: bool = Field(False, description="Also write the EXECUTED file for AOG scripts that poll")
+
+    # --- derived paths ----------------------------------------------------------------
+    def delivery_dir(self) -> Path:
+        return (self.delivery_area or self.data_root / "incoming").resolve()
+
+    def cal_dir(self) -> Path:
+        return (self.cal_root or self.data_root / "cal").resolve()
+
+    def qc_local_dir(self) -> Path:
+        return (self.qc_dir or self.data_root / "qc").resolve()
+
+    def run_dirs(self, instrument: str, run_id: str) -> "RunDirs":
+        root = self.data_root.resolve()
+        return RunDirs(
+            raw=root / "raw" / instrument / run_id,
+            sci=root / "sci" / instrument / run_id,
+            logs=root / "logs" / instrument / run_id,
+            work=root / "work" / instrument / run_id,
+            state=root / "state" / instrument / run_id,
+        )
+
+
+class RunDirs:
+    """The directories of one run: DFOS's $DFO_RAW_DIR/$DFO_SCI_DIR/$DFO_LOG_DIR, per run."""
+
+    def __init__(self, raw: Path, sci: Path, logs: Path, work: Path, state: Path):
+        self.raw, self.sci, self.logs, self.work, self.state = raw, sci, logs, work, state
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in vars(self).items()}
