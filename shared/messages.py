@@ -202,6 +202,12 @@ class ReportsReady(Envelope):
     files: tuple[str, ...] = Field(
         default=(), description="Every file of the package (products, logs, reports)"
     )
+    objects: tuple[str, ...] = Field(
+        default=(), description="OBJECT values of the raw frames (FITS header text, not escaped)"
+    )
+    prog_ids: tuple[str, ...] = Field(
+        default=(), description="Programme ids (OBS.PROG.ID) of the raw frames"
+    )
 
 
 # --------------------------------------------------------------------------

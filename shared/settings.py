@@ -46,12 +46,22 @@ class Settings(BaseSettings):
     s3_access_key_id: str | None = None
     s3_secret_access_key: SecretStr | None = None
     s3_region: str = "us-east-1"
+    s3_max_attempts: int = Field(
+        5, ge=1, description="Tries per S3 request before the message goes back for a later retry"
+    )
+    s3_backoff_s: float = Field(0.5, ge=0, description="First back-off between S3 tries; doubles")
+    s3_backoff_max_s: float = Field(8.0, ge=0, description="Longest back-off between two S3 tries")
+    s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of one S3 request")
+    monitor_max_rows: int = Field(
+        200, ge=1, description="Most recent executions shown on preimgMonitor.html"
+    )
 
     # --- notification -------------------------------------------------------------
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_from: str = "preimg@localhost"
     operator_email: str = ""
+    smtp_timeout_s: float = Field(10.0, gt=0, description="Give up on the SMTP server after this long")
 
     # --- legacy ---------------------------------------------------------------------
     write_executed_flag: bool = Field(False, description="Also write the EXECUTED file for AOG scripts that poll")
