@@ -1,0 +1,57 @@
+"""The bus port: what a service needs from a message broker, and how an Outcome is settled.
+
+Two adapters implement it: ``shared.bus.rabbitmq`` (pika, the distributed
+set-up) and ``shared.bus.memory`` (one process, no broker). Both settle an
+``Outcome`` with ``settle`` below, so the order of effects is the same:
+events are published and confirmed first, then the message is retried,
+dead-lettered or simply acked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from shared.bus.runner import Incoming, Outcome
+from shared.bus.topology import (
+    HEADER_ATTEMPT,
+    HEADER_FAILED_AT,
+    HEADER_ORIGINAL_KEY,
+    HEADER_QUEUE,
+    HEADER_REASON,
+    dead_letter_queue,
+    retry_queue,
+    retry_tier,
+)
+from shared.messages import Envelope
+
+
+class Sender(Protocol):
+    def publish(self, event: Envelope) -> None:
+        """Publish an event on the topic exchange under its routing key; return once confirmed."""
+
+    def send_to_queue(self, queue: str, body: bytes, headers: Mapping[str, Any]) -> None:
+        """Put a message straight onto a named queue; return once confirmed."""
+
+
+def settle(outcome: Outcome, incoming: Incoming, queue: str, n_retry_tiers: int, sender: Sender) -> None:
+    """Carry out ``outcome`` for ``incoming`` (taken from ``queue``), short of the final ack."""
+    for event in outcome.events:
+        sender.publish(event)
+    if outcome.on_published is not None:
+        outcome.on_published()
+    if outcome.action == "retry":
+        headers = {**incoming.headers, HEADER_ATTEMPT: outcome.next_attempt, HEADER_REASON: outcome.reason[:1000]}
+        tier = retry_tier(outcome.next_attempt, n_retry_tiers)
+        sender.send_to_queue(retry_queue(queue, tier), incoming.body, headers)
+    elif outcome.action == "dead_letter":
+        headers = {
+            **incoming.headers,
+            HEADER_REASON: outcome.reason[:4000],
+            HEADER_ORIGINAL_KEY: incoming.routing_key,
+            HEADER_QUEUE: queue,
+            HEADER_ATTEMPT: incoming.attempt,
+            HEADER_FAILED_AT: datetime.now(timezone.utc).isoformat(),
+        }
+        sender.send_to_queue(dead_letter_queue(queue), incoming.body, headers)

@@ -1,0 +1,105 @@
+"""Every exchange, queue and routing-key name, in one place.
+
+Services, tests and the deployment files take names from these functions;
+nothing spells a queue name by hand twice.
+
+Layout (RabbitMQ, mirrored by the in-process bus)::
+
+    exchange "preimg" (topic, durable)
+      delivery.<INSTR>        -> preimg.ingest
+      raw_ready.<INSTR>       -> preimg.processor.<INSTR>   (one queue per instrument)
+      products_ready.<INSTR>  -> preimg.reporter
+      reports_ready.<INSTR>   -> preimg.publisher
+      run_failed.<INSTR>      -> preimg.publisher           (failed runs reach the monitor page)
+      completed.<INSTR>       -> (AOG binds its own queue)
+
+    <queue>.retry.<n>  fixed-delay retry queue n (TTL, dead-letters back to <queue>)
+    <queue>.dlq        dead-letter queue; the reason is in the message headers
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EXCHANGE = "preimg"
+QUEUE_PREFIX = "preimg"
+
+SERVICES = ("ingest", "processor", "reporter", "publisher")
+
+#: The routing-key stages each service consumes.
+CONSUMED_STAGES: dict[str, tuple[str, ...]] = {
+    "ingest": ("delivery",),
+    "processor": ("raw_ready",),
+    "reporter": ("products_ready",),
+    "publisher": ("reports_ready", "run_failed"),
+}
+
+#: Header names carried by retried and dead-lettered messages.
+HEADER_ATTEMPT = "x-preimg-attempt"
+HEADER_REASON = "x-preimg-reason"
+HEADER_ORIGINAL_KEY = "x-preimg-routing-key"
+HEADER_FAILED_AT = "x-preimg-failed-at"
+HEADER_QUEUE = "x-preimg-queue"
+
+
+def routing_key(stage: str, instrument: str) -> str:
+    return f"{stage}.{instrument}"
+
+
+def queue_name(service: str, instrument: str | None = None) -> str:
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")
+    if service == "processor":
+        if not instrument:
+            raise ValueError("the processor has one queue per instrument: give the instrument")
+        return f"{QUEUE_PREFIX}.processor.{instrument}"
+    return f"{QUEUE_PREFIX}.{service}"
+
+
+def binding_keys(service: str, instrument: str | None = None) -> tuple[str, ...]:
+    stages = CONSUMED_STAGES[service]
+    if service == "processor":
+        return tuple(routing_key(s, instrument or "*") for s in stages)
+    return tuple(f"{s}.*" for s in stages)
+
+
+def retry_queue(queue: str, tier: int) -> str:
+    return f"{queue}.retry.{tier}"
+
+
+def dead_letter_queue(queue: str) -> str:
+    return f"{queue}.dlq"
+
+
+def retry_tier(attempt: int, n_tiers: int) -> int:
+    """Retry queue index (0-based) for the given attempt number (1 = first retry)."""
+    return min(max(attempt, 1), n_tiers) - 1
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """One consuming queue with its bindings on the topic exchange."""
+
+    name: str
+    bindings: tuple[str, ...]
+    prefetch: int = 1
+
+    @classmethod
+    def for_service(cls, service: str, instrument: str | None = None) -> "QueueSpec":
+        return cls(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1)
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: ``*`` is exactly one word, ``#`` zero or more words."""
+    return _match_words(pattern.split("."), key.split("."))
+
+
+def _match_words(pattern: list[str], words: list[str]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match_words(rest, words[i:]) for i in range(len(words) + 1))
+    if not words:
+        return False
+    return (head == "*" or head == words[0]) and _match_words(rest, words[1:])
