@@ -119,6 +119,9 @@ class RawFrame(_Model):
     classification: dict[str, str] = Field(
         default_factory=dict, description='OCA classification, e.g. {"DO.CATG": "OBJECT"}'
     )
+    problem: str = Field(
+        "", description="Why the frame's header could not be read or classified (empty when fine)"
+    )
 
 
 class RawDataReady(Envelope):
