@@ -1,0 +1,345 @@
+"""Reporter: ProductsReady -> REPORT, USERREPORT, list_mcalib -> ReportsReady.
+
+Steps 6 to 8 of processPreImg. The handler renders the run's reports from
+jinja2 templates into the run's log directory (each file written atomically)
+and returns the ReportsReady event; it never touches the broker.
+
+Files written into ``ProductsReady.log_dir``:
+
+- ``REPORT_<instr>_<date>_<runid>.log`` (+ ``.html``): what ran, each AB's
+  status, recipe, calibrations and timings, every failure with its reason;
+- ``USERREPORT_<instr>_<date>_<runid>.log`` (+ ``.html``): the OB and frame
+  reports of ``fitsreport_preimg.cfg`` over raw frames and products, for the PI;
+- ``list_mcalib_<date>``: every calibration used, with PRO.CATG and date.
+
+``<date>`` is the UTC date of the delivery, so a replayed message rewrites the
+same files instead of adding new ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jinja2
+
+from shared.errors import RetryableError
+from shared.messages import ABResult, Envelope, ProductsReady, ReportsReady, derived_message_id
+
+from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
+
+_log = logging.getLogger(__name__)
+
+#: Header reader: the primary header of a FITS file as {keyword: value}, or None
+#: when the file cannot be read.
+HeaderReader = Callable[[Path], "dict[str, Any] | None"]
+
+OK_STATUSES = ("SUCCESSFUL",)
+FAILED_STATUSES = ("FAILED", "INCOMPLETE")
+#: Keywords a product inherits from the raw frames of its AB when its own header
+#: lacks them, so that products are grouped under their OB in the frame report.
+INHERITED_KEYWORDS = ("OBS.ID", "OBS.NAME", "OBS.PROG.ID", "OBJECT")
+
+
+@dataclass(frozen=True)
+class ReporterPorts:
+    """What the reporter handler needs from the outside world.
+
+    Attributes
+    ----------
+    templates
+        jinja2 environment loading ``services/reporter/templates``.
+    clock
+        Returns the current time (aware, UTC); fixed in golden-file tests.
+    read_header
+        Reads the primary header of a FITS file (products, calibrations).
+    report_specs
+        Returns the parsed fitsreport configuration (read on each call, so an
+        operator's edit takes effect on the next run).
+    """
+
+    templates: jinja2.Environment
+    clock: Callable[[], datetime]
+    read_header: HeaderReader
+    report_specs: Callable[[], tuple[ReportSpec, ...]]
+
+
+@dataclass(frozen=True)
+class ReportNames:
+    report: Path
+    report_html: Path
+    userreport: Path
+    userreport_html: Path
+    list_mcalib: Path
+
+
+def report_date(msg: ProductsReady) -> str:
+    """The ``<date>`` of the report names: the UTC day the delivery arrived."""
+    return msg.delivered_at.astimezone(timezone.utc).strftime("%Y-%m-%d")
+
+
+def report_names(msg: ProductsReady) -> ReportNames:
+    log_dir = Path(msg.log_dir)
+    date = report_date(msg)
+    stem = f"{msg.instrument}_{date}_{msg.run_id}"
+    return ReportNames(
+        report=log_dir / f"REPORT_{stem}.log",
+        report_html=log_dir / f"REPORT_{stem}.html",
+        userreport=log_dir / f"USERREPORT_{stem}.log",
+        userreport_html=log_dir / f"USERREPORT_{stem}.html",
+        list_mcalib=log_dir / f"list_mcalib_{date}",
+    )
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that readers see the old or the new file, never half.
+
+    Temp file in the same directory, fsync, rename, fsync of the directory.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _first_value(mapping: Mapping[str, str]) -> str:
+    for key in ("DO.CATG", "RAW.TYPE", "CATG"):
+        if mapping.get(key):
+            return mapping[key]
+    return next(iter(mapping.values()), "")
+
+
+def _distinct(values: list[Any]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(str(v).strip() for v in values if v not in (None, "")))
+
+
+def _iso(moment: datetime | None) -> str:
+    if moment is None:
+        return "-"
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _raw_files(msg: ProductsReady) -> list[dict[str, Any]]:
+    files = []
+    for frame in msg.frames:
+        headers = normalise_headers(frame.headers)
+        headers["@file"] = frame.name
+        headers["@catg"] = _first_value(frame.classification)
+        files.append(headers)
+    return files
+
+
+def _product_files(
+    msg: ProductsReady, raw_by_name: Mapping[str, Mapping[str, Any]], read_header: HeaderReader
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Header dictionaries of the products, and notes on products that could not be read."""
+    raw_of_ab = {ab.name: ab.raw for ab in msg.abs}
+    files, notes = [], []
+    for product in msg.products:
+        path = Path(product.path)
+        header = read_header(path)
+        if header is None:
+            notes.append(f"product {path.name}: file missing or not readable as FITS ({path})")
+            header = {}
+        headers = normalise_headers(header)
+        headers.update(normalise_headers(product.qc))
+        for raw_name in raw_of_ab.get(product.ab, ()):
+            raw = raw_by_name.get(Path(raw_name).name)
+            if raw is None:
+                continue
+            for key in INHERITED_KEYWORDS:
+                if headers.get(key) in (None, "") and raw.get(key) not in (None, ""):
+                    headers[key] = raw[key]
+            break
+        headers["@file"] = path.name
+        headers["@catg"] = product.pro_catg or headers.get("PRO.CATG", "")
+        headers["@ab"] = product.ab
+        files.append(headers)
+    return files, notes
+
+
+def _calibrations(abs_: tuple[ABResult, ...], read_header: HeaderReader) -> list[dict[str, Any]]:
+    """Every calibration file used, once, with PRO.CATG and date (from the header if needed)."""
+    by_path: dict[str, dict[str, Any]] = {}
+    for ab in abs_:
+        for cal in ab.calibrations:
+            entry = by_path.get(cal.path)
+            if entry is None:
+                pro_catg, date = cal.pro_catg, cal.date
+                if not pro_catg or not date:
+                    header = normalise_headers(read_header(Path(cal.path)) or {})
+                    pro_catg = pro_catg or str(header.get("PRO.CATG", "") or "")
+                    date = date or str(header.get("DATE-OBS", "") or header.get("DATE", "") or "")
+                entry = {
+                    "name": Path(cal.path).name,
+                    "path": cal.path,
+                    "pro_catg": pro_catg or "-",
+                    "date": date or "-",
+                    "tags": [],
+                    "abs": [],
+                }
+                by_path[cal.path] = entry
+            if cal.tag not in entry["tags"]:
+                entry["tags"].append(cal.tag)
+            if ab.name not in entry["abs"]:
+                entry["abs"].append(ab.name)
+    return sorted(by_path.values(), key=lambda e: (e["pro_catg"], e["date"], e["name"]))
+
+
+def _ab_rows(msg: ProductsReady) -> list[dict[str, Any]]:
+    products_of: dict[str, list[str]] = {}
+    for product in msg.products:
+        products_of.setdefault(product.ab, []).append(Path(product.path).name)
+    rows = []
+    for ab in msg.abs:
+        duration = ab.duration_s
+        if not duration and ab.started_at and ab.finished_at:
+            duration = (ab.finished_at - ab.started_at).total_seconds()
+        rows.append(
+            {
+                "name": ab.name,
+                "action": ab.action or "-",
+                "recipe": ab.recipe or "-",
+                "status": ab.status,
+                "reason": ab.reason,
+                "raw": list(ab.raw),
+                "missing": list(ab.missing),
+                "calibrations": list(ab.calibrations),
+                "started": _iso(ab.started_at),
+                "finished": _iso(ab.finished_at),
+                "duration": duration,
+                "log_path": ab.log_path,
+                "log_name": Path(ab.log_path).name if ab.log_path else "",
+                "products": products_of.get(ab.name, []),
+            }
+        )
+    return rows
+
+
+def _summary(msg: ProductsReady, abs_ok: int, abs_failed: int) -> str:
+    not_processed = sum(1 for ab in msg.abs if ab.status == "NOT_PROCESSED")
+    text = (
+        f"{msg.instrument} run {msg.run_id}: status {msg.status}; {len(msg.frames)} raw frame(s), "
+        f"{len(msg.abs)} AB(s): {abs_ok} successful, {abs_failed} failed"
+    )
+    if not_processed:
+        text += f", {not_processed} not processed"
+    return text + f"; {len(msg.products)} product(s)"
+
+
+def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Envelope]:
+    """Write the run's reports into its log directory and announce them.
+
+    Parameters
+    ----------
+    msg
+        The processor's result: raw frames with headers, ABs, products.
+    ports
+        Templates, clock, FITS header reader, fitsreport configuration.
+
+    Returns
+    -------
+    list of Envelope
+        One ReportsReady whose ``files`` lists every file of the package.
+
+    Raises
+    ------
+    RetryableError
+        The log directory cannot be written (disk full, volume away).
+    """
+    now = ports.clock()
+    names = report_names(msg)
+    raw_files = _raw_files(msg)
+    raw_by_name = {f["@file"]: f for f in raw_files}
+    product_files, notes = _product_files(msg, raw_by_name, ports.read_header)
+    calibrations = _calibrations(msg.abs, ports.read_header)
+    tables = build_tables(ports.report_specs(), raw_files, product_files)
+    ab_rows = _ab_rows(msg)
+    abs_ok = sum(1 for ab in msg.abs if ab.status in OK_STATUSES)
+    abs_failed = sum(1 for ab in msg.abs if ab.status in FAILED_STATUSES)
+    objects = _distinct([f.get("OBJECT") for f in raw_files])
+    prog_ids = _distinct([f.get("OBS.PROG.ID") for f in raw_files])
+    summary = _summary(msg, abs_ok, abs_failed)
+    context = {
+        "msg": msg,
+        "date": report_date(msg),
+        "reported_at": _iso(now),
+        "delivered_at": _iso(msg.delivered_at),
+        "abs": ab_rows,
+        "abs_ok": abs_ok,
+        "abs_failed": abs_failed,
+        "failures": [row for row in ab_rows if row["status"] in FAILED_STATUSES],
+        "products": [
+            {"name": f["@file"], "pro_catg": f["@catg"], "ab": f["@ab"], "qc": p.qc}
+            for f, p in zip(product_files, msg.products)
+        ],
+        "calibrations": calibrations,
+        "tables": tables,
+        "objects": objects,
+        "prog_ids": prog_ids,
+        "notes": notes,
+        "summary": summary,
+        "names": names,
+    }
+    outputs = {
+        names.report: "report.txt.j2",
+        names.report_html: "report.html.j2",
+        names.userreport: "userreport.txt.j2",
+        names.userreport_html: "userreport.html.j2",
+        names.list_mcalib: "list_mcalib.txt.j2",
+    }
+    try:
+        for path, template in outputs.items():
+            text = ports.templates.get_template(template).render(context)
+            if ".html" not in template:
+                # Padded last columns leave trailing blanks; diff and mail tools flag them.
+                text = "\n".join(line.rstrip() for line in text.split("\n"))
+            write_atomically(path, text)
+    except OSError as e:
+        raise RetryableError(f"cannot write the reports into {msg.log_dir}: {e}") from e
+    _log.info("reports written for %s run %s: %s", msg.instrument, msg.run_id, summary)
+
+    files = [str(path) for path in outputs]
+    files += [p.path for p in msg.products]
+    files += [ab.log_path for ab in msg.abs if ab.log_path]
+    return [
+        ReportsReady(
+            message_id=derived_message_id(msg.run_id, "reports_ready"),
+            run_id=msg.run_id,
+            delivery_id=msg.delivery_id,
+            instrument=msg.instrument,
+            test=msg.test,
+            report=str(names.report),
+            userreport=str(names.userreport),
+            list_mcalib=str(names.list_mcalib),
+            raw_dir=msg.raw_dir,
+            sci_dir=msg.sci_dir,
+            log_dir=msg.log_dir,
+            status=msg.status,
+            n_files=len(msg.frames),
+            abs_ok=abs_ok,
+            abs_failed=abs_failed,
+            delivered_at=msg.delivered_at,
+            summary=summary,
+            files=tuple(dict.fromkeys(files)),
+            objects=objects,
+            prog_ids=prog_ids,
+        )
+    ]
