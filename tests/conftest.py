@@ -22,3 +22,42 @@ def cache_dir() -> Path:
     path = REPO / ".cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+def _broker_reachable(host: str = "127.0.0.1", port: int = 5672) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_available() -> None:
+    """Skip locally without a broker; in CI a missing broker is a failure."""
+    if not _broker_reachable():
+        if IN_CI:
+            pytest.fail("RabbitMQ is not reachable on 127.0.0.1:5672 in CI")
+        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
+
+
+@pytest.fixture
+def rabbitmq_url(rabbitmq_available: None):
+    """An AMQP URL on a fresh virtual host, deleted afterwards: tests never share queues."""
+    import shutil
+    import subprocess
+    import uuid
+
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        pytest.skip("rabbitmqctl is needed to make a private virtual host")
+    vhost = f"preimg-test-{uuid.uuid4().hex[:10]}"
+    subprocess.run([ctl, "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)
+    subprocess.run([ctl, "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+                   check=True, capture_output=True, timeout=60)
+    try:
+        yield f"amqp://guest:guest@127.0.0.1:5672/{vhost}"
+    finally:
+        subprocess.run([ctl, "-q", "delete_vhost", vhost], capture_output=True, timeout=60)

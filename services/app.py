@@ -1,0 +1,271 @@
+"""Composition root: wires real adapters into each service's handlers.
+
+``build_runner(service, settings, metrics, instrument)`` gives the
+MessageRunner of one service. ``serve`` runs one service as a process against
+RabbitMQ; ``run_embedded`` runs all four stages in one process over the
+in-process bus. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import signal
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from shared.bus.memory import InProcessBus
+from shared.bus.runner import MessageRunner
+from shared.bus.topology import QueueSpec, binding_keys, queue_name
+from shared.ledger import FileLedger
+from shared.messages import (
+    DeliveredFile,
+    DeliveryAnnounced,
+    Envelope,
+    PreImagingCompleted,
+    ProductsReady,
+    RawDataReady,
+    ReportsReady,
+    RunFailed,
+    decode,
+)
+from shared.metrics import Metrics, build_metrics
+from shared.profiles import ProfileError, available_instruments, load_profile
+from shared.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+SINK_QUEUE = "preimg.embedded.completions"
+
+
+def build_runner(service: str, settings: Settings, metrics: Metrics, instrument: str | None = None) -> MessageRunner:
+    """The MessageRunner of ``service`` with its handlers bound to real ports."""
+    handlers: dict[type[Envelope], Callable[[Any], list[Envelope]]]
+    if service == "ingest":
+        from services.ingest.service import build_ports as ingest_ports
+        from services.ingest.handlers import handle_delivery
+
+        handlers = {DeliveryAnnounced: functools.partial(handle_delivery, ports=ingest_ports(settings))}
+    elif service == "processor":
+        if not instrument:
+            raise ValueError("the processor serves one instrument: give --instrument")
+        from services.processor.handlers import handle_raw_ready
+        from services.processor.service import build_ports as processor_ports
+
+        handlers = {RawDataReady: functools.partial(handle_raw_ready, ports=processor_ports(settings, instrument, metrics))}
+    elif service == "reporter":
+        from services.reporter.handlers import handle_products_ready
+        from services.reporter.service import build_ports as reporter_ports
+
+        handlers = {ProductsReady: functools.partial(handle_products_ready, ports=reporter_ports(settings))}
+    elif service == "publisher":
+        from services.publisher import handlers as publisher
+        from services.publisher.service import build_ports as publisher_ports
+
+        ports = publisher_ports(settings, metrics) if _takes_metrics(publisher_ports) else publisher_ports(settings)
+        handlers = {ReportsReady: functools.partial(publisher.handle_reports_ready, ports=ports)}
+        if hasattr(publisher, "handle_run_failed"):
+            handlers[RunFailed] = functools.partial(publisher.handle_run_failed, ports=ports)
+    else:
+        raise ValueError(f"unknown service {service!r}")
+    return MessageRunner(
+        service=service,
+        queue=queue_name(service, instrument),
+        handlers=handlers,
+        ledger=FileLedger(settings.data_root.resolve() / "state"),
+        metrics=metrics,
+        max_attempts=settings.max_attempts,
+    )
+
+
+def _takes_metrics(fn: Callable[..., Any]) -> bool:
+    import inspect
+
+    return "metrics" in inspect.signature(fn).parameters
+
+
+# ----------------------------------------------------------------------------
+# one service as a process (distributed set-up)
+# ----------------------------------------------------------------------------
+
+
+def serve(service: str, settings: Settings, instrument: str | None = None, stop: threading.Event | None = None) -> int:
+    """Run one service against RabbitMQ until SIGTERM/SIGINT; return the exit code."""
+    from shared.bus.rabbitmq import RabbitConsumer
+    from shared.httpserver import ServiceHttpServer
+
+    registry = CollectorRegistry()
+    metrics = build_metrics(registry)
+    checks_ok, detail = startup_checks(service, settings, instrument)
+    runner = build_runner(service, settings, metrics, instrument) if checks_ok else None
+    stop = stop or threading.Event()
+    consumer = (
+        RabbitConsumer(
+            amqp_url=settings.amqp_url,
+            exchange=settings.exchange,
+            spec=QueueSpec(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1),
+            process=runner.process,
+            retry_delays_ms=settings.retry_delays_ms,
+            heartbeat_s=settings.heartbeat_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            name=f"preimg-{service}",
+        )
+        if runner
+        else None
+    )
+    worker = threading.Thread(target=consumer.run, args=(stop,), name="consumer", daemon=True) if consumer else None
+
+    def live() -> tuple[bool, str]:
+        if worker is None:
+            return True, f"start-up checks failed, not consuming: {detail}"
+        return worker.is_alive() or stop.is_set(), "consumer running" if worker.is_alive() else "consumer stopped"
+
+    def ready() -> tuple[bool, str]:
+        if consumer is None:
+            return False, detail
+        return consumer.connected.is_set(), "connected" if consumer.connected.is_set() else "not connected to the broker"
+
+    http = ServiceHttpServer(settings.http_host, settings.http_port, registry, live, ready)
+    http.start()
+    _log.info("%s serving: metrics and probes on port %d", service, http.port)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        _log.info("received %s: finishing the message in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+    if worker is None:
+        _log.error("start-up checks failed; the service stays up for diagnosis but does not consume: %s", detail)
+        stop.wait()
+    else:
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=0.5)
+    http.stop()
+    return 0
+
+
+def startup_checks(service: str, settings: Settings, instrument: str | None) -> tuple[bool, str]:
+    """Seed step 0: the configuration and required tools; a failure names what is missing."""
+    try:
+        if service == "processor":
+            profile = load_profile(instrument or "")
+            from services.processor.service import check_instrument
+
+            problems = check_instrument(profile, settings)
+            if problems:
+                return False, "; ".join(problems)
+        else:
+            for name in available_instruments():
+                load_profile(name)
+    except ProfileError as e:
+        return False, str(e)
+    return True, "ok"
+
+
+# ----------------------------------------------------------------------------
+# embedded: four stages in one process
+# ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    status: str
+    paths: dict[str, str]
+    reason: str = ""
+    event: dict[str, Any] | None = None
+
+
+def new_run_id(instrument: str, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> str:
+    return f"{instrument}_{clock().strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"
+
+
+def describe_files(paths: list[Path], area: Path) -> list[DeliveredFile]:
+    """DeliveredFile entries (size, sha256) for files, relative to the delivery area when inside it."""
+    out = []
+    for p in paths:
+        p = p.resolve()
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        rel = p.relative_to(area) if p.is_relative_to(area) else p
+        out.append(DeliveredFile(name=p.name, path=str(rel), size=p.stat().st_size, checksum=f"sha256:{h.hexdigest()}"))
+    return out
+
+
+def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool = True,
+                 run_id: str | None = None) -> RunSummary:
+    """Process the FITS files of ``raw_dir`` through the four stages in this process."""
+    raw_dir = raw_dir.resolve()
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(f"raw directory {raw_dir} does not exist")
+    settings = settings.model_copy(update={"delivery_area": raw_dir})
+    files = sorted(p for p in raw_dir.iterdir() if p.is_file() and p.name.lower().endswith((".fits", ".fits.fz", ".fit")))
+    run_id = run_id or new_run_id(instrument)
+    registry = CollectorRegistry()
+    metrics = build_metrics(registry)
+    bus = InProcessBus(settings.retry_delays_ms)
+    for service in ("ingest", "reporter", "publisher"):
+        spec = QueueSpec.for_service(service)
+        bus.declare(spec)
+        bus.subscribe(spec.name, build_runner(service, settings, metrics).process)
+    spec = QueueSpec.for_service("processor", instrument)
+    bus.declare(spec)
+    bus.subscribe(spec.name, build_runner("processor", settings, metrics, instrument).process)
+    bus.declare_sink(SINK_QUEUE, ("completed.*", "run_failed.*"))
+
+    delivery = DeliveryAnnounced(
+        run_id=run_id,
+        delivery_id=f"embedded-{run_id}",
+        instrument=instrument,
+        test=test,
+        files=tuple(describe_files(files, raw_dir)),
+    )
+    started = time.perf_counter()
+    bus.publish(delivery)
+    bus.drain()
+    _log.info("embedded run %s took %.1f s", run_id, time.perf_counter() - started)
+
+    dirs = settings.run_dirs(instrument, run_id).as_dict()
+    events = [decode(m.body) for m in bus.take(SINK_QUEUE)]
+    completed = [e for e in events if isinstance(e, PreImagingCompleted) and e.run_id == run_id]
+    failed = [e for e in events if isinstance(e, RunFailed) and e.run_id == run_id]
+    dead = bus.messages(f"{spec.name}.dlq")
+    paths = {"raw": dirs["raw"], "products": dirs["sci"], "logs": dirs["logs"], "state": dirs["state"]}
+    if completed:
+        event = completed[0]
+        paths.update(_report_paths(event, settings, instrument))
+        return RunSummary(run_id, event.status, paths, event=event.model_dump(mode="json"))
+    if failed:
+        event = failed[0]
+        return RunSummary(run_id, "failed", paths, reason=f"{event.failed_stage}: {event.reason}",
+                          event=event.model_dump(mode="json"))
+    reason = "no completion event was emitted"
+    if dead:
+        reason += f"; dead-lettered: {dead[0].headers.get('x-preimg-reason')}"
+    return RunSummary(run_id, "failed", paths, reason=reason)
+
+
+def _report_paths(event: PreImagingCompleted, settings: Settings, instrument: str) -> dict[str, str]:
+    paths: dict[str, str] = {"package": event.package_dir, "qc_server": event.package_url}
+    if event.monitor_url:
+        paths["monitor"] = event.monitor_url
+    for entry in event.manifest:
+        base = Path(entry.name).name
+        for prefix, key in (("REPORT_", "report"), ("USERREPORT_", "userreport"), ("list_mcalib", "list_mcalib")):
+            if base.startswith(prefix):
+                paths[key] = str(Path(event.package_dir) / entry.name) if not Path(entry.name).is_absolute() else entry.name
+    return paths

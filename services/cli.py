@@ -1,0 +1,165 @@
+"""The ``preimg`` command.
+
+    preimg run -i INSTR RAW_DIR [--data-root DIR] [--json]     all four stages in this process
+    preimg deliver -i INSTR FILE... [--wait SECONDS]           announce a delivery, as AOG does
+    preimg serve ingest|processor|reporter|publisher           one service against RabbitMQ
+
+Further commands (synth, check, oca, explain, monitor) are registered by the
+modules listed in ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from shared.logs import configure_logging
+from shared.settings import Settings
+
+_log = logging.getLogger(__name__)
+
+#: Modules that add subcommands through ``register(subparsers)``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _version() -> str:
+    try:
+        return version("preimg")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="preimg",
+        description="ESO pre-imaging processing (processPreImg) as event-driven services.",
+    )
+    parser.add_argument("--version", action="version", version=f"preimg {_version()}")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="process a directory of raw frames in this process (no broker)")
+    run.add_argument("-i", "--instrument", required=True, type=str.upper)
+    run.add_argument("raw_dir", type=Path, help="directory holding the raw FITS frames")
+    run.add_argument("--data-root", type=Path, help="root of the run directories (default: $PREIMG_DATA_ROOT or ./preimg-data)")
+    run.add_argument("--cal-root", type=Path, help="static calibrations, $DFO_CAL_DIR (default: <data-root>/cal)")
+    run.add_argument("--run-id", help="run id to use (default: generated)")
+    run.add_argument("--operational", action="store_true", help="not a test run (test runs are marked and prunable)")
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    run.set_defaults(func=cmd_run)
+
+    deliver = sub.add_parser("deliver", help="publish a DeliveryAnnounced to RabbitMQ, as AOG does")
+    deliver.add_argument("-i", "--instrument", required=True, type=str.upper)
+    deliver.add_argument("files", nargs="+", type=Path)
+    deliver.add_argument("--wait", type=float, metavar="SECONDS", help="wait for the completion and print it")
+    deliver.add_argument("--run-id", help="run id (default: generated)")
+    deliver.add_argument("--delivery-id", help="AOG's delivery id (default: the run id)")
+    deliver.add_argument("--test", action="store_true", help="mark the run as a test run")
+    deliver.set_defaults(func=cmd_deliver)
+
+    serve = sub.add_parser("serve", help="run one service against RabbitMQ")
+    serve.add_argument("service", choices=("ingest", "processor", "reporter", "publisher"))
+    serve.add_argument("-i", "--instrument", type=str.upper, help="the processor's instrument")
+    serve.set_defaults(func=cmd_serve)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    configure_logging(service=getattr(args, "service", "") or args.command, level=args.log_level.upper(),
+                      json_lines=args.command == "serve")
+    return int(args.func(args) or 0)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from services.app import run_embedded
+
+    overrides = {k: v for k, v in (("data_root", args.data_root), ("cal_root", args.cal_root)) if v is not None}
+    settings = Settings(**overrides)
+    try:
+        summary = run_embedded(args.instrument, args.raw_dir, settings, test=not args.operational, run_id=args.run_id)
+    except FileNotFoundError as e:
+        print(f"preimg run: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"run_id": summary.run_id, "status": summary.status, "paths": summary.paths,
+                          "reason": summary.reason}))
+    else:
+        print(f"run {summary.run_id}: {summary.status}")
+        if summary.reason:
+            print(f"  reason: {summary.reason}")
+        width = max(len(k) for k in summary.paths)
+        for key, path in summary.paths.items():
+            print(f"  {key:<{width}}  {path}")
+    return 0 if summary.status in ("ok", "partial") else 1
+
+
+def cmd_deliver(args: argparse.Namespace) -> int:
+    from services.app import describe_files, new_run_id
+    from shared.bus.rabbitmq import RabbitClient
+    from shared.messages import DeliveryAnnounced, decode
+
+    settings = Settings()
+    missing = [str(f) for f in args.files if not f.is_file()]
+    if missing:
+        print(f"preimg deliver: no such file: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    run_id = args.run_id or new_run_id(args.instrument)
+    delivery = DeliveryAnnounced(
+        run_id=run_id,
+        delivery_id=args.delivery_id or run_id,
+        instrument=args.instrument,
+        test=args.test,
+        files=tuple(describe_files(list(args.files), settings.delivery_dir())),
+    )
+    with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s) as client:
+        if args.wait is not None:
+            channel, queue = client.bind_private_queue(
+                (f"completed.{args.instrument}", f"run_failed.{args.instrument}")
+            )
+        client.sender.publish(delivery)
+        if args.wait is None:
+            print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id, "message_id": delivery.message_id}))
+            return 0
+        body = client.wait_for(channel, queue, lambda b: _is_for(b, delivery.delivery_id), args.wait)
+    if body is None:
+        print(json.dumps({"run_id": run_id, "status": "timeout",
+                          "reason": f"no completion within {args.wait:g} s"}))
+        return 1
+    event = decode(body)
+    doc = event.model_dump(mode="json")
+    doc.setdefault("status", "failed")
+    print(json.dumps(doc))
+    return 0 if doc["status"] == "ok" else 1
+
+
+def _is_for(body: bytes, delivery_id: str) -> bool:
+    try:
+        return json.loads(body).get("delivery_id") == delivery_id
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from services.app import serve
+
+    if args.service == "processor" and not args.instrument:
+        print("preimg serve processor: give the instrument with -i/--instrument", file=sys.stderr)
+        return 2
+    return serve(args.service, Settings(), args.instrument)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

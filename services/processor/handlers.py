@@ -1,0 +1,133 @@
+"""Processor: createAB, processAB, renameProducts, moveProducts and updateAB for one run.
+
+The handler is the workflow; the work itself sits behind two ports:
+
+* ``plan`` (createAB): classify, organise and associate the run's raw frames by
+  the instrument's OCA rules and return the Association Blocks to run;
+* ``execute`` (processAB + renameProducts + moveProducts + updateAB): run one
+  AB's recipe with esorex in a fresh working directory and move its products
+  and log into the run's science and log directories.
+
+ABs run in parallel up to the profile's ``max_parallel_abs``. One AB failing
+(a corrupt frame, a crash, a timeout) never stops the others; the run then
+goes on to the reports with status ``partial``. With PIPE_SUPPORT=NO the raw
+frames themselves are packaged, as processPreImg did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from shared.errors import PermanentError
+from shared.messages import ABResult, Envelope, Product, ProductsReady, RawDataReady, derived_message_id
+from shared.profiles import Profile
+from shared.settings import RunDirs
+
+_log = logging.getLogger(__name__)
+
+
+class PlannedAB(Protocol):
+    """What ``plan`` returns per Association Block (the OCA engine's AB satisfies it)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class ABOutcome:
+    result: ABResult
+    products: tuple[Product, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProcessorPorts:
+    profile: Profile
+    run_dirs: Callable[[str, str], RunDirs]
+    plan: Callable[[RawDataReady, RunDirs], Sequence[Any]]
+    execute: Callable[[Any, RunDirs], ABOutcome]
+    describe_unplanned: Callable[[Any], ABResult] | None = None
+    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+
+
+def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]:
+    """Run every AB of the delivery and emit ProductsReady."""
+    if msg.instrument != ports.profile.instrument:
+        raise PermanentError(
+            f"raw data of {msg.instrument} reached the {ports.profile.instrument} processor; "
+            "check the queue bindings"
+        )
+    dirs = ports.run_dirs(msg.instrument, msg.run_id)
+    for d in (dirs.sci, dirs.logs, dirs.work):
+        d.mkdir(parents=True, exist_ok=True)
+
+    if not ports.profile.pipe_support:
+        products = _package_raw(msg, dirs)
+        results: list[ABResult] = []
+        status = "ok"
+    else:
+        planned = list(ports.plan(msg, dirs))
+        if not planned:
+            raise PermanentError(
+                "no Association Block could be built from the delivered frames: none was classified "
+                "as pre-imaging science by the instrument's OCA rules (see the frames' problems in "
+                "RawDataReady, or run `preimg explain`)"
+            )
+        outcomes = _run_all(planned, dirs, ports)
+        results = [o.result for o in outcomes]
+        products = [p for o in outcomes for p in o.products]
+        ok = sum(r.status == "SUCCESSFUL" for r in results)
+        status = "ok" if ok == len(results) else ("partial" if ok else "failed")
+
+    return [
+        ProductsReady(
+            message_id=derived_message_id(msg.run_id, "products_ready"),
+            run_id=msg.run_id,
+            delivery_id=msg.delivery_id,
+            instrument=msg.instrument,
+            test=msg.test,
+            raw_dir=msg.raw_dir,
+            sci_dir=str(dirs.sci),
+            log_dir=str(dirs.logs),
+            frames=msg.frames,
+            abs=tuple(results),
+            products=tuple(products),
+            status=status,
+            delivered_at=msg.delivered_at,
+            pipe_support=ports.profile.pipe_support,
+        )
+    ]
+
+
+def _run_all(planned: list[Any], dirs: RunDirs, ports: ProcessorPorts) -> list[ABOutcome]:
+    def run_one(ab: Any) -> ABOutcome:
+        try:
+            return ports.execute(ab, dirs)
+        except Exception as e:  # noqa: BLE001 - one AB's failure must not stop the others
+            _log.exception("AB %s failed unexpectedly", getattr(ab, "name", ab))
+            now = ports.clock()
+            return ABOutcome(ABResult(name=str(getattr(ab, "name", ab)), status="FAILED",
+                                      reason=f"internal error: {type(e).__name__}: {e}",
+                                      started_at=now, finished_at=now))
+
+    with ThreadPoolExecutor(max_workers=ports.profile.max_parallel_abs, thread_name_prefix="ab") as pool:
+        return list(pool.map(run_one, planned))
+
+
+def _package_raw(msg: RawDataReady, dirs: RunDirs) -> list[Product]:
+    """PIPE_SUPPORT=NO: the raw frames themselves go into the package."""
+    products = []
+    for frame in msg.frames:
+        target = dirs.sci / frame.name
+        if not target.exists():
+            try:
+                os.link(frame.path, target)
+            except OSError:
+                shutil.copyfile(frame.path, target)
+        products.append(Product(path=str(target), pro_catg="RAW", ab="", checksum=frame.checksum))
+    return products

@@ -1,0 +1,267 @@
+"""One contract for both buses: the in-process bus and RabbitMQ behave the same.
+
+Each test runs twice: against ``InProcessBus`` and against a real RabbitMQ
+broker on a private virtual host.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from shared.bus.memory import InProcessBus
+from shared.bus.runner import MessageRunner
+from shared.bus.topology import HEADER_ATTEMPT, HEADER_REASON, QueueSpec, dead_letter_queue
+from shared.errors import IgnorableMessage, PermanentError, RetryableError
+from shared.ledger import FileLedger
+from shared.messages import DeliveryAnnounced, Envelope, RawDataReady, RunFailed, decode
+from shared.metrics import build_metrics
+
+RETRY_DELAYS_MS = (50, 100, 200)
+SINK = "test.sink"
+SINK_KEYS = ("raw_ready.*", "run_failed.*")
+SPEC = QueueSpec.for_service("ingest")
+
+
+def delivery(delivery_id: str, run_id: str | None = None) -> DeliveryAnnounced:
+    return DeliveryAnnounced(run_id=run_id or f"run-{delivery_id}", delivery_id=delivery_id, instrument="HAWKI", files=())
+
+
+class ScriptedHandler:
+    """A handler whose behaviour the delivery id chooses; counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, msg: DeliveryAnnounced) -> list[Envelope]:
+        n = self.calls[msg.delivery_id] = self.calls.get(msg.delivery_id, 0) + 1
+        kind = msg.delivery_id.split("-")[0]
+        if kind == "permanent":
+            raise PermanentError("the frames are unusable: deliver them again")
+        if kind == "ignore":
+            raise IgnorableMessage("not for us")
+        if kind == "flaky" and n < 3:
+            raise RetryableError(f"disk busy (call {n})")
+        if kind == "crash":
+            raise RuntimeError("boom")
+        return [RawDataReady(run_id=msg.run_id, delivery_id=msg.delivery_id, instrument=msg.instrument,
+                             raw_dir="/nowhere", frames=(), delivered_at=msg.created_at)]
+
+
+class MemoryHarness:
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.bus = InProcessBus(RETRY_DELAYS_MS)
+
+    def start(self, runner: MessageRunner) -> None:
+        self.bus.declare(SPEC)
+        self.bus.declare_sink(SINK, SINK_KEYS)
+        self.bus.subscribe(SPEC.name, runner.process)
+
+    def publish_raw(self, routing_key: str, body: bytes) -> None:
+        self.bus.publish_raw(routing_key, body)
+
+    def wait(self, done: Callable[[], bool], timeout: float = 10) -> None:
+        self.bus.drain(timeout_s=timeout)
+        assert done()
+
+    def sink(self) -> list[Envelope]:
+        return [decode(m.body) for m in self.bus.messages(SINK)]
+
+    def dead_letters(self) -> list[tuple[bytes, dict]]:
+        return [(m.body, dict(m.headers)) for m in self.bus.messages(dead_letter_queue(SPEC.name))]
+
+    def stop(self) -> None:
+        pass
+
+
+class RabbitHarness:
+    def __init__(self, tmp: Path, url: str):
+        from shared.bus.rabbitmq import RabbitClient
+
+        self.tmp = tmp
+        self.url = url
+        self.client = RabbitClient(url, "preimg").__enter__()
+        self.stop_event = threading.Event()
+        self.thread: threading.Thread | None = None
+        self._sink: list[Envelope] = []
+        self._dead: list[tuple[bytes, dict]] = []
+
+    def start(self, runner: MessageRunner) -> None:
+        from shared.bus.rabbitmq import RabbitConsumer
+
+        self.client.declare(SPEC, RETRY_DELAYS_MS)
+        ch = self.client.channel
+        ch.queue_declare(SINK, durable=True)
+        for key in SINK_KEYS:
+            ch.queue_bind(SINK, "preimg", key)
+        consumer = RabbitConsumer(self.url, "preimg", SPEC, runner.process, RETRY_DELAYS_MS, shutdown_grace_s=5)
+        self.thread = threading.Thread(target=consumer.run, args=(self.stop_event,), daemon=True)
+        self.thread.start()
+        assert consumer.connected.wait(10)
+
+    def publish_raw(self, routing_key: str, body: bytes) -> None:
+        self.client.sender.publish_raw(routing_key, body)
+
+    def wait(self, done: Callable[[], bool], timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._collect()
+            if done():
+                time.sleep(0.3)  # let anything unexpected arrive too
+                self._collect()
+                return
+            time.sleep(0.05)
+        raise AssertionError("condition not reached over RabbitMQ")
+
+    def _collect(self) -> None:
+        self._sink += [decode(b) for b, _ in self.client.get_all(SINK)]
+        self._dead += self.client.get_all(dead_letter_queue(SPEC.name))
+
+    def sink(self) -> list[Envelope]:
+        return list(self._sink)
+
+    def dead_letters(self) -> list[tuple[bytes, dict]]:
+        return list(self._dead)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.thread:
+            self.thread.join(10)
+        self.client.__exit__(None, None, None)
+
+
+@pytest.fixture(params=["memory", "rabbitmq"])
+def harness(request: pytest.FixtureRequest, tmp_path: Path):
+    if request.param == "memory":
+        h = MemoryHarness(tmp_path)
+    else:
+        h = RabbitHarness(tmp_path, request.getfixturevalue("rabbitmq_url"))
+    yield h
+    h.stop()
+
+
+@pytest.fixture
+def handler() -> ScriptedHandler:
+    return ScriptedHandler()
+
+
+@pytest.fixture
+def runner(harness, handler: ScriptedHandler, tmp_path: Path) -> MessageRunner:
+    r = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, FileLedger(tmp_path / "state"),
+                      build_metrics(CollectorRegistry()), max_attempts=4)
+    harness.start(r)
+    return r
+
+
+def test_good_message_emits_its_event_once(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("good-1").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    [event] = harness.sink()
+    assert isinstance(event, RawDataReady) and event.delivery_id == "good-1"
+    assert handler.calls == {"good-1": 1}
+    assert harness.dead_letters() == []
+
+
+def test_routing_by_instrument_key_reaches_the_bound_queue_only(harness, runner, handler):
+    harness.publish_raw("raw_ready.HAWKI", delivery("misrouted-1").to_json())  # not bound to ingest
+    harness.publish_raw("delivery.VIMOS", delivery("good-2").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    assert handler.calls == {"good-2": 1}
+
+
+def test_malformed_json_is_dead_lettered_with_reason(harness, runner):
+    harness.publish_raw("delivery.HAWKI", b"{not json")
+    harness.publish_raw("delivery.HAWKI", delivery("good-3").to_json())
+    harness.wait(lambda: len(harness.dead_letters()) >= 1 and len(harness.sink()) >= 1)
+    [(body, headers)] = harness.dead_letters()
+    assert body == b"{not json"
+    assert "not valid JSON" in headers[HEADER_REASON]
+
+
+def test_unknown_type_and_version_are_dead_lettered(harness, runner):
+    harness.publish_raw("delivery.HAWKI", b'{"type": "preimg.delivery_announced.v9", "run_id": "x"}')
+    harness.publish_raw("delivery.HAWKI", b'{"type": "preimg.delivery_announced.v1", "run_id": "x"}')
+    harness.wait(lambda: len(harness.dead_letters()) >= 2)
+    reasons = sorted(h[HEADER_REASON] for _, h in harness.dead_letters())
+    assert "unknown message type 'preimg.delivery_announced.v9'" in reasons[1]
+    assert "invalid preimg.delivery_announced.v1" in reasons[0] and "delivery_id" in reasons[0]
+
+
+def test_permanent_error_becomes_run_failed_and_is_not_retried(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("permanent-1").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    [event] = harness.sink()
+    assert isinstance(event, RunFailed)
+    assert event.reason == "the frames are unusable: deliver them again" and event.failed_stage == "ingest"
+    assert handler.calls == {"permanent-1": 1}
+
+
+def test_retryable_error_is_retried_through_delay_queues_then_succeeds(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("flaky-1").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    assert handler.calls == {"flaky-1": 3}
+    [event] = harness.sink()
+    assert isinstance(event, RawDataReady)
+
+
+def test_retries_exhausted_dead_letter_with_attempts_and_run_failed(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("crash-1").to_json())
+    harness.wait(lambda: len(harness.dead_letters()) >= 1 and len(harness.sink()) >= 1)
+    assert handler.calls == {"crash-1": 4}
+    [(_, headers)] = harness.dead_letters()
+    assert int(headers[HEADER_ATTEMPT]) == 3
+    assert "gave up after 4 attempts: RuntimeError: boom" in headers[HEADER_REASON]
+    [event] = harness.sink()
+    assert isinstance(event, RunFailed) and "RuntimeError: boom" in event.reason
+
+
+def test_ignorable_message_is_acked_without_events(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("ignore-1").to_json())
+    harness.publish_raw("delivery.HAWKI", delivery("good-4").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    assert [e.delivery_id for e in harness.sink()] == ["good-4"]
+    assert handler.calls == {"ignore-1": 1, "good-4": 1}
+
+
+def test_duplicate_message_is_absorbed_not_redone(harness, runner, handler):
+    body = delivery("good-5").to_json()
+    harness.publish_raw("delivery.HAWKI", body)
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    harness.publish_raw("delivery.HAWKI", body)  # a redelivery after the work was confirmed
+    harness.publish_raw("delivery.HAWKI", delivery("good-6").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    assert handler.calls == {"good-5": 1, "good-6": 1}
+    assert sorted(e.delivery_id for e in harness.sink()) == ["good-5", "good-6"]
+
+
+def test_recorded_but_unconfirmed_result_is_re_emitted_without_redoing(harness, handler, tmp_path):
+    # The stage did its work and recorded it, then crashed before publishing.
+    ledger = FileLedger(tmp_path / "state")
+    msg = delivery("good-7")
+    [event] = handler(msg)
+    ledger.record("delivery", msg, [event])
+    handler.calls.clear()
+    r = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger, build_metrics(CollectorRegistry()))
+    harness.start(r)
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    assert handler.calls == {}
+    [re_emitted] = harness.sink()
+    assert re_emitted.message_id == event.message_id
+    assert ledger.lookup("delivery", "HAWKI", msg.run_id).published_at is not None
+
+
+def test_reused_run_id_from_another_delivery_fails_the_newcomer(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("good-8", run_id="shared-run").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    harness.publish_raw("delivery.HAWKI", delivery("good-9", run_id="shared-run").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    second = harness.sink()[1]
+    assert isinstance(second, RunFailed) and "already used by delivery 'good-8'" in second.reason
+    assert handler.calls == {"good-8": 1}
