@@ -1,0 +1,513 @@
+"""Run one ESO pipeline recipe through ``esorex`` and judge the outcome.
+
+This is the ``processAB`` core without the AB bookkeeping: one recipe, one SOF,
+one fresh working directory. The facts behind the design are in
+``shared/design/ESOREX.md`` (measured on the real recipes):
+
+* rc 0 does not mean success (§6.1): a run is SUCCESSFUL only when the exit
+  code is 0, no ``[ ERROR ]`` line was printed, and every PRO.CATG the recipe
+  is expected to write is present in ``products.json``.
+* Recipes die by signal on bad input (SIGSEGV, SIGFPE, SIGABRT) and leave
+  partial products behind (§6.2): those runs are FAILED, the log is kept.
+* ``--recipe-dir`` must point at the instrument's own plugin directory, or the
+  HAWK-I recipes load VIMOS' ``libcasu`` (§6.4).
+* The catalogue cache lands in the current directory (§3.6), so every run gets
+  its own working directory as cwd.
+
+Layout of a working directory after :func:`run_recipe`::
+
+    <workdir>/input.sof        the SOF, absolute paths
+    <workdir>/products.json    esorex --products-sof output
+    <workdir>/esorex.log       esorex --log-dir log (log level info)
+    <workdir>/esorex.out       stdout+stderr of the esorex process
+    <workdir>/products/        --output-dir: the products
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+SUCCESSFUL = "SUCCESSFUL"
+FAILED = "FAILED"
+
+#: PRO.CATG values a recipe must write for the run to count as complete.
+#: Only the products the reports and the PI need are listed; optional ones
+#: (e.g. MEAN_SKY, written only when a sky is made) are not.
+EXPECTED_PRODUCTS: dict[str, frozenset[str]] = {
+    "hawki_dark_combine": frozenset({"MASTER_DARK"}),
+    "hawki_twilight_flat_combine": frozenset({"MASTER_TWILIGHT_FLAT", "MASTER_CONF", "MASTER_BPM"}),
+    "hawki_science_process": frozenset(
+        {
+            "BASIC_CALIBRATED_SCI",
+            "BASIC_VAR_MAP",
+            "JITTERED_IMAGE_SCI",
+            "JITTERED_VAR_IMAGE",
+            "CONFIDENCE_MAP_JITTERED",
+            "OBJECT_CATALOGUE_JITTERED",
+        }
+    ),
+    "vimos_ima_bias": frozenset({"MASTER_BIAS"}),
+    "vimos_ima_dark": frozenset({"MASTER_DARK"}),
+    "vimos_ima_twilight_flat": frozenset({"MASTER_TWILIGHT_FLAT", "MASTER_CONF", "MASTER_BPM"}),
+    "vimos_ima_science": frozenset(
+        {
+            "BASIC_CALIBRATED_SCI",
+            "BASIC_VAR_MAP_SCI",
+            "JITTERED_IMAGE_SCI",
+            "JITTERED_VAR_IMAGE",
+            "CONFIDENCE_MAP_SCI",
+            "OBJECT_CATALOGUE_SCI_JITTERED",
+        }
+    ),
+}
+
+#: One BASIC_CALIBRATED_SCI per exposure: (raw tag, raw files per exposure).
+#: VIMOS writes one file per quadrant, so 4 OBJECT files are one exposure.
+#: Without LST the VIMOS recipe silently processes only the first exposure
+#: (ESOREX.md §4.6); this check turns that into a failure.
+PER_EXPOSURE_PRODUCT: dict[str, tuple[str, int, str]] = {
+    "hawki_science_process": ("OBJECT", 1, "BASIC_CALIBRATED_SCI"),
+    "vimos_ima_science": ("OBJECT", 4, "BASIC_CALIBRATED_SCI"),
+}
+
+#: esorex prints "[ ERROR ]" with padding; match any spacing (ESOREX.md §6.1).
+_ERROR_RE = re.compile(r"\[\s*ERROR\s*\]")
+
+#: Lines that are printed on every run and are not a problem (ESOREX.md §6.7).
+_HARMLESS = ("Unable to open directory /usr/lib/cpl/plugins",)
+
+#: The only PATH the recipe sees; esorex and its helpers live in the system dirs.
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+#: Seconds between SIGTERM and SIGKILL when a recipe times out.
+_KILL_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class Product:
+    """One product file written by a recipe.
+
+    Attributes
+    ----------
+    path : Path
+        Where the file is now.
+    pro_catg : str
+        ``HIERARCH ESO PRO CATG`` of the primary header ("" when absent).
+    qc : dict
+        ``HIERARCH ESO QC *`` keywords of all HDUs, flattened: primary-header
+        keys as ``"QC MAGZPT"``, extension keys prefixed with the extension
+        name, ``"CHIP1.INT1:QC DARK MED"`` (``"HDU2:QC ..."`` when unnamed).
+    """
+
+    path: Path
+    pro_catg: str
+    qc: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RecipeResult:
+    """What one esorex run did.
+
+    Attributes
+    ----------
+    recipe : str
+    status : str
+        ``SUCCESSFUL`` or ``FAILED``.
+    reason : str
+        One sentence a person can act on; "" when successful.
+    rc : int or None
+        Exit code as :mod:`subprocess` reports it (negative: killed by that
+        signal); None when the process could not be started.
+    signal : str or None
+        Name of the signal that ended the process (``SIGSEGV``, ...), if any.
+    errors : tuple of str
+        The ``[ ERROR ]`` lines, in order, without duplicates.
+    products : tuple of Product
+    log_path : Path or None
+        The esorex log (``esorex.log``), or the captured output if esorex
+        wrote no log.
+    duration_s : float
+        Wall time of the esorex process.
+    workdir : Path
+    argv : tuple of str
+        The command line that was run.
+    timed_out : bool
+    """
+
+    recipe: str
+    status: str
+    reason: str
+    rc: int | None
+    signal: str | None
+    errors: tuple[str, ...]
+    products: tuple[Product, ...]
+    log_path: Path | None
+    duration_s: float
+    workdir: Path
+    argv: tuple[str, ...] = ()
+    timed_out: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == SUCCESSFUL
+
+    def product_catgs(self) -> set[str]:
+        return {p.pro_catg for p in self.products if p.pro_catg}
+
+
+def recipe_environment(extra: Mapping[str, str] | None = None, home: Path | None = None) -> dict[str, str]:
+    """A fresh environment for esorex, independent of the caller's.
+
+    The caller's PATH may start with a pyenv or a venv (ESOREX.md: the first
+    ``python3`` on PATH is not the system one), and ``~/.esorex/esorex.rc``
+    would silently change recipe defaults; neither should reach a recipe.
+
+    Parameters
+    ----------
+    extra : mapping, optional
+        Variables to add or override (e.g. ``OMP_NUM_THREADS``).
+    home : Path, optional
+        Value for HOME; the working directory, so no user configuration is read.
+    """
+    env = {
+        "PATH": DEFAULT_PATH,
+        "LANG": "C",
+        "LC_ALL": "C",
+        "TZ": "UTC",
+        "HOME": str(home) if home else "/nonexistent",
+    }
+    if home:
+        env["TMPDIR"] = str(home)
+    if extra:
+        env.update(extra)
+    return env
+
+
+def find_esorex(esorex: str | os.PathLike[str] | None = None) -> Path | None:
+    """Absolute path of the esorex executable, looked up on :data:`DEFAULT_PATH`."""
+    if esorex is not None and os.sep in str(esorex):
+        path = Path(esorex)
+        return path if path.is_file() and os.access(path, os.X_OK) else None
+    found = shutil.which(str(esorex or "esorex"), path=DEFAULT_PATH)
+    return Path(found) if found else None
+
+
+def write_sof(entries: Iterable[tuple[str | os.PathLike[str], str]], path: Path) -> Path:
+    """Write a set-of-frames file: one ``<absolute path> <TAG>`` per line."""
+    lines = [f"{Path(p).resolve()} {tag}" for p, tag in entries]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def read_sof(path: Path) -> list[tuple[Path, str]]:
+    """Read a SOF back as (path, tag) pairs; blank lines and ``#`` comments skipped."""
+    entries = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        entries.append((Path(parts[0]), parts[1] if len(parts) > 1 else ""))
+    return entries
+
+
+def build_argv(
+    recipe: str,
+    sof: Path,
+    *,
+    esorex: Path,
+    output_dir: Path,
+    log_dir: Path,
+    recipe_dir: Path | None = None,
+    options: Sequence[str] = (),
+) -> list[str]:
+    """The esorex command line; a list, never a shell string."""
+    argv = [str(esorex)]
+    if recipe_dir is not None:
+        argv.append(f"--recipe-dir={recipe_dir}")
+    argv += [
+        f"--output-dir={output_dir}",
+        f"--log-dir={log_dir}",
+        "--products-sof=products.json",
+        recipe,
+        *options,
+        str(sof),
+    ]
+    return argv
+
+
+def error_lines(text: str) -> list[str]:
+    """The ``[ ERROR ]`` lines of an esorex log or output, stripped, first occurrence only."""
+    seen: dict[str, None] = {}
+    for line in text.splitlines():
+        if _ERROR_RE.search(line) and not any(h in line for h in _HARMLESS):
+            # The log file prefixes a timestamp; keep only the message part
+            # so the same error from esorex.log and stdout compares equal.
+            msg = line[_ERROR_RE.search(line).start():].strip()
+            seen.setdefault(msg, None)
+    return list(seen)
+
+
+def read_product(path: Path) -> Product:
+    """PRO.CATG and QC keywords of one product file.
+
+    A product the recipe left half-written (it died while saving) still
+    yields a Product; the keywords that could be read are returned.
+    """
+    from astropy.io import fits  # heavy import, only needed here
+
+    pro_catg = ""
+    qc: dict[str, Any] = {}
+    try:
+        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            for index, hdu in enumerate(hdul):
+                header = hdu.header
+                if index == 0:
+                    pro_catg = str(header.get("HIERARCH ESO PRO CATG", "") or "")
+                    prefix = ""
+                else:
+                    label = header.get("EXTNAME") or f"HDU{index}"
+                    prefix = f"{label}:"
+                for key in header.keys():
+                    if key.startswith("ESO QC "):
+                        qc[f"{prefix}{key[4:]}"] = header[key]
+    except (OSError, ValueError) as e:  # truncated or corrupt product
+        _log.warning("cannot read product %s: %s", path, e)
+    return Product(path=path, pro_catg=pro_catg, qc=qc)
+
+
+def read_products(workdir: Path) -> list[Product]:
+    """The products listed in ``<workdir>/products.json``, or found in ``products/``.
+
+    esorex writes ``products.json`` only when the recipe returns; after a
+    signal death the partial files in the output directory are reported.
+    """
+    listing = workdir / "products.json"
+    paths: list[Path] = []
+    if listing.is_file():
+        try:
+            for entry in json.loads(listing.read_text() or "[]"):
+                p = Path(entry["name"])
+                paths.append(p if p.is_absolute() else workdir / p)
+        except (ValueError, KeyError, TypeError) as e:
+            _log.warning("unreadable %s: %s", listing, e)
+    if not paths:
+        out = workdir / "products"
+        paths = sorted(out.glob("*.fits")) if out.is_dir() else []
+    return [read_product(p) for p in paths if p.is_file()]
+
+
+def _signal_name(rc: int | None) -> str | None:
+    if rc is None or rc >= 0:
+        return None
+    try:
+        return signal.Signals(-rc).name
+    except ValueError:
+        return f"signal {-rc}"
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the recipe and anything it started: TERM, then KILL after a grace period."""
+    for sig, wait in ((signal.SIGTERM, _KILL_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
+
+
+def judge(
+    recipe: str,
+    rc: int | None,
+    errors: Sequence[str],
+    products: Sequence[Product],
+    *,
+    timed_out: bool = False,
+    timeout_s: float | None = None,
+    expected: Iterable[str] | None = None,
+    n_exposures: int | None = None,
+) -> tuple[str, str]:
+    """Status and reason for one run, from the evidence alone.
+
+    Parameters
+    ----------
+    recipe : str
+    rc : int or None
+        subprocess return code (negative for a signal).
+    errors : sequence of str
+        ``[ ERROR ]`` lines.
+    products : sequence of Product
+    timed_out : bool
+    timeout_s : float, optional
+        The limit, for the message.
+    expected : iterable of str, optional
+        PRO.CATG values that must be present; default :data:`EXPECTED_PRODUCTS`.
+    n_exposures : int, optional
+        Number of exposures in the SOF; checks one BASIC_CALIBRATED_SCI each.
+
+    Returns
+    -------
+    (status, reason)
+    """
+    last_error = f"; last error: {errors[-1]}" if errors else ""
+    if timed_out:
+        limit = f"{timeout_s:g} s" if timeout_s is not None else "the time limit"
+        return FAILED, f"recipe {recipe} timed out after {limit} and was killed{last_error}"
+    if rc is None:
+        return FAILED, f"recipe {recipe} could not be started{last_error}"
+    if rc < 0:
+        return FAILED, f"recipe {recipe} killed by {_signal_name(rc)} (rc {rc}){last_error}"
+    if rc != 0:
+        return FAILED, f"recipe {recipe} exited with rc {rc}{last_error}"
+    if errors:
+        return FAILED, f"recipe {recipe} exited with rc 0 but printed {len(errors)} error(s){last_error}"
+    want = set(EXPECTED_PRODUCTS.get(recipe, ()) if expected is None else expected)
+    have = {p.pro_catg for p in products if p.pro_catg}
+    missing = sorted(want - have)
+    if missing:
+        return FAILED, f"recipe {recipe} exited with rc 0 but products are missing: {', '.join(missing)}"
+    if n_exposures and recipe in PER_EXPOSURE_PRODUCT:
+        catg = PER_EXPOSURE_PRODUCT[recipe][2]
+        got = sum(1 for p in products if p.pro_catg == catg)
+        if got < n_exposures:
+            return FAILED, (
+                f"recipe {recipe} wrote {got} {catg} for {n_exposures} exposures "
+                "(missing LST, MJD-OBS or DATE-OBS in some raw frames?)"
+            )
+    return SUCCESSFUL, ""
+
+
+def count_exposures(recipe: str, sof_entries: Sequence[tuple[Path, str]]) -> int | None:
+    """Exposures in a SOF for the per-exposure product check, or None if not applicable."""
+    if recipe not in PER_EXPOSURE_PRODUCT:
+        return None
+    tag, per_exposure, _ = PER_EXPOSURE_PRODUCT[recipe]
+    n = sum(1 for _, t in sof_entries if t == tag)
+    return n // per_exposure if n else None
+
+
+def run_recipe(
+    recipe: str,
+    sof: Sequence[tuple[str | os.PathLike[str], str]] | Path,
+    workdir: Path,
+    *,
+    recipe_dir: Path | None = None,
+    options: Sequence[str] = (),
+    timeout_s: float = 900.0,
+    expected: Iterable[str] | None = None,
+    esorex: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> RecipeResult:
+    """Run one recipe on one SOF in a fresh working directory.
+
+    Parameters
+    ----------
+    recipe : str
+        Recipe name, e.g. ``hawki_science_process``.
+    sof : sequence of (path, tag) or Path
+        The frames, or an existing SOF file (copied into the working directory).
+    workdir : Path
+        Created by this function; must not exist or be empty. Kept afterwards
+        (the caller moves products and logs out of it).
+    recipe_dir : Path, optional
+        The instrument's own plugin directory (``Profile.resolve_recipe_dir()``).
+    options : sequence of str
+        Recipe options, e.g. ``("--psm_nbsize=32",)``.
+    timeout_s : float
+        Wall-time limit; the whole process group is killed when it is exceeded.
+    expected : iterable of str, optional
+        PRO.CATG values required for success; default :data:`EXPECTED_PRODUCTS`.
+    esorex : str or path, optional
+        The esorex executable (default: ``esorex`` on :data:`DEFAULT_PATH`).
+    env : mapping, optional
+        Extra environment variables for the recipe.
+
+    Returns
+    -------
+    RecipeResult
+        Never raises for a recipe failure; only for a non-empty ``workdir``.
+    """
+    workdir = Path(workdir).resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        raise FileExistsError(f"working directory {workdir} is not empty; each run needs a fresh one")
+    workdir.mkdir(parents=True, exist_ok=True)
+    out_dir = workdir / "products"
+    out_dir.mkdir()
+    sof_path = workdir / "input.sof"
+    if isinstance(sof, (str, os.PathLike)):
+        shutil.copyfile(sof, sof_path)
+    else:
+        write_sof(sof, sof_path)
+    sof_entries = read_sof(sof_path)
+
+    exe = find_esorex(esorex)
+    if exe is None:
+        reason = f"esorex not found (looked for {esorex or 'esorex'} on {DEFAULT_PATH})"
+        return RecipeResult(recipe, FAILED, reason, None, None, (), (), None, 0.0, workdir)
+
+    argv = build_argv(
+        recipe, sof_path, esorex=exe, output_dir=out_dir, log_dir=workdir,
+        recipe_dir=recipe_dir, options=options,
+    )
+    capture = workdir / "esorex.out"
+    _log.info("running %s in %s", recipe, workdir)
+    _log.debug("argv: %s", argv)
+    timed_out = False
+    started = time.monotonic()
+    with open(capture, "wb") as out:
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=workdir, stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=recipe_environment(env, home=workdir),
+                start_new_session=True,  # own process group: a timeout kills everything it started
+            )
+        except OSError as e:
+            reason = f"recipe {recipe} could not be started: {e}"
+            return RecipeResult(recipe, FAILED, reason, None, None, (), (), None, 0.0, workdir, tuple(argv))
+        try:
+            rc: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc)
+            rc = proc.returncode
+    duration = time.monotonic() - started
+
+    log_file = workdir / "esorex.log"
+    texts = [capture.read_text(errors="replace")]
+    if log_file.is_file():
+        texts.insert(0, log_file.read_text(errors="replace"))
+    errors = error_lines("\n".join(texts))
+    products = read_products(workdir)
+    status, reason = judge(
+        recipe, rc, errors, products, timed_out=timed_out, timeout_s=timeout_s,
+        expected=expected, n_exposures=count_exposures(recipe, sof_entries),
+    )
+    result = RecipeResult(
+        recipe=recipe, status=status, reason=reason, rc=rc, signal=_signal_name(rc),
+        errors=tuple(errors), products=tuple(products),
+        log_path=log_file if log_file.is_file() else capture,
+        duration_s=duration, workdir=workdir, argv=tuple(argv), timed_out=timed_out,
+    )
+    if result.ok:
+        _log.info("%s SUCCESSFUL in %.1f s, %d products", recipe, duration, len(products))
+    else:
+        _log.warning("%s FAILED in %.1f s: %s", recipe, duration, reason)
+    return result
