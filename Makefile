@@ -1,0 +1,60 @@
+# preimg — two commands on a fresh machine: `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PREIMG := $(VENV)/bin/preimg
+STAMP := $(VENV)/.installed
+DEMO_ROOT ?= preimg-data
+DEMO_INSTRUMENT ?= HAWKI
+SYSTEM_PACKAGES := esorex cpl-plugin-hawki cpl-plugin-vimos chromium
+
+.PHONY: help venv system-deps demo test test-fast bench contracts lint clean oca-rules
+
+help:
+	@echo "make demo   - install, make synthetic $(DEMO_INSTRUMENT) pre-imaging data, process it in one process"
+	@echo "make test   - install everything and run the whole test suite"
+	@echo "make bench  - performance figures, one JSON object per line"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+# esorex, the HAWK-I and VIMOS pipelines and Chromium come from Debian (needs root).
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+# ESO's rule files of eight pipelines (extracted from Debian packages, not committed).
+oca-rules:
+	@if [ -x scripts/fetch-oca-rules.sh ]; then scripts/fetch-oca-rules.sh .cache/oca-rules; fi
+
+demo: system-deps venv
+	$(PREIMG) synth -i $(DEMO_INSTRUMENT) --out $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --cal-root $(DEMO_ROOT)/cal
+	$(PREIMG) run -i $(DEMO_INSTRUMENT) $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --data-root $(DEMO_ROOT)
+
+test: system-deps venv oca-rules
+	$(PY) -m pytest
+
+test-fast: venv
+	$(PY) -m pytest -m "not esorex and not slow"
+
+bench: system-deps venv
+	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done
+
+contracts: venv
+	$(PY) -m shared.contracts docs
+
+lint: venv
+	$(VENV)/bin/ruff check shared services tests bench
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache $(DEMO_ROOT) test-artifacts

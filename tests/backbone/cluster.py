@@ -1,0 +1,156 @@
+"""The four services as separate OS processes against a real RabbitMQ, for end-to-end tests and the bench."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.bus.rabbitmq import RabbitClient
+
+REPO = Path(__file__).resolve().parents[2]
+PREIMG = [sys.executable, "-m", "services.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ServiceProcess:
+    name: str
+    args: list[str]
+    port: int
+    log: Path
+    proc: subprocess.Popen | None = None
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+            return r.read().decode()
+
+
+@dataclass
+class Cluster:
+    """ingest, processor(s), reporter and publisher as processes sharing one data root."""
+
+    amqp_url: str
+    root: Path
+    instruments: tuple[str, ...] = ("FORS2",)
+    extra_env: dict[str, str] = field(default_factory=dict)
+    services: dict[str, ServiceProcess] = field(default_factory=dict)
+
+    @property
+    def delivery_area(self) -> Path:
+        return self.root / "incoming"
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREIMG_")}
+        env.update(
+            PREIMG_AMQP_URL=self.amqp_url,
+            PREIMG_DATA_ROOT=str(self.root / "data"),
+            PREIMG_DELIVERY_AREA=str(self.delivery_area),
+            PREIMG_RETRY_DELAYS_MS="[200,500,1000]",
+            PREIMG_SHUTDOWN_GRACE_S="10",
+            PYTHONPATH=str(REPO),
+        )
+        env.update(self.extra_env)
+        return env
+
+    def start(self, timeout: float = 60) -> "Cluster":
+        self.delivery_area.mkdir(parents=True, exist_ok=True)
+        names = ["ingest", "reporter", "publisher"] + [f"processor-{i}" for i in self.instruments]
+        for name in names:
+            self.start_service(name)
+        self.wait_ready(timeout)
+        return self
+
+    def start_service(self, name: str) -> ServiceProcess:
+        if name.startswith("processor-"):
+            args = ["serve", "processor", "-i", name.split("-", 1)[1]]
+        else:
+            args = ["serve", name]
+        svc = self.services.get(name) or ServiceProcess(name, args, free_port(), self.root / f"{name}.log")
+        env = {**self.env(), "PREIMG_HTTP_PORT": str(svc.port)}
+        log = open(svc.log, "ab")
+        svc.proc = subprocess.Popen(PREIMG + args, env=env, stdout=log, stderr=log, cwd=REPO)
+        self.services[name] = svc
+        return svc
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        for svc in self.services.values():
+            while not svc.ready():
+                if svc.proc and svc.proc.poll() is not None:
+                    raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{svc.name} not ready:\n{svc.log.read_text()[-3000:]}")
+                time.sleep(0.1)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        svc = self.services[name]
+        assert svc.proc is not None
+        svc.proc.send_signal(sig)
+        svc.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        for svc in self.services.values():
+            if svc.proc and svc.proc.poll() is None:
+                svc.proc.send_signal(signal.SIGTERM)
+        for svc in self.services.values():
+            if svc.proc:
+                try:
+                    svc.proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    svc.proc.kill()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name}\n{s.log.read_text()[-4000:]}" for s in self.services.values() if s.log.exists())
+
+
+class CompletionWatcher:
+    """A private queue bound to completions and failures, as AOG would bind one."""
+
+    def __init__(self, amqp_url: str):
+        self._client = RabbitClient(amqp_url, "preimg").__enter__()
+        self._channel, self._queue = self._client.bind_private_queue(("completed.*", "run_failed.*"))
+        self.events: list[dict] = []
+
+    def collect(self, until: int, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while len(self.events) < until and time.monotonic() < deadline:
+            method, _props, body = self._channel.basic_get(self._queue, auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+                continue
+            self.events.append(json.loads(body))
+        return self.events
+
+    def settle(self, quiet_s: float = 1.0) -> list[dict]:
+        """Collect whatever else arrives within ``quiet_s``."""
+        end = time.monotonic() + quiet_s
+        while time.monotonic() < end:
+            method, _props, body = self._channel.basic_get(self._queue, auto_ack=True)
+            if method is None:
+                time.sleep(0.05)
+            else:
+                self.events.append(json.loads(body))
+        return self.events
+
+    def close(self) -> None:
+        self._client.__exit__(None, None, None)
