@@ -1,0 +1,146 @@
+"""End-to-end overhead of the backbone: 50 sequential 10-file deliveries through four processes.
+
+Prints JSON lines:
+  e2e_broker_floor_ms  the same four hops over RabbitMQ with empty handlers (confirmed, persistent)
+  e2e_overhead_ms      the four services as separate processes, FORS2 (no recipes), stages as they stand
+The ratio of the two p50s shows what our code costs on top of the broker.
+Target on the CI machine: e2e_overhead_ms p50 <= 100 ms, p99 <= 250 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.app import describe_files  # noqa: E402
+from shared.bus.rabbitmq import RabbitClient, RabbitConsumer  # noqa: E402
+from shared.bus.runner import Incoming, Outcome  # noqa: E402
+from shared.bus.topology import QueueSpec  # noqa: E402
+from shared.messages import (  # noqa: E402
+    DeliveryAnnounced,
+    PreImagingCompleted,
+    ProductsReady,
+    RawDataReady,
+    ReportsReady,
+    decode,
+)
+from tests.backbone.cluster import Cluster, CompletionWatcher  # noqa: E402
+from tests.backbone.test_e2e_rabbitmq import make_frames  # noqa: E402
+
+N_DELIVERIES = 50
+N_FILES = 10
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+def vhost() -> tuple[str, str]:
+    name = f"preimg-bench-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True)
+    subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True)
+    return name, f"amqp://guest:guest@127.0.0.1:5672/{name}"
+
+
+def broker_floor(url: str, n: int) -> list[float]:
+    """Four hops with handlers that only build the next event."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+
+    def hop(make_next):
+        def process(incoming: Incoming) -> Outcome:
+            return Outcome("ack", events=(make_next(decode(incoming.body)),))
+        return process
+
+    common = lambda m: dict(run_id=m.run_id, delivery_id=m.delivery_id, instrument=m.instrument)  # noqa: E731
+    chain = {
+        "ingest": hop(lambda m: RawDataReady(**common(m), raw_dir="/", frames=(), delivered_at=now)),
+        "processor": hop(lambda m: ProductsReady(**common(m), raw_dir="/", sci_dir="/", log_dir="/", frames=(),
+                                                 abs=(), products=(), status="ok", delivered_at=now)),
+        "reporter": hop(lambda m: ReportsReady(**common(m), report="/", userreport="/", list_mcalib="/", raw_dir="/",
+                                               sci_dir="/", log_dir="/", status="ok", n_files=0, abs_ok=0,
+                                               abs_failed=0, delivered_at=now)),
+        "publisher": hop(lambda m: PreImagingCompleted(**common(m), status="ok", package_dir="/", package_url="/",
+                                                       manifest=())),
+    }
+    stop = threading.Event()
+    threads = []
+    for service, process in chain.items():
+        spec = QueueSpec.for_service(service, "FORS2" if service == "processor" else None)
+        consumer = RabbitConsumer(url, "preimg", spec, process, (1000,))
+        t = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+        t.start()
+        consumer.connected.wait(10)
+        threads.append(t)
+    watcher = CompletionWatcher(url)
+    times = []
+    with RabbitClient(url, "preimg") as client:
+        for i in range(n):
+            msg = DeliveryAnnounced(run_id=f"floor-{i}", delivery_id=f"floor-{i}", instrument="FORS2", files=())
+            t0 = time.perf_counter()
+            client.sender.publish(msg)
+            watcher.collect(until=i + 1, timeout=30)
+            times.append((time.perf_counter() - t0) * 1000)
+    watcher.close()
+    stop.set()
+    for t in threads:
+        t.join(5)
+    return times
+
+
+def services_run(url: str, root: Path, n: int) -> list[float]:
+    cluster = Cluster(url, root).start()
+    try:
+        watcher = CompletionWatcher(url)
+        batches = [make_frames(cluster.delivery_area / f"d{i:02d}", N_FILES) for i in range(n)]
+        times = []
+        with RabbitClient(url, "preimg") as client:
+            for i, files in enumerate(batches):
+                msg = DeliveryAnnounced(run_id=f"bench-{i}", delivery_id=f"bench-{i}", instrument="FORS2", test=True,
+                                        files=tuple(describe_files(files, cluster.delivery_area)))
+                t0 = time.perf_counter()
+                client.sender.publish(msg)
+                events = watcher.collect(until=i + 1, timeout=60)
+                times.append((time.perf_counter() - t0) * 1000)
+                if len(events) <= i or events[i].get("status") != "ok":
+                    raise RuntimeError(f"delivery {i} did not complete: {events[-1:]}\n{cluster.logs()}")
+        watcher.close()
+        return times
+    finally:
+        cluster.stop()
+
+
+def main() -> int:
+    name, url = vhost()
+    root = Path(tempfile.mkdtemp(prefix="preimg-bench-"))
+    try:
+        floor = broker_floor(url, N_DELIVERIES)
+        real = services_run(url, root, N_DELIVERIES)
+    finally:
+        subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name])
+        shutil.rmtree(root, ignore_errors=True)
+    fp50, fp99 = statistics.median(floor), percentile(floor, 99)
+    p50, p99 = statistics.median(real), percentile(real, 99)
+    print(json.dumps({"name": "e2e_broker_floor_ms", "p50": round(fp50, 2), "p99": round(fp99, 2), "unit": "ms",
+                      "n": len(floor), "hops": 4}))
+    print(json.dumps({"name": "e2e_overhead_ms", "p50": round(p50, 2), "p99": round(p99, 2), "unit": "ms",
+                      "n": len(real), "files_per_delivery": N_FILES, "ratio_p50_to_floor": round(p50 / fp50, 1),
+                      "target_p50": 100, "target_p99": 250}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
