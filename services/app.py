@@ -71,7 +71,7 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         from services.publisher import handlers as publisher
         from services.publisher.service import build_ports as publisher_ports
 
-        ports = publisher_ports(settings, metrics) if _takes_metrics(publisher_ports) else publisher_ports(settings)
+        ports = publisher_ports(settings, metrics)
         handlers = {ReportsReady: functools.partial(publisher.handle_reports_ready, ports=ports)}
         if hasattr(publisher, "handle_run_failed"):
             handlers[RunFailed] = functools.partial(publisher.handle_run_failed, ports=ports)
@@ -85,12 +85,6 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         metrics=metrics,
         max_attempts=settings.max_attempts,
     )
-
-
-def _takes_metrics(fn: Callable[..., Any]) -> bool:
-    import inspect
-
-    return "metrics" in inspect.signature(fn).parameters
 
 
 # ----------------------------------------------------------------------------
@@ -247,7 +241,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     paths = {"raw": dirs["raw"], "products": dirs["sci"], "logs": dirs["logs"], "state": dirs["state"]}
     if completed:
         event = completed[0]
-        paths.update(_report_paths(event, settings, instrument))
+        paths.update(_report_paths(event, Path(dirs["logs"])))
         return RunSummary(run_id, event.status, paths, event=event.model_dump(mode="json"))
     if failed:
         event = failed[0]
@@ -259,13 +253,12 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     return RunSummary(run_id, "failed", paths, reason=reason)
 
 
-def _report_paths(event: PreImagingCompleted, settings: Settings, instrument: str) -> dict[str, str]:
+def _report_paths(event: PreImagingCompleted, log_dir: Path) -> dict[str, str]:
     paths: dict[str, str] = {"package": event.package_dir, "qc_server": event.package_url}
     if event.monitor_url:
         paths["monitor"] = event.monitor_url
-    for entry in event.manifest:
-        base = Path(entry.name).name
-        for prefix, key in (("REPORT_", "report"), ("USERREPORT_", "userreport"), ("list_mcalib", "list_mcalib")):
-            if base.startswith(prefix):
-                paths[key] = str(Path(event.package_dir) / entry.name) if not Path(entry.name).is_absolute() else entry.name
+    for pattern, key in (("REPORT_*.log", "report"), ("USERREPORT_*.log", "userreport"), ("list_mcalib_*", "list_mcalib")):
+        found = sorted(log_dir.glob(pattern))
+        if found:
+            paths[key] = str(found[-1])
     return paths
