@@ -1,0 +1,232 @@
+"""Fast reader of selected keywords from a FITS primary header.
+
+Classification must scan thousands of headers; astropy builds every card of
+every header (~1 ms a file). This module reads the 2880-byte blocks up to the
+END card and parses only the keywords asked for (~10x faster), with values
+identical to astropy's ``fits.getheader(path)[key]``:
+
+- strings: quotes removed, ``''`` → ``'``, trailing blanks stripped (leading kept);
+- ``T``/``F`` → bool; integers → int; reals (``E`` or ``D`` exponent) → float;
+- a keyword with no value → None (astropy's ``Undefined``); a missing keyword
+  is absent from the result.
+
+Keys are astropy's: ``MJD-OBS``, ``ESO DPR CATG`` (``HIERARCH ESO DPR CATG`` on the
+card; the ``HIERARCH`` prefix may be given too). Only the primary header is read.
+
+A bad file raises :class:`FitsHeaderError` naming the file and what is wrong.
+:class:`HeaderReader` caches results by (path, size, mtime_ns).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+BLOCK_SIZE = 2880
+CARD_SIZE = 80
+#: Blocks read at once: a typical ESO header (~250 cards) fits in 8 blocks.
+READ_BLOCKS = 8
+#: Refuse headers larger than this (a corrupt file without END).
+MAX_HEADER_BYTES = 2880 * 2000
+END_CARD = "END" + " " * 77
+
+_INT_RE = re.compile(r"[+-]?\d+")
+_FLOAT_RE = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eEdD][+-]?\d+)?")
+_COMPLEX_RE = re.compile(r"\(\s*([^,]+?)\s*,\s*([^)]+?)\s*\)")
+
+
+class FitsHeaderError(ValueError):
+    """A FITS header cannot be read; ``path`` and ``problem`` say which and why."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def read_header_text(path: str | os.PathLike) -> str:
+    """The primary header of a FITS file as text, up to and including the END card.
+
+    Raises
+    ------
+    FitsHeaderError
+        Missing or unreadable file, not FITS, truncated (no END), non-ASCII bytes.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(BLOCK_SIZE * READ_BLOCKS)
+            if not data:
+                raise FitsHeaderError(path, "empty file, no FITS header")
+            if not data.startswith(b"SIMPLE  ="):
+                raise FitsHeaderError(path, "not a FITS file: the first card is not SIMPLE")
+            searched = 0
+            while True:
+                end = _find_end(data, searched)
+                if end >= 0:
+                    data = data[: end + CARD_SIZE]
+                    break
+                searched = len(data) - len(data) % CARD_SIZE
+                more = fh.read(BLOCK_SIZE * READ_BLOCKS)
+                if not more:
+                    raise FitsHeaderError(
+                        path, f"truncated header: no END card in the file's {len(data)} bytes"
+                    )
+                data += more
+                if len(data) > MAX_HEADER_BYTES:
+                    raise FitsHeaderError(path, f"no END card in the first {len(data)} bytes")
+    except FileNotFoundError as e:
+        raise FitsHeaderError(path, "no such file") from e
+    except IsADirectoryError as e:
+        raise FitsHeaderError(path, "is a directory, not a FITS file") from e
+    except PermissionError as e:
+        raise FitsHeaderError(path, "permission denied") from e
+    try:
+        return data.decode("ascii")
+    except UnicodeDecodeError as e:
+        card = e.start // CARD_SIZE + 1
+        raise FitsHeaderError(path, f"malformed header: non-ASCII byte in card {card}") from e
+
+
+def _find_end(data: bytes, start: int) -> int:
+    end = data.find(b"END" + b" " * 77, start)
+    while end >= 0 and end % CARD_SIZE:
+        end = data.find(b"END" + b" " * 77, end + 1)
+    return end
+
+
+def _card_prefix(key: str) -> tuple[str, bool]:
+    """The text a card for ``key`` starts with, and whether it is a HIERARCH card."""
+    key = " ".join(key.upper().split())
+    if key.startswith("HIERARCH "):
+        return key, True
+    if len(key) <= 8 and " " not in key:
+        return key.ljust(8) + "=", False
+    return "HIERARCH " + key, True
+
+
+def _find_card(text: str, key: str) -> str | None:
+    """The value part (after ``=``) of the first card for ``key``, or None if absent."""
+    prefix, hierarch = _card_prefix(key)
+    pos = text.find(prefix)
+    while pos >= 0:
+        if pos % CARD_SIZE == 0:
+            card = text[pos: pos + CARD_SIZE]
+            if not hierarch:
+                return card[9:]
+            rest = card[len(prefix):]
+            stripped = rest.lstrip(" ")
+            if stripped.startswith("="):
+                return stripped[1:]
+        pos = text.find(prefix, pos + 1)
+    return None
+
+
+def parse_value(value_text: str, path: str | os.PathLike = "", key: str = "") -> Any:
+    """A card's value as astropy gives it (see the module docstring)."""
+    s = value_text.lstrip(" ")
+    if not s or s[0] == "/":
+        return None
+    if s[0] == "'":
+        parts = []
+        i = 1
+        while True:
+            j = s.find("'", i)
+            if j < 0:
+                raise FitsHeaderError(path, f"malformed value of {key}: unterminated string")
+            if s[j + 1: j + 2] == "'":
+                parts.append(s[i: j + 1])
+                i = j + 2
+                continue
+            parts.append(s[i:j])
+            break
+        return "".join(parts).rstrip(" ")
+    token = s.split("/", 1)[0].strip()
+    if token == "T":
+        return True
+    if token == "F":
+        return False
+    if _INT_RE.fullmatch(token):
+        return int(token)
+    if _FLOAT_RE.fullmatch(token):
+        return float(token.replace("D", "E").replace("d", "e"))
+    m = _COMPLEX_RE.fullmatch(token)
+    if m:
+        try:
+            return complex(float(m.group(1).replace("D", "E")), float(m.group(2).replace("D", "E")))
+        except ValueError:
+            pass
+    raise FitsHeaderError(path, f"malformed value of {key}: {token[:40]!r}")
+
+
+def read_keywords(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Any]:
+    """The requested keywords of the primary header of ``path`` (absent ones left out)."""
+    text = read_header_text(path)
+    out: dict[str, Any] = {}
+    for key in keys:
+        value_text = _find_card(text, key)
+        if value_text is not None:
+            out[key] = parse_value(value_text, path, key)
+    return out
+
+
+class HeaderReader:
+    """Read a fixed set of keywords from many files, each file read once.
+
+    Results are cached by (path, size, mtime_ns), so a rewritten file is read
+    again. Construct one per use (a service holds it); nothing is global.
+
+    Parameters
+    ----------
+    keys
+        astropy keys to read (``MJD-OBS``, ``ESO DPR CATG``).
+    max_entries
+        Bound of the cache (least recently used entries are dropped).
+    """
+
+    def __init__(self, keys: Iterable[str], max_entries: int = 100_000):
+        self.keys = tuple(dict.fromkeys(keys))
+        self.max_entries = max_entries
+        self._cache: OrderedDict[tuple[str, int, int], dict[str, Any]] = OrderedDict()
+        self.reads = 0
+
+    def read(self, path: str | os.PathLike) -> dict[str, Any]:
+        """The keywords of one file; raises :class:`FitsHeaderError` for a bad file."""
+        name = os.fspath(path)
+        try:
+            st = os.stat(name)
+        except FileNotFoundError as e:
+            raise FitsHeaderError(name, "no such file") from e
+        except OSError as e:
+            raise FitsHeaderError(name, f"cannot stat: {e.strerror}") from e
+        cache_key = (name, st.st_size, st.st_mtime_ns)
+        hit = self._cache.get(cache_key)
+        if hit is not None:
+            self._cache.move_to_end(cache_key)
+            return dict(hit)
+        values = read_keywords(name, self.keys)
+        self.reads += 1
+        self._cache[cache_key] = values
+        if len(self._cache) > self.max_entries:
+            self._cache.popitem(last=False)
+        return dict(values)
+
+    def read_many(
+        self, paths: Iterable[str | os.PathLike]
+    ) -> tuple[dict[Path, dict[str, Any]], dict[Path, FitsHeaderError]]:
+        """Read many files; bad ones are returned apart so the others still count."""
+        good: dict[Path, dict[str, Any]] = {}
+        bad: dict[Path, FitsHeaderError] = {}
+        for p in paths:
+            try:
+                good[Path(p)] = self.read(p)
+            except FitsHeaderError as e:
+                _log.warning("skipping unreadable FITS header: %s", e)
+                bad[Path(p)] = e
+        return good, bad

@@ -1,0 +1,89 @@
+"""OCA rule engine: classification, organisation and association by ESO's rule files.
+
+Typical use (the processor)::
+
+    rules = load_rules(profile.resolve_rules(), profile.resolve_overlay())
+    reader = HeaderReader(rule_header_keys(rules))
+    raw, bad = read_headers(reader, raw_paths)
+    pool = calib_pool_from_files(rules, reader, calib_paths)
+    for ab in build_abs(rules, raw, pool, actions=profile.science_actions or None):
+        write_ab(ab, ab_dir); write_sof(ab, sof_dir / f"{ab.name}.sof")
+
+See ``docs/oca.md`` for the semantics and the overlay format.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from shared.fitsheader import FitsHeaderError, HeaderReader
+from shared.oca.abfiles import format_ab, read_ab, write_ab, write_sof
+from shared.oca.associate import (
+    AssociationBlock,
+    CalibPool,
+    FileRecord,
+    Group,
+    build_abs,
+    make_records,
+    organise,
+)
+from shared.oca.evaluate import (
+    Classification,
+    CompiledClassifier,
+    OcaTypeError,
+    classify,
+    rule_keywords,
+)
+from shared.oca.keywords import ENGINE_KEYWORDS, fits_card_name, header_key, header_keys
+from shared.oca.model import RuleSet
+from shared.oca.overlay import apply_overlay, load_rules
+from shared.oca.parser import OcaSyntaxError, parse_file, parse_rules
+from shared.oca.printer import format_rules
+
+__all__ = [
+    "AssociationBlock", "CalibPool", "Classification", "CompiledClassifier", "FileRecord",
+    "FitsHeaderError", "Group", "HeaderReader", "OcaSyntaxError", "OcaTypeError", "RuleSet",
+    "apply_overlay", "build_abs", "calib_pool_from_files", "classify", "fits_card_name",
+    "format_ab", "format_rules", "header_key", "load_rules", "make_records", "organise",
+    "parse_file", "parse_rules", "read_ab", "read_headers", "rule_header_keys",
+    "rule_keywords", "write_ab", "write_sof",
+]
+
+
+def rule_header_keys(rules: RuleSet) -> list[str]:
+    """astropy keys of every keyword the rules and the engine read (for a HeaderReader)."""
+    return header_keys(rule_keywords(rules) | set(ENGINE_KEYWORDS))
+
+
+def read_headers(
+    reader: HeaderReader, paths: Iterable[str | os.PathLike]
+) -> tuple[dict[Path, dict[str, Any]], dict[Path, FitsHeaderError]]:
+    """Headers of many files; unreadable ones are returned apart with their error."""
+    return reader.read_many(paths)
+
+
+def fits_files(directories: Iterable[str | os.PathLike]) -> list[Path]:
+    """FITS files (``*.fits``, ``*.fits.fz``, ``*.fit``) under the directories, sorted."""
+    out: list[Path] = []
+    for d in directories:
+        d = Path(d)
+        if d.is_file():
+            out.append(d)
+            continue
+        for pattern in ("*.fits", "*.fit", "*.fits.fz"):
+            out.extend(d.rglob(pattern))
+    return sorted(set(out))
+
+
+def calib_pool_from_files(
+    rules: RuleSet, reader: HeaderReader, paths: Iterable[str | os.PathLike]
+) -> CalibPool:
+    """A calibration pool of the given files, classified with the rules.
+
+    Unreadable files are logged and left out.
+    """
+    headers, _bad = reader.read_many(paths)
+    return CalibPool.from_headers(rules, headers)

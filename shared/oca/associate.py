@@ -1,0 +1,577 @@
+"""Organisation (raw files → groups) and association (group → calibrations).
+
+Organisation, per ``select execute(ACTION) from inputFiles where COND ...``:
+
+- ``SIG.FRAME == 1`` in COND: every file that satisfies COND is its own group.
+- ``SIG.TEMPLATE == 1`` or any ``LF.KEY`` in COND: files are taken template by
+  template (template = same ``TPL.START``, else same ``OBS.START``, else the
+  file alone); ``LF.`` is the template's last frame (highest ``TPL.EXPNO``, then
+  latest ``MJD-OBS``). With ``SIG.TEMPLATE`` a group never spans two templates;
+  with ``LF.`` alone (hawki.oca's SCIENCE_FRAMES) the selected files of all
+  templates are grouped by the ``group by`` keys only.
+- Otherwise COND is applied to each file and the selected files are grouped by
+  the ``group by`` keys (one group when there are none).
+- ``group by K1,K2`` splits further by equal values; ``as (TPL_A,tpl)`` gives
+  the AB_EVENT (``TPL_A``) and a suffix of the AB name (``tpl``).
+- A top-level ``minRet = N;`` before the select (uves.oca) is the least number
+  of raw files of a group; a smaller group becomes an INCOMPLETE AB.
+
+Association, per ``select file as TAG from POOL where COND`` of the action:
+
+- the group's reference raw file (``inputFile``) is its earliest file (MJD-OBS);
+  a bare ``KEY`` is the candidate;
+- POOL ``calibFiles`` is the :class:`CalibPool`, ``inputFiles``/``rawFiles`` the
+  raw files of the delivery;
+- minRet/maxRet in force at the select bound the files taken; when more qualify
+  than maxRet, the closest in time (``|MJD-OBS(candidate) - MJD-OBS(raw)|``,
+  then path) are taken; ``maxRet = 0`` disables the tag;
+- a tag short of minRet makes the AB INCOMPLETE; ``missing`` says for each such
+  tag which condition rejected the nearest candidates.
+
+Pools are indexed: equality conjuncts ``KEY == "literal"`` pick candidates from
+a hash index and ``inputFile.A == B`` conjuncts from a second hash keyed by the
+raw file's values, so association does not scan every calibration per AB.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shlex
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.oca.evaluate import (
+    Classification,
+    CompiledClassifier,
+    OcaTypeError,
+    _as_number,
+    compile_expr,
+    expression_keywords,
+    normalise_record,
+)
+from shared.oca.keywords import to_dotted
+from shared.oca.model import (
+    SCOPE_FILE,
+    SCOPE_INPUT,
+    SCOPE_LAST_FRAME,
+    And,
+    Compare,
+    Expr,
+    FileSelect,
+    Keyword,
+    Literal,
+    Or,
+    OrganisationRule,
+    RuleSet,
+)
+from shared.oca.printer import format_expr
+
+_log = logging.getLogger(__name__)
+
+#: How many of the nearest rejected candidates ``missing`` explains.
+EXPLAIN_NEAREST = 3
+RAW_POOLS = ("inputFiles", "rawFiles")
+
+
+@dataclass(eq=False)
+class FileRecord:
+    """A file with its header (dotted names) and classification.
+
+    ``header`` keeps the values as read (ints stay ints) plus the values the
+    classification assigned; ``values`` is the normalised copy the rules see.
+    """
+
+    path: Path
+    header: dict[str, Any]
+    values: dict[str, Any]
+    classification: Classification
+
+    @property
+    def category(self) -> str:
+        return self.classification.category
+
+    @property
+    def mjd(self) -> float | None:
+        value = self.values.get("MJD-OBS")
+        return value if type(value) is float else None
+
+
+def make_records(
+    rules: RuleSet | CompiledClassifier, headers: Mapping[str | Path, Mapping[str, Any]]
+) -> list[FileRecord]:
+    """Classify headers (path → header mapping) into :class:`FileRecord` objects."""
+    classifier = rules if isinstance(rules, CompiledClassifier) else (
+        CompiledClassifier.from_rules(rules))
+    records = []
+    for path, header in headers.items():
+        dotted = to_dotted(header)
+        values = normalise_record(dotted)
+        result = classifier.classify_record(Path(path), values)
+        dotted.update(result.values)
+        records.append(FileRecord(Path(path), dotted, values, result))
+    return records
+
+
+def index_key(value: Any) -> Any:
+    """Hash key under which values equal by OCA ``==`` fall together."""
+    if type(value) is bool:
+        return "T" if value else "F"
+    number = _as_number(value)
+    return number if number is not None else value
+
+
+class CalibPool:
+    """Calibration files, classified with the same rules and indexed by keyword value.
+
+    Parameters
+    ----------
+    records
+        Classified files (see :func:`make_records` or :meth:`from_headers`).
+    """
+
+    def __init__(self, records: Iterable[FileRecord] = ()):
+        self.records: list[FileRecord] = list(records)
+        self._by_value: dict[str, dict[Any, list[FileRecord]]] = {}
+        self._joins: dict[tuple, dict[tuple, list[FileRecord]]] = {}
+
+    @classmethod
+    def from_headers(
+        cls, rules: RuleSet | CompiledClassifier, headers: Mapping[str | Path, Mapping[str, Any]]
+    ) -> "CalibPool":
+        return cls(make_records(rules, headers))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, record: FileRecord) -> None:
+        self.records.append(record)
+        self._by_value.clear()
+        self._joins.clear()
+
+    def lookup(self, keyword: str, value: Any) -> list[FileRecord]:
+        """Files whose ``keyword`` equals ``value`` (OCA ``==``)."""
+        index = self._by_value.get(keyword)
+        if index is None:
+            index = defaultdict(list)
+            for rec in self.records:
+                v = rec.values.get(keyword)
+                if v is not None:
+                    index[index_key(v)].append(rec)
+            self._by_value[keyword] = index
+        return index.get(index_key(value), [])
+
+    def joined(
+        self, base_key: tuple, base: list[FileRecord], keys: tuple[str, ...]
+    ) -> dict[tuple, list[FileRecord]]:
+        """``base`` hashed by the values of ``keys`` (built once per select shape)."""
+        cache_key = (base_key, keys)
+        table = self._joins.get(cache_key)
+        if table is None:
+            table = defaultdict(list)
+            for rec in base:
+                vals = rec.values
+                try:
+                    table[tuple(index_key(vals[k]) for k in keys)].append(rec)
+                except KeyError:
+                    continue  # a missing keyword never satisfies ==
+            self._joins[cache_key] = table
+        return table
+
+
+@dataclass
+class AssociationBlock:
+    """One unit of processing: a recipe run on a group of raw files and its calibrations.
+
+    Attributes
+    ----------
+    name
+        AB name (``HAWKI.2024-01-01T01:02:03.000_tpl``).
+    action, recipe, recipe_options
+        From the action block (options split as a shell would).
+    raw
+        (path, SOF tag) of each raw file, earliest first.
+    calibs
+        SOF tag → chosen calibration paths (closest in time first).
+    missing
+        SOF tag → why it could not be filled (empty when complete).
+    complete
+        True when every tag reached its minRet.
+    """
+
+    name: str
+    action: str
+    recipe: str
+    recipe_options: tuple[str, ...]
+    raw: list[tuple[Path, str]]
+    calibs: dict[str, list[Path]] = field(default_factory=dict)
+    missing: dict[str, str] = field(default_factory=dict)
+    complete: bool = True
+    event: str = ""
+    rule: str = ""
+    match_keys: dict[str, Any] = field(default_factory=dict)
+    reference: dict[str, Any] = field(default_factory=dict)
+    raw_category: str = ""
+
+    @property
+    def completeness(self) -> str:
+        return "COMPLETE" if self.complete else "INCOMPLETE"
+
+    def sof_lines(self) -> list[str]:
+        """``abs-path TAG`` lines for esorex, raw files first."""
+        lines = [f"{Path(p).absolute()} {tag}" for p, tag in self.raw]
+        for tag, paths in self.calibs.items():
+            lines += [f"{Path(p).absolute()} {tag}" for p in paths]
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "action": self.action,
+            "recipe": self.recipe,
+            "recipe_options": list(self.recipe_options),
+            "raw": [{"path": str(p), "tag": t} for p, t in self.raw],
+            "calibs": {t: [str(p) for p in ps] for t, ps in self.calibs.items()},
+            "complete": self.complete,
+            "missing": dict(self.missing),
+            "event": self.event,
+            "rule": self.rule,
+        }
+
+
+def _conjuncts(expr: Expr) -> list[Expr]:
+    return list(expr.items) if isinstance(expr, And) else [expr]
+
+
+def _literal_eq(expr: Expr) -> tuple[str, list[Any]] | None:
+    """``KEY == "v"`` (or an ``or`` of them on one KEY) → (KEY, values)."""
+    if isinstance(expr, Compare) and expr.op == "==":
+        pair = (expr.left, expr.right)
+        for k, lit in (pair, pair[::-1]):
+            if isinstance(k, Keyword) and k.scope == SCOPE_FILE and isinstance(lit, Literal):
+                return k.name, [lit.value]
+    if isinstance(expr, Or):
+        parts = [_literal_eq(i) for i in expr.items]
+        if all(parts) and len({p[0] for p in parts}) == 1:
+            return parts[0][0], [v for p in parts for v in p[1]]
+    return None
+
+
+def _join_eq(expr: Expr) -> tuple[str, str] | None:
+    """``inputFile.A == B`` → (A, B)."""
+    if isinstance(expr, Compare) and expr.op == "==":
+        pair = (expr.left, expr.right)
+        for a, b in (pair, pair[::-1]):
+            if (isinstance(a, Keyword) and a.scope == SCOPE_INPUT
+                    and isinstance(b, Keyword) and b.scope == SCOPE_FILE):
+                return a.name, b.name
+    return None
+
+
+class _SelectPlan:
+    """A ``select file as TAG`` compiled for indexed lookup and for explanations."""
+
+    def __init__(self, select: FileSelect):
+        self.select = select
+        self.condition = compile_expr(select.condition)
+        self.parts = [(format_expr(c), compile_expr(c), c) for c in _conjuncts(select.condition)]
+        self.literal: tuple[str, list[Any]] | None = None
+        joins: list[tuple[str, str]] = []
+        for c in _conjuncts(select.condition):
+            lit = _literal_eq(c)
+            if lit and self.literal is None:
+                self.literal = lit
+                continue
+            join = _join_eq(c)
+            if join:
+                joins.append(join)
+        self.join_input = tuple(a for a, _ in joins)
+        self.join_candidate = tuple(b for _, b in joins)
+
+    def base(self, pool: CalibPool) -> tuple[tuple, list[FileRecord]]:
+        if self.literal is None:
+            return ("*",), pool.records
+        key, values = self.literal
+        if len(values) == 1:
+            return (key, index_key(values[0])), pool.lookup(key, values[0])
+        seen: dict[int, FileRecord] = {}
+        for v in values:
+            for rec in pool.lookup(key, v):
+                seen[id(rec)] = rec
+        return (key, tuple(index_key(v) for v in values)), list(seen.values())
+
+    def candidates(self, pool: CalibPool, raw: FileRecord) -> list[FileRecord]:
+        base_key, base = self.base(pool)
+        if self.join_input and base:
+            try:
+                probe = tuple(index_key(raw.values[a]) for a in self.join_input)
+            except KeyError:
+                return []
+            base = pool.joined(base_key, base, self.join_candidate).get(probe, [])
+        cond, rv = self.condition, raw.values
+        out = []
+        for rec in base:
+            try:
+                if cond(rec.values, rv, None):
+                    out.append(rec)
+            except OcaTypeError as e:
+                _log.warning("association: %s: select %s: %s", rec.path, self.select.tag, e)
+        return out
+
+    def explain(self, pool: CalibPool, raw: FileRecord, found: int) -> str:
+        """Why this tag got fewer than minRet files."""
+        sel = self.select
+        base_key, base = self.base(pool)
+        if not base:
+            if self.literal:
+                key, values = self.literal
+                wanted = " or ".join(f"{key} == {v!r}" for v in values)
+                return f"no file with {wanted} in {sel.pool}"
+            return f"no file in {sel.pool}"
+        if found:
+            return f"only {found} of minRet={sel.min_ret} files qualify"
+        nearest = sorted(base, key=lambda r: (_distance(r, raw), str(r.path)))[:EXPLAIN_NEAREST]
+        reasons = []
+        for rec in nearest:
+            for text, fn, expr in self.parts:
+                try:
+                    ok = fn(rec.values, raw.values, None)
+                    problem = ""
+                except OcaTypeError as e:
+                    ok, problem = False, f" ({e})"
+                if not ok:
+                    shown = ", ".join(
+                        f"{k.text}={_show(rec, raw, k)}" for k in _ordered_keywords(expr)
+                    )
+                    reasons.append(f"{rec.path.name} rejected by '{text}' ({shown}){problem}")
+                    break
+        return "; ".join(reasons) or "no candidate qualifies"
+
+
+def _ordered_keywords(expr: Expr) -> list[Keyword]:
+    seen: dict[str, Keyword] = {}
+    for k in sorted(expression_keywords(expr), key=lambda k: (k.line, k.column, k.text)):
+        seen.setdefault(k.text, k)
+    return list(seen.values())
+
+
+def _show(rec: FileRecord, raw: FileRecord, key: Keyword) -> str:
+    source = raw if key.scope == SCOPE_INPUT else rec
+    value = source.header.get(key.name)
+    return "missing" if value is None else repr(value)
+
+
+def _distance(rec: FileRecord, raw: FileRecord) -> float:
+    a, b = rec.mjd, raw.mjd
+    if a is None or b is None:
+        return math.inf
+    return abs(a - b)
+
+
+def _template_id(rec: FileRecord) -> Any:
+    for key in ("TPL.START", "OBS.START"):
+        value = rec.values.get(key)
+        if value is not None:
+            return (key, value)
+    return ("FILE", str(rec.path))
+
+
+def _frame_order(rec: FileRecord) -> tuple:
+    expno = rec.values.get("TPL.EXPNO")
+    mjd = rec.mjd
+    return (expno if type(expno) is float else -1.0, mjd if mjd is not None else -math.inf,
+            str(rec.path))
+
+
+@dataclass
+class Group:
+    """Raw files one organisation rule put together; becomes one AB."""
+
+    rule: OrganisationRule
+    files: list[FileRecord]
+    keys: dict[str, Any]
+
+    @property
+    def action(self) -> str:
+        return self.rule.action
+
+
+def _mode(rule: OrganisationRule) -> str:
+    names = {(k.scope, k.name) for k in expression_keywords(rule.condition)}
+    if (SCOPE_FILE, "SIG.FRAME") in names:
+        return "frame"
+    if (SCOPE_FILE, "SIG.TEMPLATE") in names:
+        return "template"
+    if any(scope == SCOPE_LAST_FRAME for scope, _ in names):
+        return "last-frame"
+    return "files"
+
+
+def organise(rules: RuleSet, records: Sequence[FileRecord]) -> list[Group]:
+    """Group raw files by the organisation rules (see the module docstring)."""
+    templates: dict[Any, list[FileRecord]] = defaultdict(list)
+    for rec in records:
+        templates[_template_id(rec)].append(rec)
+    last_frame = {tid: max(files, key=_frame_order) for tid, files in templates.items()}
+
+    groups: list[Group] = []
+    seen: set[tuple] = set()
+    for rule in rules.organisation:
+        if rule.pool not in RAW_POOLS:
+            _log.warning("organisation rule %s:%s selects from %r; only inputFiles is known",
+                         rule.source, rule.line, rule.pool)
+            continue
+        mode = _mode(rule)
+        constants = {"SIG.FRAME": 1.0 if mode == "frame" else 0.0,
+                     "SIG.TEMPLATE": 1.0 if mode == "template" else 0.0}
+        cond = compile_expr(rule.condition, constants)
+        buckets: dict[tuple, list[FileRecord]] = defaultdict(list)
+        for tid, files in templates.items():
+            lf = last_frame[tid].values
+            for rec in files:
+                try:
+                    if not cond(rec.values, None, lf):
+                        continue
+                except OcaTypeError as e:
+                    _log.warning("organisation: %s: rule %s:%s: %s",
+                                 rec.path, rule.source, rule.line, e)
+                    continue
+                key = tuple(index_key(rec.values.get(k)) for k in rule.group_by)
+                if mode == "frame":
+                    key = (str(rec.path),) + key
+                elif mode == "template":
+                    key = (tid,) + key
+                buckets[key].append(rec)
+        for files in buckets.values():
+            files.sort(key=lambda r: (r.mjd if r.mjd is not None else math.inf, str(r.path)))
+            ident = (rule.action, tuple(str(f.path) for f in files))
+            if ident in seen:
+                continue
+            seen.add(ident)
+            keys = {k: files[0].header.get(k) for k in rule.group_by}
+            groups.append(Group(rule, files, keys))
+    groups.sort(key=lambda g: (g.files[0].mjd if g.files[0].mjd is not None else math.inf,
+                               str(g.files[0].path), g.action))
+    return groups
+
+
+class Associator:
+    """Rules compiled once for organisation and association of many groups."""
+
+    def __init__(self, rules: RuleSet):
+        self.rules = rules
+        self.plans = {a.name: [_SelectPlan(s) for s in a.selects] for a in rules.actions}
+
+    def associate(self, group: Group, calib_pool: CalibPool, raw_pool: CalibPool
+                  ) -> AssociationBlock:
+        rules = self.rules
+        raw = group.files[0]
+        action = rules.action(group.action)
+        recipe = action.recipe if action else None
+        options: list[str] = []
+        for opt in (recipe.options if recipe else ()):
+            options += shlex.split(opt)
+        ab = AssociationBlock(
+            name="",
+            action=group.action,
+            recipe=recipe.name if recipe else group.action,
+            recipe_options=tuple(options),
+            raw=[(f.path, rules.sof_tag(f.category)) for f in group.files],
+            event=group.rule.qualifier[0] if group.rule.qualifier else "",
+            rule=f"{Path(group.rule.source).name}:{group.rule.line}",
+            match_keys=dict(group.keys),
+            reference=dict(raw.header),
+            raw_category=raw.category,
+        )
+        if action is None:
+            ab.missing["(action)"] = f"no action {group.action!r} in the rules"
+            ab.complete = False
+        if len(group.files) < group.rule.min_files:
+            ab.missing["(raw)"] = (f"{len(group.files)} raw files, the rule needs "
+                                   f"minRet={group.rule.min_files}")
+            ab.complete = False
+        raw_paths = {str(f.path) for f in group.files}
+        for plan in self.plans.get(group.action, []):
+            sel = plan.select
+            tag = rules.sof_tag(sel.tag)
+            if sel.max_ret <= 0:
+                continue
+            pool = raw_pool if sel.pool in RAW_POOLS else calib_pool
+            found = [c for c in plan.candidates(pool, raw) if str(c.path) not in raw_paths]
+            if len(found) > sel.max_ret:
+                found.sort(key=lambda r: (_distance(r, raw), str(r.path)))
+                found = found[: sel.max_ret]
+            if found:
+                ab.calibs.setdefault(tag, []).extend(f.path for f in found)
+            if len(found) < sel.min_ret:
+                ab.complete = False
+                ab.missing[tag] = plan.explain(pool, raw, len(found))
+        return ab
+
+
+def _ab_base_name(group: Group) -> str:
+    first = group.files[0].header
+    for key in ("ARCFILE", "ORIGFILE"):
+        value = first.get(key)
+        if isinstance(value, str) and value:
+            return value.removesuffix(".fits")
+    instrument, date = first.get("INSTRUME"), first.get("DATE-OBS")
+    if isinstance(instrument, str) and isinstance(date, str):
+        return f"{instrument}.{date}"
+    return group.files[0].path.name.removesuffix(".fits")
+
+
+def build_abs(
+    rules: RuleSet,
+    raw_files: Mapping[str | Path, Mapping[str, Any]] | Sequence[FileRecord],
+    calib_pool: CalibPool | None = None,
+    actions: Iterable[str] | None = None,
+) -> list[AssociationBlock]:
+    """Organise raw files into groups and associate calibrations: the ABs.
+
+    Parameters
+    ----------
+    rules
+        Rule set (with the overlay applied, see :func:`shared.oca.load_rules`).
+    raw_files
+        Path → header, or records from :func:`make_records`.
+    calib_pool
+        Calibrations to choose from; empty when None.
+    actions
+        Keep only ABs of these actions (``Profile.science_actions``); all when None.
+
+    Returns
+    -------
+    list of AssociationBlock
+        Earliest first; names are unique.
+    """
+    if isinstance(raw_files, Mapping):
+        records = make_records(rules, raw_files)
+    else:
+        records = list(raw_files)
+    calib_pool = calib_pool if calib_pool is not None else CalibPool()
+    raw_pool = CalibPool(records)
+    wanted = set(actions) if actions is not None else None
+    associator = Associator(rules)
+    abs_: list[AssociationBlock] = []
+    names: set[str] = set()
+    for group in organise(rules, records):
+        if wanted is not None and group.action not in wanted:
+            continue
+        ab = associator.associate(group, calib_pool, raw_pool)
+        name = _ab_base_name(group)
+        if len(group.rule.qualifier) > 1:
+            name += f"_{group.rule.qualifier[1]}"
+        if name in names:
+            name = f"{name}_{group.action}"
+        base, n = name, 1
+        while name in names:
+            n += 1
+            name = f"{base}_{n}"
+        names.add(name)
+        ab.name = name
+        abs_.append(ab)
+    return abs_
