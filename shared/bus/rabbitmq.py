@@ -149,6 +149,12 @@ class RabbitConsumer:
                 self.connected.clear()
                 if stop.is_set():
                     break
+                if getattr(e, "reply_code", None) == 406:
+                    _log.error(
+                        "the broker refuses our topology (%s): a queue exists with other arguments, e.g. "
+                        "after PREIMG_RETRY_DELAYS_MS changed; delete that queue (it holds only retries) "
+                        "or restore the setting", e,
+                    )
                 _log.warning("broker connection lost (%s: %s); reconnecting in %.0f s", type(e).__name__, e, reconnect_delay_s)
                 stop.wait(reconnect_delay_s)
 

@@ -131,25 +131,27 @@ class CompletionWatcher:
         self._channel, self._queue = self._client.bind_private_queue(("completed.*", "run_failed.*"))
         self.events: list[dict] = []
 
+    def _pull(self, timeout: float) -> None:
+        """Take the messages that arrive within ``timeout`` (push-based, no polling sleep)."""
+        deadline = time.monotonic() + timeout
+        for method, _props, body in self._channel.consume(self._queue, auto_ack=True, inactivity_timeout=0.02):
+            if method is not None:
+                self.events.append(json.loads(body))
+                return
+            if time.monotonic() >= deadline:
+                return
+
     def collect(self, until: int, timeout: float) -> list[dict]:
         deadline = time.monotonic() + timeout
         while len(self.events) < until and time.monotonic() < deadline:
-            method, _props, body = self._channel.basic_get(self._queue, auto_ack=True)
-            if method is None:
-                time.sleep(0.05)
-                continue
-            self.events.append(json.loads(body))
+            self._pull(deadline - time.monotonic())
         return self.events
 
     def settle(self, quiet_s: float = 1.0) -> list[dict]:
         """Collect whatever else arrives within ``quiet_s``."""
         end = time.monotonic() + quiet_s
         while time.monotonic() < end:
-            method, _props, body = self._channel.basic_get(self._queue, auto_ack=True)
-            if method is None:
-                time.sleep(0.05)
-            else:
-                self.events.append(json.loads(body))
+            self._pull(end - time.monotonic())
         return self.events
 
     def close(self) -> None:
