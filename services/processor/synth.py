@@ -713,7 +713,7 @@ def _product_phu(instrument: str, pro_catg: str) -> Any:
     phu = fits.PrimaryHDU()
     phu.header["INSTRUME"] = instrument
     phu.header["DATE"] = "2099-01-01T00:00:00"
-    _eso(phu.header, "PRO CATG", pro_catg, "Category of product frame")
+    _eso(phu.header, "PRO CATG", pro_catg)
     _eso(phu.header, "PRO TYPE", "STATIC")
     return phu
 

@@ -41,6 +41,9 @@ class Profile(BaseModel):
     max_parallel_abs: int = Field(2, ge=1)
     #: The processing is for SCIENCE ABs only, as in processPreImg.
     science_actions: tuple[str, ...] = ()
+    #: PRO.CATG values the calibration directories must hold although the rules
+    #: do not name them (e.g. the local catalogues the CASU recipes need, ESOREX.md §4.8).
+    required_calibrations: tuple[str, ...] = ()
 
     def resolve_rules(self) -> Path | None:
         """The rule file the profile names, or None when no package provides it."""

@@ -1,0 +1,150 @@
+"""renameProducts and moveProducts: product names from header values, then files into place.
+
+Naming scheme
+-------------
+A product of an AB is renamed to::
+
+    <INSTR>.<DATE-OBS of the AB's first raw frame>_<pro.catg in lower case>_<NNNN>.fits
+
+for example ``HAWKI.2026-11-20T01:02:03.456_jittered_image_sci_0000.fits``.
+
+* ``<INSTR>`` is the instrument name (``INSTRUME`` of the raw frames).
+* ``DATE-OBS`` is the earliest ``DATE-OBS`` among the AB's raw frames, as
+  written in the header (milliseconds, no time zone). It is unique per AB
+  because an AB owns its raw frames, and it ties every product to the archive
+  name of its first raw frame (``ARCFILE`` carries the same timestamp), much
+  like the DFOS ``r.<INSTR>.<timestamp>_<NNNN>`` names.
+* ``<pro.catg>`` is ``HIERARCH ESO PRO CATG`` of the product, lower case, so
+  the name says what the file is without opening it.
+* ``<NNNN>`` counts products of the same PRO.CATG within the AB, from 0000,
+  in the recipe's own order (``exp_1``, ``exp_2``, ... sorted naturally), so
+  per-exposure products keep the exposure order.
+
+A product without PRO.CATG (a recipe that died while writing) is named with
+``unknown``. Headers are not edited: the recipe's CHECKSUM/DATASUM stay valid.
+
+Log files of an AB go to the run's log directory as ``<AB>.ab`` (the AB),
+``<AB>.rblog`` (the esorex log), ``<AB>.sof`` (the SOF) and ``<AB>.out``
+(esorex's stdout and stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from services.processor.esorex import Product
+
+_log = logging.getLogger(__name__)
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.:+-]")
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def first_date_obs(raw_files: Iterable[Path]) -> str:
+    """The earliest DATE-OBS among raw frames (string as in the header).
+
+    Raises
+    ------
+    ValueError
+        No raw frame carries DATE-OBS.
+    """
+    from astropy.io import fits
+
+    dates = []
+    for path in raw_files:
+        value = fits.getheader(path, 0).get("DATE-OBS")
+        if value:
+            dates.append(str(value).strip())
+    if not dates:
+        raise ValueError("no DATE-OBS in the raw frames: cannot name the products")
+    # ISO timestamps of the same format sort chronologically as strings.
+    return min(dates)
+
+
+def product_name(instrument: str, date_obs: str, pro_catg: str, index: int) -> str:
+    """One name of the scheme (see the module docstring)."""
+    catg = _UNSAFE.sub("_", (pro_catg or "unknown").lower())
+    return f"{instrument.upper()}.{date_obs}_{catg}_{index:04d}.fits"
+
+
+def plan_names(products: Sequence[Product], instrument: str, date_obs: str) -> list[tuple[Product, str]]:
+    """New names for the products of one AB, without touching any file."""
+    counters: dict[str, int] = {}
+    planned = []
+    for product in sorted(products, key=lambda p: (p.pro_catg, _natural_key(p.path.name))):
+        n = counters.get(product.pro_catg, 0)
+        counters[product.pro_catg] = n + 1
+        planned.append((product, product_name(instrument, date_obs, product.pro_catg, n)))
+    return planned
+
+
+def rename_products(products: Sequence[Product], instrument: str, date_obs: str) -> list[Product]:
+    """renameProducts: rename the products in place (same directory) by the scheme.
+
+    Returns
+    -------
+    list of Product
+        The same products with their new paths, in naming order.
+    """
+    renamed = []
+    for product, name in plan_names(products, instrument, date_obs):
+        target = product.path.with_name(name)
+        if target != product.path:
+            product.path.rename(target)
+        renamed.append(replace(product, path=target))
+    return renamed
+
+
+def move_products(products: Sequence[Product], sci_dir: Path) -> list[Product]:
+    """moveProducts (products): move product files into the run's science directory.
+
+    Raises
+    ------
+    FileExistsError
+        A file of that name is already there; nothing is overwritten.
+    """
+    sci_dir.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for product in products:
+        target = sci_dir / product.path.name
+        if target.exists():
+            raise FileExistsError(f"{target} exists already; refusing to overwrite a product")
+        shutil.move(str(product.path), target)
+        moved.append(replace(product, path=target))
+    _log.info("moved %d products to %s", len(moved), sci_dir)
+    return moved
+
+
+def move_logs(workdir: Path, log_dir: Path, ab_name: str, ab_file: Path | None = None) -> dict[str, Path]:
+    """moveProducts (logs): the AB, esorex log, SOF and captured output into the log directory.
+
+    Missing pieces (a recipe that never started has no log) are skipped.
+
+    Returns
+    -------
+    dict
+        ``{"ab": ..., "rblog": ..., "sof": ..., "out": ...}`` for the files written.
+    """
+    log_dir.mkdir(parents=True, exist_ok=True)
+    sources = {
+        "ab": ab_file,
+        "rblog": workdir / "esorex.log",
+        "sof": workdir / "input.sof",
+        "out": workdir / "esorex.out",
+    }
+    written = {}
+    for kind, src in sources.items():
+        if src is None or not Path(src).is_file():
+            continue
+        target = log_dir / f"{ab_name}.{kind}"
+        shutil.copyfile(src, target)
+        written[kind] = target
+    return written
