@@ -21,7 +21,7 @@ from services.reporter.service import FITSREPORT_CONFIG, build_ports
 from shared.messages import ReportsReady, derived_message_id
 from shared.settings import Settings
 
-from reporter.sample import REPORTED, XSS, products_ready
+from tests.reporter.sample import REPORTED, XSS, products_ready
 
 GOLDEN = Path(__file__).parent / "golden"
 #: UPDATE_GOLDEN=1 rewrites the golden files (review the diff before committing).

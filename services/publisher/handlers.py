@@ -1,0 +1,393 @@
+"""Publisher: ReportsReady -> QC server package, monitor row, e-mail -> PreImagingCompleted.
+
+Steps 9 to 11 of processPreImg, plus what AOG used to do after seeing the
+``EXECUTED`` flag: the package goes to the QC server (S3 bucket or local
+directory) with a SHA-256 per file, and a completion event tells AOG where.
+
+Order matters, because the event is the promise that the package is there:
+
+1. fetch the PI README from the QC server (missing: a note in the REPORT);
+2. upload README, REPORT, USERREPORT, list_mcalib, products and logs, each
+   skipped when the server already holds the same SHA-256 (a replay), then
+   ``SHA256SUMS``; an S3 outage raises RetryableError here and nothing below runs;
+3. write the run's monitor row and rebuild ``preimgMonitor.html``;
+4. e-mail the operator when EMAIL_NOTE is on, once per run (recorded in the
+   run's state directory); an SMTP failure is logged and counted, not fatal;
+5. the legacy ``EXECUTED`` file, when configured;
+6. return PreImagingCompleted.
+
+Layout on the QC server, under the instrument's ``qc_prefix`` (``PREIMG/HAWKI``):
+``preimgMonitor.html``, ``<readme_name>`` (maintained by the QC scientist),
+``monitor/rows/<run_id>.json`` and ``runs/<run_id>/`` holding the package:
+reports, list_mcalib, README and ``SHA256SUMS`` at the top, ``products/`` and ``logs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Callable
+
+import jinja2
+
+from shared.errors import PermanentError
+from shared.messages import (
+    Envelope,
+    ManifestEntry,
+    PreImagingCompleted,
+    ReportsReady,
+    RunFailed,
+    derived_message_id,
+)
+from shared.profiles import Profile, ProfileError
+from shared.settings import Settings
+
+from services.publisher.mailer import MAIL_ERRORS, Mailer
+from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
+from services.publisher.qcserver import QcServer, sha256_of
+
+_log = logging.getLogger(__name__)
+
+README_NOTE_MARKER = "NOTE (publisher): PI README"
+NOTIFIED_FILE = "publisher.notified.json"
+EXECUTED_FILE = "EXECUTED"
+CHECKSUM_FILE = "SHA256SUMS"
+REPORT_PREFIXES = ("REPORT_", "USERREPORT_", "list_mcalib_")
+
+
+@dataclass(frozen=True)
+class PublisherPorts:
+    """What the publisher handler needs from the outside world.
+
+    Attributes
+    ----------
+    settings
+        Typed settings (state directories, operator address, EXECUTED flag).
+    qc
+        The QC server: :class:`~services.publisher.qcserver.S3QcServer` or
+        :class:`~services.publisher.qcserver.LocalQcServer`.
+    mailer
+        Sends the operator note.
+    templates
+        jinja2 environment with ``preimgMonitor.html.j2`` (HTML-escaping).
+    clock
+        Current time, aware UTC.
+    load_profile
+        Instrument profile by name (qc_prefix, readme_name, email_note, email_to).
+    count_notification_failure
+        Called with the instrument each time an e-mail cannot be sent.
+    """
+
+    settings: Settings
+    qc: QcServer
+    mailer: Mailer
+    templates: jinja2.Environment
+    clock: Callable[[], datetime]
+    load_profile: Callable[[str], Profile]
+    count_notification_failure: Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------
+
+
+def qc_base(profile: Profile) -> str:
+    """Key prefix of the instrument on the QC server (``PREIMG/<INSTR>`` by default)."""
+    return profile.qc_prefix.strip("/") or f"PREIMG/{profile.instrument}"
+
+
+def package_prefix(base: str, run_id: str) -> str:
+    return f"{base}/runs/{run_id}/"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _content_type(name: str) -> str:
+    if name.endswith(".html"):
+        return "text/html; charset=utf-8"
+    if name.endswith((".fits", ".fits.fz", ".fz")):
+        return "application/fits"
+    if name.endswith((".log", ".txt", ".ab", ".sof")) or name.startswith(REPORT_PREFIXES) \
+            or name == CHECKSUM_FILE:
+        return "text/plain; charset=utf-8"
+    return "application/octet-stream"
+
+
+def _within(path: Path, directory: str) -> bool:
+    try:
+        path.resolve().relative_to(Path(directory).resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def package_name(path: Path, msg: ReportsReady) -> str:
+    """Where a file of the run goes inside the package."""
+    if path.name.startswith(REPORT_PREFIXES):
+        return path.name
+    if _within(path, msg.sci_dir):
+        return "products/" + path.resolve().relative_to(Path(msg.sci_dir).resolve()).as_posix()
+    if _within(path, msg.log_dir):
+        return "logs/" + path.resolve().relative_to(Path(msg.log_dir).resolve()).as_posix()
+    return "logs/" + path.name
+
+
+def render_monitor(templates: jinja2.Environment, instrument: str, now: datetime,
+                   max_rows: int) -> Callable[[list[MonitorRow]], str]:
+    """The page renderer: newest first, at most ``max_rows`` rows."""
+
+    def render(rows: list[MonitorRow]) -> str:
+        ordered = sorted(rows, key=lambda r: (r.delivered_at, r.run_id), reverse=True)
+        return templates.get_template("preimgMonitor.html.j2").render(
+            instrument=instrument,
+            rows=ordered[:max_rows],
+            total=len(rows),
+            generated_at=now.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        )
+
+    return render
+
+
+def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
+                  base: str) -> tuple[Path | None, str]:
+    """Copy the PI README into the log dir; when it is missing, say so in the REPORT."""
+    key = f"{base}/{profile.readme_name}"
+    data = ports.qc.get(key)
+    if data is not None:
+        local = Path(msg.log_dir) / profile.readme_name
+        _write_atomically(local, data)
+        return local, ""
+    note = (
+        f"{README_NOTE_MARKER} {profile.readme_name} was not found on the QC server "
+        f"({ports.qc.url(key)}). The package was delivered without it. The QC scientist "
+        f"maintains this file: upload it there and send it to the PI separately."
+    )
+    _log.warning("run %s: %s", msg.run_id, note)
+    report = Path(msg.report)
+    text = report.read_text(encoding="utf-8") if report.is_file() else ""
+    if README_NOTE_MARKER not in text:  # a replay must not add the note twice
+        _write_atomically(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode())
+    return None, note
+
+
+def _collect(msg: ReportsReady, readme: Path | None) -> list[tuple[Path, str]]:
+    """(local file, name in the package) for every file of the run, each once."""
+    paths = [msg.report, msg.userreport, msg.list_mcalib, *msg.files]
+    files: dict[str, Path] = {}
+    for text in paths:
+        path = Path(text)
+        files.setdefault(package_name(path, msg), path)
+    if readme is not None:
+        files[readme.name] = readme
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        # The reporter listed them; if they are gone, retrying will not bring them back.
+        raise PermanentError(
+            f"run {msg.run_id}: {len(missing)} file(s) of the package are missing: "
+            f"{', '.join(missing[:5])}; re-run the processing of this delivery",
+            missing=missing,
+        )
+    return [(path, name) for name, path in files.items()]
+
+
+def upload_package(msg: ReportsReady, ports: PublisherPorts, base: str,
+                   files: list[tuple[Path, str]]) -> tuple[ManifestEntry, ...]:
+    """Upload every file (skipping those already there with the same SHA-256) and SHA256SUMS."""
+    prefix = package_prefix(base, msg.run_id)
+    manifest = []
+    for path, name in sorted(files, key=lambda f: f[1]):
+        digest = sha256_of(path)
+        size = path.stat().st_size
+        key = prefix + name
+        there = ports.qc.head(key)
+        if there is None or there.sha256 != digest or there.size != size:
+            ports.qc.put(key, path, sha256=digest, content_type=_content_type(path.name))
+        manifest.append(ManifestEntry(name=name, size=size, checksum=f"sha256:{digest}",
+                                      url=ports.qc.url(key)))
+    sums = "".join(f"{m.checksum.split(':', 1)[1]}  {m.name}\n" for m in manifest).encode()
+    ports.qc.put(prefix + CHECKSUM_FILE, sums, sha256=sha256_of(sums),
+                 content_type=_content_type(CHECKSUM_FILE))
+    return tuple(manifest)
+
+
+def _notify(msg: ReportsReady, ports: PublisherPorts, profile: Profile, package_url: str,
+            monitor_url: str, notes: list[str]) -> None:
+    """E-mail the operator once per run; a failure is logged and counted, never fatal."""
+    state = ports.settings.run_dirs(msg.instrument, msg.run_id).state
+    marker = state / NOTIFIED_FILE
+    if marker.is_file():
+        _log.info("run %s: operator already notified, not mailing again", msg.run_id)
+        return
+    recipients = [a for a in (ports.settings.operator_email, *profile.email_to) if a]
+    if not recipients:
+        _log.warning("run %s: EMAIL_NOTE is on but no operator address is configured "
+                     "(PREIMG_OPERATOR_EMAIL)", msg.run_id)
+        return
+    mail = EmailMessage()
+    mail["Subject"] = (f"[preimg] {msg.instrument} {msg.run_id}: {msg.status}"
+                       + (" (TEST)" if msg.test else ""))
+    mail["From"] = ports.settings.smtp_from
+    mail["To"] = ", ".join(recipients)
+    report = Path(msg.report)
+    body = [msg.summary or f"{msg.instrument} run {msg.run_id}: {msg.status}", "",
+            f"package : {package_url}", f"monitor : {monitor_url}", *notes, "", "-" * 72, ""]
+    body.append(report.read_text(encoding="utf-8", errors="replace") if report.is_file() else "")
+    mail.set_content("\n".join(body))
+    try:
+        ports.mailer.send(mail)
+    except MAIL_ERRORS as e:
+        _log.error("run %s: operator e-mail to %s failed, run completes anyway: %s",
+                   msg.run_id, mail["To"], e)
+        ports.count_notification_failure(msg.instrument)
+        return
+    _write_atomically(marker, json.dumps({"to": recipients,
+                                          "at": ports.clock().isoformat()}).encode())
+
+
+def _write_executed(sci_dir: Path) -> None:
+    """The zero-size flag legacy AOG scripts poll for, made durable before we return."""
+    sci_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sci_dir / EXECUTED_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(sci_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _profile(ports: PublisherPorts, instrument: str) -> Profile:
+    try:
+        return ports.load_profile(instrument)
+    except ProfileError as e:
+        raise PermanentError(f"no publisher configuration for {instrument}: {e}") from e
+
+
+# ---------------------------------------------------------------------------
+# handlers
+# ---------------------------------------------------------------------------
+
+
+def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envelope]:
+    """Publish the run's package and monitor row; announce completion.
+
+    Parameters
+    ----------
+    msg
+        The reporter's event: report paths, every file of the package, counts.
+    ports
+        QC server, mailer, templates, clock, profiles, failure counter.
+
+    Returns
+    -------
+    list of Envelope
+        One PreImagingCompleted with the package location and manifest.
+
+    Raises
+    ------
+    RetryableError
+        The QC server is unreachable (after the adapter's own retries); nothing
+        has been reported complete.
+    PermanentError
+        Files of the package are missing, or the instrument has no profile.
+    """
+    profile = _profile(ports, msg.instrument)
+    base = qc_base(profile)
+    readme, readme_note = _fetch_readme(msg, ports, profile, base)
+    notes = [readme_note] if readme_note else []
+    files = _collect(msg, readme)
+    manifest = upload_package(msg, ports, base, files)
+    package_url = ports.qc.url(package_prefix(base, msg.run_id))
+    monitor_url = ports.qc.url(page_key(base))
+
+    now = ports.clock()
+    previous = read_row(ports.qc, base, msg.run_id)
+    # A replay keeps the first completion time, so the row's duration stays put.
+    completed_at = previous.completed_at if previous and not previous.reason else now
+    row = MonitorRow(
+        run_id=msg.run_id, instrument=msg.instrument, test=msg.test,
+        delivered_at=msg.delivered_at, completed_at=completed_at, n_files=msg.n_files,
+        abs_ok=msg.abs_ok, abs_failed=msg.abs_failed,
+        duration_s=max((completed_at - msg.delivered_at).total_seconds(), 0.0),
+        status=msg.status, report_url=f"runs/{msg.run_id}/{Path(msg.report).name}",
+        objects=msg.objects, prog_ids=msg.prog_ids,
+    )
+    record_row(ports.qc, base, row,
+               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows))
+
+    if profile.email_note:
+        _notify(msg, ports, profile, package_url, monitor_url, notes)
+    if ports.settings.write_executed_flag:
+        _write_executed(Path(msg.sci_dir))
+
+    summary = " ".join([msg.summary, *notes]).strip()
+    _log.info("run %s published: %d file(s) at %s", msg.run_id, len(manifest), package_url)
+    return [
+        PreImagingCompleted(
+            message_id=derived_message_id(msg.run_id, "completed"),
+            run_id=msg.run_id,
+            delivery_id=msg.delivery_id,
+            instrument=msg.instrument,
+            test=msg.test,
+            status=msg.status,
+            package_dir=msg.sci_dir,
+            package_url=package_url,
+            monitor_url=monitor_url,
+            manifest=manifest,
+            summary=summary,
+        )
+    ]
+
+
+def handle_run_failed(msg: RunFailed, ports: PublisherPorts) -> list[Envelope]:
+    """Show a failed run on the monitor page; emits nothing.
+
+    A run that already completed keeps its row: a late or replayed RunFailed
+    must not hide a package that was delivered.
+    """
+    try:
+        profile = ports.load_profile(msg.instrument)
+        base = qc_base(profile)
+    except ProfileError:
+        base = f"PREIMG/{msg.instrument}"
+    previous = read_row(ports.qc, base, msg.run_id)
+    if previous is not None and not previous.reason:
+        _log.info("run %s already has a completed monitor row; RunFailed from %s not shown",
+                  msg.run_id, msg.failed_stage)
+        return []
+    now = ports.clock()
+    row = MonitorRow(
+        run_id=msg.run_id, instrument=msg.instrument, test=msg.test,
+        delivered_at=previous.delivered_at if previous else msg.created_at,
+        completed_at=now, status="failed", reason=f"{msg.failed_stage}: {msg.reason}",
+    )
+    record_row(ports.qc, base, row,
+               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows))
+    return []

@@ -1,0 +1,104 @@
+"""Composition root of the publisher: real adapters for :class:`PublisherPorts`."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import jinja2
+
+from shared.profiles import load_profile
+from shared.settings import Settings
+
+from services.publisher.handlers import PublisherPorts
+from services.publisher.mailer import SmtpMailer
+from services.publisher.qcserver import LocalQcServer, QcServer, S3QcServer
+
+_log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_duration(seconds: float) -> str:
+    """``3725`` -> ``1h02m05s``: the monitor's duration column."""
+    total = int(round(seconds))
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
+    """jinja2 environment of the monitor page; every value is HTML-escaped."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["duration"] = format_duration
+    return env
+
+
+def build_qc_server(settings: Settings, on_retry: Callable[[str], None] | None = None) -> QcServer:
+    """The QC server adapter ``settings.qc_mode`` names (``s3`` or ``local``)."""
+    if settings.qc_mode == "s3":
+        secret = settings.s3_secret_access_key
+        return S3QcServer(
+            endpoint_url=settings.s3_endpoint_url,
+            bucket=settings.s3_bucket,
+            prefix=settings.s3_prefix,
+            access_key_id=settings.s3_access_key_id,
+            secret_access_key=secret.get_secret_value() if secret is not None else None,
+            region=settings.s3_region,
+            attempts=settings.s3_max_attempts,
+            backoff_s=settings.s3_backoff_s,
+            backoff_max_s=settings.s3_backoff_max_s,
+            timeout_s=settings.s3_timeout_s,
+            public_url=settings.qc_public_url,
+            on_retry=on_retry,
+        )
+    return LocalQcServer(settings.qc_local_dir(), public_url=settings.qc_public_url)
+
+
+def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -> PublisherPorts:
+    """Wire the publisher's real adapters. No I/O happens here.
+
+    Parameters
+    ----------
+    settings
+        The service's settings.
+    metrics
+        Optional ``shared.metrics.Metrics``; its ``notification_failures`` and
+        ``upload_retries`` counters are fed when given.
+    instrument
+        Label for the upload-retry counter (the QC server adapter does not see messages).
+    """
+
+    def count_notification_failure(instr: str) -> None:
+        if metrics is not None:
+            metrics.notification_failures.labels(instrument=instr).inc()
+
+    def count_upload_retry(_what: str) -> None:
+        if metrics is not None:
+            metrics.upload_retries.labels(instrument=instrument or "all").inc()
+
+    return PublisherPorts(
+        settings=settings,
+        qc=build_qc_server(settings, on_retry=count_upload_retry),
+        mailer=SmtpMailer(settings.smtp_host, settings.smtp_port, settings.smtp_timeout_s),
+        templates=build_templates(),
+        clock=utc_now,
+        load_profile=load_profile,
+        count_notification_failure=count_notification_failure,
+    )
