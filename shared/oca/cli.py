@@ -1,0 +1,175 @@
+"""``preimg oca check`` and ``preimg explain``: the OCA engine from the command line.
+
+    preimg oca check FILE [--overlay FILE]
+        Parse a rule file; print one JSON object with the rule counts.
+        Exit 1 with ``file:line:column: message`` on a syntax error.
+    preimg explain -i INSTR [--rules FILE] [--calib DIR ...] FILE... [--json]
+        Classify the files, organise them into ABs and associate calibrations;
+        say which rule set each value and why a tag could not be filled.
+        ``--rules`` evaluates that rule file alone, without the instrument's overlay.
+        Exit 1 when a file could not be read or a keyword had the wrong type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from shared.fitsheader import HeaderReader
+from shared.oca import (
+    CalibPool,
+    OcaSyntaxError,
+    build_abs,
+    load_rules,
+    make_records,
+    rule_header_keys,
+)
+from shared.oca import fits_files
+
+_log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``oca check`` and ``explain`` to the ``preimg`` command."""
+    oca = subparsers.add_parser("oca", help="OCA rule files")
+    oca_sub = oca.add_subparsers(dest="oca_command", metavar="SUBCOMMAND")
+    check = oca_sub.add_parser("check", help="parse a rule file and count its rules")
+    check.add_argument("file", type=Path, help="an OCA rule file (.oca)")
+    check.add_argument("--overlay", type=Path, help="also parse and merge this overlay")
+    check.set_defaults(func=cmd_oca_check)
+    oca.set_defaults(func=lambda args: _usage(oca))
+
+    explain = subparsers.add_parser(
+        "explain", help="classify files, build ABs and explain the association")
+    explain.add_argument("-i", "--instrument", required=True, type=str.upper)
+    explain.add_argument("--rules", type=Path,
+                         help="evaluate this rule file alone (no instrument overlay)")
+    explain.add_argument("--calib", type=Path, action="append", default=[], metavar="DIR",
+                         help="calibration directory or file (repeatable)")
+    explain.add_argument("files", nargs="+", type=Path, help="raw FITS files")
+    explain.add_argument("--json", action="store_true", help="print one JSON object")
+    explain.set_defaults(func=cmd_explain)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def cmd_oca_check(args: argparse.Namespace) -> int:
+    try:
+        rules = load_rules(args.file, args.overlay)
+    except OcaSyntaxError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    print(json.dumps({
+        "file": str(args.file),
+        "classification_rules": len(rules.classification),
+        "organisation_rules": len(rules.organisation),
+        "actions": len(rules.actions),
+    }))
+    return 0
+
+
+def _load_instrument_rules(args: argparse.Namespace):
+    if args.rules:
+        return load_rules(args.rules)
+    from shared.profiles import ProfileError, load_profile
+
+    try:
+        profile = load_profile(args.instrument)
+    except ProfileError as e:
+        raise SystemExit(f"explain: {e}") from e
+    rule_file = profile.resolve_rules()
+    if rule_file is None:
+        raise SystemExit(
+            f"explain: {args.instrument}: no OCA rule file matches {profile.oca_rules!r}"
+            " (install the pipeline package or give --rules FILE)")
+    return load_rules(rule_file, profile.resolve_overlay())
+
+
+def explain(instrument_rules, files: list[Path], calib: list[Path]) -> dict[str, Any]:
+    """The explanation as a dict (``files`` and ``abs``), as ``--json`` prints it."""
+    rules = instrument_rules
+    reader = HeaderReader(rule_header_keys(rules))
+    raw_headers, raw_bad = reader.read_many(files)
+    calib_headers, calib_bad = reader.read_many(fits_files(calib))
+    records = make_records(rules, raw_headers)
+    pool = CalibPool.from_headers(rules, calib_headers)
+    by_path = {r.path: r for r in records}
+    out_files = []
+    for path in files:
+        path = Path(path)
+        if path in raw_bad:
+            out_files.append({"path": str(path), "classification": {}, "rules": {},
+                              "errors": [str(raw_bad[path])]})
+            continue
+        rec = by_path[path]
+        out_files.append({
+            "path": str(path),
+            "classification": rec.classification.values,
+            "rules": rec.classification.rule_lines,
+            "errors": rec.classification.errors,
+        })
+    abs_ = build_abs(rules, records, pool)
+    return {
+        "rules": rules.source_label,
+        "files": out_files,
+        "calib_errors": [str(e) for e in calib_bad.values()],
+        "abs": [{
+            "name": ab.name,
+            "action": ab.action,
+            "recipe": ab.recipe,
+            "recipe_options": list(ab.recipe_options),
+            "raw": [{"path": str(p), "tag": t} for p, t in ab.raw],
+            "calibs": {t: [str(p) for p in ps] for t, ps in ab.calibs.items()},
+            "complete": ab.complete,
+            "missing": ab.missing,
+        } for ab in abs_],
+    }
+
+
+def _print_text(result: dict[str, Any]) -> None:
+    print(f"rules: {result['rules']}")
+    for f in result["files"]:
+        print(f"file {f['path']}")
+        if not f["classification"] and not f["errors"]:
+            print("  UNCLASSIFIED (no rule matched)")
+        for key, value in f["classification"].items():
+            print(f"  {key} = {value!r}   set by {f['rules'].get(key, '?')}")
+        for err in f["errors"]:
+            print(f"  ERROR {err}")
+    for err in result["calib_errors"]:
+        print(f"calibration skipped: {err}")
+    if not result["abs"]:
+        print("no AB: no organisation rule selected these files")
+    for ab in result["abs"]:
+        state = "COMPLETE" if ab["complete"] else "INCOMPLETE"
+        print(f"AB {ab['name']}: action {ab['action']}, recipe {ab['recipe']}, {state}")
+        if ab["recipe_options"]:
+            print(f"  options {' '.join(ab['recipe_options'])}")
+        for raw in ab["raw"]:
+            print(f"  raw   {raw['tag']:<30} {raw['path']}")
+        for tag, paths in ab["calibs"].items():
+            for p in paths:
+                print(f"  calib {tag:<30} {p}")
+        for tag, reason in ab["missing"].items():
+            print(f"  MISSING {tag}: {reason}")
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    try:
+        rules = _load_instrument_rules(args)
+    except OcaSyntaxError as e:
+        print(str(e), file=sys.stderr)
+        return 1
+    result = explain(rules, list(args.files), list(args.calib))
+    if args.json:
+        print(json.dumps(result, default=str))
+    else:
+        _print_text(result)
+    return 1 if any(f["errors"] for f in result["files"]) else 0
