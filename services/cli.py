@@ -24,7 +24,7 @@ from shared.settings import Settings
 _log = logging.getLogger(__name__)
 
 #: Modules that add subcommands through ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("services.processor.cli", "shared.oca.cli")
+COMMAND_MODULES: tuple[str, ...] = ("services.processor.cli", "shared.oca.cli", "services.publisher.cli")
 
 
 def _version() -> str:
