@@ -160,9 +160,11 @@ class MessageRunner:
             return self._retry_or_give_up(message, incoming, e)
         finally:
             gauge.dec()
-            self._metrics.stage_duration.labels(stage, instrument).observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self._metrics.stage_duration.labels(stage, instrument).observe(elapsed)
 
         self._ledger.record(stage, message, events)
+        _log.info("handled %s in %.3f s; emits %s", message.type, elapsed, ", ".join(e.type for e in events) or "nothing")
         self._count(stage, instrument, "ok")
         self._observe_end_to_end(message, events)
         return Outcome("ack", events=tuple(events), on_published=self._marker(stage, instrument, message.run_id))

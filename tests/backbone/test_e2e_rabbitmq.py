@@ -132,3 +132,36 @@ def test_bad_inputs_are_dead_lettered_or_failed_and_a_good_delivery_still_comple
     rc, event = deliver(cluster, good, "after-bad")
     assert rc == 0 and event["status"] == "ok", event
     assert all(svc.proc.poll() is None for svc in cluster.services.values())
+
+
+def test_logs_are_json_lines_carrying_run_id_and_instrument(cluster):
+    files = make_frames(cluster.delivery_area, 2)
+    rc, event = deliver(cluster, files, "e2e-logs")
+    assert rc == 0, event
+    for name in ("ingest", "processor-FORS2", "reporter", "publisher"):
+        lines = [json.loads(line) for line in cluster.services[name].log.read_text().splitlines() if line.strip()]
+        mine = [entry for entry in lines if entry.get("run_id") == "e2e-logs"]
+        assert mine, f"{name} logged nothing for the run:\n{lines[-5:]}"
+        assert all(entry["instrument"] == "FORS2" and entry["service"] for entry in mine)
+
+
+def test_probes_and_metrics_are_served(cluster):
+    import urllib.error
+    import urllib.request
+
+    svc = cluster.services["ingest"]
+    for path in ("/healthz", "/readyz"):
+        with urllib.request.urlopen(f"http://127.0.0.1:{svc.port}{path}") as r:
+            assert r.status == 200 and json.loads(r.read())["ok"] is True
+    text = svc.metrics()
+    assert "# TYPE preimg_messages_total counter" in text
+    assert "# TYPE preimg_stage_duration_seconds histogram" in text
+    with pytest.raises(urllib.error.HTTPError):
+        urllib.request.urlopen(f"http://127.0.0.1:{svc.port}/nothing")
+
+
+def test_sigterm_stops_a_service_cleanly(cluster):
+    cluster.kill("reporter", sig=15)
+    assert cluster.services["reporter"].proc.returncode == 0
+    log = cluster.services["reporter"].log.read_text()
+    assert "received SIGTERM" in log
