@@ -124,8 +124,7 @@ class LocalQcServer:
     def put(self, key: str, body: bytes | Path, *, sha256: str, content_type: str) -> None:
         path = self._path(key)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            fd, tmp = self._temp_beside(path)
             try:
                 with os.fdopen(fd, "wb") as out:
                     if isinstance(body, Path):
@@ -149,6 +148,17 @@ class LocalQcServer:
         except OSError as e:
             raise RetryableError(f"cannot write {key} into the QC directory {self.root}: {e}") from e
 
+    @staticmethod
+    def _temp_beside(path: Path) -> tuple[int, str]:
+        # A concurrent delete() may remove the directory just made empty; make it again.
+        for _ in range(5):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            except FileNotFoundError:
+                continue
+        raise FileNotFoundError(f"directory {path.parent} keeps disappearing")
+
     def list(self, prefix: str) -> dict[str, str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root
         found: dict[str, str] = {}
@@ -169,10 +179,19 @@ class LocalQcServer:
         return found
 
     def delete(self, key: str) -> None:
+        path = self._path(key)
         try:
-            self._path(key).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         except OSError as e:
             raise RetryableError(f"cannot delete {key} from the QC directory {self.root}: {e}") from e
+        # A bucket has no directories: drop the ones the delete left empty.
+        parent = path.parent
+        while parent != self.root and self.root in parent.parents:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
 
     def url(self, key: str) -> str:
         if self.public_url:

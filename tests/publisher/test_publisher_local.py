@@ -1,0 +1,109 @@
+"""Publisher with the embedded default QC server (a local directory), and the prune command."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from services.publisher.handlers import handle_reports_ready
+from shared.settings import Settings
+
+from tests.publisher.conftest import ports_for, reports_ready, s3_settings
+
+BASE = "PREIMG/HAWKI"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _rows(qc_dir: Path) -> list[str]:
+    page = (qc_dir / BASE / "preimgMonitor.html").read_text()
+    return re.findall(r'data-run-id="([^"]+)"', page)
+
+
+def _preimg(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO,
+                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+
+
+def test_local_package_has_the_bucket_layout(tmp_path):
+    settings = Settings(data_root=tmp_path)
+    msg = reports_ready(tmp_path)
+    [event] = handle_reports_ready(msg, ports_for(settings))
+    qc = settings.qc_local_dir()
+    assert event.package_url.startswith("file://")
+    for entry in event.manifest:
+        path = qc / BASE / "runs" / msg.run_id / entry.name
+        assert path.is_file() and path.stat().st_size == entry.size
+    assert _rows(qc) == ["run-0001"]
+    assert not list(qc.rglob("*.tmp")), "no temp file left behind"
+
+
+def test_local_page_recreated_when_deleted(tmp_path):
+    settings = Settings(data_root=tmp_path)
+    handle_reports_ready(reports_ready(tmp_path, run_id="a-1"), ports_for(settings))
+    (settings.qc_local_dir() / BASE / "preimgMonitor.html").unlink()
+    handle_reports_ready(reports_ready(tmp_path, run_id="b-2"), ports_for(settings))
+    assert sorted(_rows(settings.qc_local_dir())) == ["a-1", "b-2"]
+
+
+def test_local_two_publishers_in_threads_lose_no_row(tmp_path):
+    settings = Settings(data_root=tmp_path)
+    messages = [reports_ready(tmp_path, run_id=f"t-{i:02d}") for i in range(20)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def publisher(batch):
+        ports = ports_for(settings)  # each its own adapter instance
+        barrier.wait()
+        try:
+            for msg in batch:
+                handle_reports_ready(msg, ports)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=publisher, args=(messages[k::2],)) for k in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors
+    assert sorted(_rows(settings.qc_local_dir())) == [f"t-{i:02d}" for i in range(20)]
+
+
+def test_prune_command_removes_test_runs_locally(tmp_path):
+    settings = Settings(data_root=tmp_path)
+    handle_reports_ready(reports_ready(tmp_path, run_id="ops-1"), ports_for(settings))
+    handle_reports_ready(reports_ready(tmp_path, run_id="test-1", test=True), ports_for(settings))
+    qc = settings.qc_local_dir()
+    assert sorted(_rows(qc)) == ["ops-1", "test-1"]
+
+    refused = _preimg("monitor", "prune", "-i", "HAWKI", env={"PREIMG_DATA_ROOT": str(tmp_path)})
+    assert refused.returncode == 2 and "--test" in refused.stdout
+
+    done = _preimg("monitor", "prune", "-i", "HAWKI", "--test",
+                   env={"PREIMG_DATA_ROOT": str(tmp_path)})
+    assert done.returncode == 0, done.stderr
+    assert "removed test run test-1" in done.stdout
+    assert _rows(qc) == ["ops-1"]
+    assert not (qc / BASE / "runs" / "test-1").exists()
+    assert (qc / BASE / "runs" / "ops-1").is_dir()
+
+
+def test_prune_command_against_s3(tmp_path, s3_server, bucket):
+    settings = s3_settings(tmp_path, s3_server, bucket)
+    handle_reports_ready(reports_ready(tmp_path, run_id="ops-1"), ports_for(settings))
+    handle_reports_ready(reports_ready(tmp_path, run_id="test-1", test=True), ports_for(settings))
+    env = {"PREIMG_QC_MODE": "s3", "PREIMG_S3_ENDPOINT_URL": s3_server.url,
+           "PREIMG_S3_BUCKET": bucket, "PREIMG_S3_PREFIX": "qc",
+           "PREIMG_S3_ACCESS_KEY_ID": "testing", "PREIMG_S3_SECRET_ACCESS_KEY": "testing",
+           "PREIMG_DATA_ROOT": str(tmp_path)}
+    done = _preimg("monitor", "prune", "-i", "HAWKI", "--test", env=env)
+    assert done.returncode == 0, done.stderr
+    client = s3_server.client()
+    page = client.get_object(Bucket=bucket, Key=f"qc/{BASE}/preimgMonitor.html")["Body"].read()
+    assert re.findall(rb'data-run-id="([^"]+)"', page) == [b"ops-1"]
+    left = client.list_objects_v2(Bucket=bucket, Prefix=f"qc/{BASE}/runs/test-1/")
+    assert left.get("KeyCount", 0) == 0
