@@ -51,7 +51,6 @@ class ProcessorPorts:
     run_dirs: Callable[[str, str], RunDirs]
     plan: Callable[[RawDataReady, RunDirs], Sequence[Any]]
     execute: Callable[[Any, RunDirs], ABOutcome]
-    describe_unplanned: Callable[[Any], ABResult] | None = None
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 
 
@@ -63,8 +62,11 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
             "check the queue bindings"
         )
     dirs = ports.run_dirs(msg.instrument, msg.run_id)
+    # No result was recorded for this run (else the runner would not call us), so anything in
+    # these directories is left by an attempt that died midway: start clean, never duplicate.
     for d in (dirs.sci, dirs.logs, dirs.work):
-        d.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
 
     if not ports.profile.pipe_support:
         products = _package_raw(msg, dirs)

@@ -1,30 +1,198 @@
-"""Processor's composition: the instrument profile, createAB (OCA) and processAB (esorex)."""
+"""Processor's composition: the instrument profile, createAB (OCA rules) and processAB (esorex).
+
+``AbPlanner.plan`` is createAB: it reads the rule-relevant header keywords of
+the run's raw frames and of the static calibrations (``$DFO_CAL_DIR/<INSTR>/
+2099-99-99`` and ``gen``), classifies, organises and associates them, and
+returns the run's ABs (plus a note for every frame whose header could not be
+read). ``AbExecutor.execute`` is processAB + renameProducts + moveProducts +
+updateAB for one AB.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import shutil
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
 
-from services.processor.handlers import ProcessorPorts
+from services.processor.esorex import run_recipe
+from services.processor.handlers import ABOutcome, ProcessorPorts
+from services.processor.products import first_date_obs, move_logs, move_products, rename_products
+from shared.errors import PermanentError
+from shared.ledger import write_atomic
+from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
+from shared.oca import (
+    AssociationBlock,
+    HeaderReader,
+    RuleSet,
+    build_abs,
+    calib_pool_from_files,
+    fits_files,
+    load_rules,
+    rule_header_keys,
+)
+from shared.oca.abfiles import format_ab
 from shared.profiles import Profile, load_profile
 from shared.settings import RunDirs, Settings
+
+_log = logging.getLogger(__name__)
+
+CAL_SUBDIRS = ("2099-99-99", "gen")
+
+
+@dataclass(frozen=True)
+class UnreadableFrame:
+    """A delivered frame createAB could not use: reported as a FAILED entry of the run."""
+
+    name: str
+    path: Path
+    problem: str
 
 
 def build_ports(settings: Settings, instrument: str, metrics: Metrics) -> ProcessorPorts:
     profile = load_profile(instrument)
-    return ProcessorPorts(
-        profile=profile,
-        run_dirs=settings.run_dirs,
-        plan=lambda msg, dirs: [],
-        execute=_not_available,
-    )
+    planner = AbPlanner(profile, settings.cal_dir() / instrument)
+    executor = AbExecutor(profile, metrics)
+    return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute)
 
 
-def _not_available(ab: object, dirs: RunDirs):
-    raise RuntimeError("processAB is not wired yet")
+class AbPlanner:
+    """createAB for one instrument; the rules are loaded on first use and kept."""
+
+    def __init__(self, profile: Profile, cal_dir: Path):
+        self._profile = profile
+        self._cal_dir = cal_dir
+        self._rules: RuleSet | None = None
+        self._reader: HeaderReader | None = None
+        self._lock = threading.Lock()
+
+    def rules(self) -> RuleSet:
+        with self._lock:
+            if self._rules is None:
+                rule_file = self._profile.resolve_rules()
+                if rule_file is None:
+                    raise PermanentError(
+                        f"{self._profile.instrument}: no OCA rule file matches {self._profile.oca_rules!r}; "
+                        "install the instrument's pipeline package (preimg check -i "
+                        f"{self._profile.instrument} lists what is missing)"
+                    )
+                self._rules = load_rules(rule_file, self._profile.resolve_overlay())
+                self._reader = HeaderReader(rule_header_keys(self._rules))
+            return self._rules
+
+    def plan(self, msg: RawDataReady, dirs: RunDirs) -> list[AssociationBlock | UnreadableFrame]:
+        rules = self.rules()
+        assert self._reader is not None
+        raw_headers, bad = self._reader.read_many([f.path for f in msg.frames])
+        calib_files = fits_files([self._cal_dir / sub for sub in CAL_SUBDIRS if (self._cal_dir / sub).is_dir()])
+        pool = calib_pool_from_files(rules, self._reader, calib_files)
+        abs_ = build_abs(rules, raw_headers, pool, actions=self._profile.science_actions or None)
+        _log.info("createAB: %d raw frames, %d calibrations -> %d ABs (%d complete)",
+                  len(raw_headers), len(pool), len(abs_), sum(ab.complete for ab in abs_))
+        used = {Path(p).resolve() for ab in abs_ for p, _ in ab.raw}
+        unused = [f for f in msg.frames if Path(f.path).resolve() not in used and Path(f.path) not in bad]
+        if unused:
+            _log.info("frames in no SCIENCE AB: %s", ", ".join(f.name for f in unused))
+        return [*abs_, *(UnreadableFrame(p.name, p, str(e)) for p, e in bad.items())]
+
+
+class AbExecutor:
+    """processAB + renameProducts + moveProducts + updateAB for one AB."""
+
+    def __init__(self, profile: Profile, metrics: Metrics):
+        self._profile = profile
+        self._metrics = metrics
+
+    def execute(self, item: AssociationBlock | UnreadableFrame, dirs: RunDirs) -> ABOutcome:
+        started = _now()
+        if isinstance(item, UnreadableFrame):
+            return self._finish(ABResult(name=item.name, status="FAILED", raw=(str(item.path),),
+                                         reason=f"frame {item.name} not processed: {item.problem}",
+                                         started_at=started, finished_at=started))
+        ab = item
+        calibrations = tuple(
+            CalibrationUsed(tag=tag, path=str(p), **_calib_info(p)) for tag, paths in ab.calibs.items() for p in paths
+        )
+        common = dict(name=ab.name, action=ab.action, recipe=ab.recipe, raw=tuple(str(p) for p, _ in ab.raw),
+                      calibrations=calibrations, missing=tuple(ab.missing), started_at=started)
+        if not ab.complete:
+            ab_path = self._write_ab(ab, dirs.logs, "NOT_PROCESSED")
+            reason = "INCOMPLETE: " + "; ".join(f"{tag}: {why}" for tag, why in ab.missing.items())
+            return self._finish(ABResult(**common, status="INCOMPLETE", reason=reason, finished_at=_now(),
+                                         ab_path=str(ab_path)))
+
+        workdir = dirs.work / ab.name
+        shutil.rmtree(workdir, ignore_errors=True)  # left by an attempt that died
+        options = (*ab.recipe_options, *self._profile.recipe_options.get(ab.recipe, ()))
+        result = run_recipe(
+            ab.recipe,
+            [(p, tag) for p, tag in ab.raw] + [(p, tag) for tag, paths in ab.calibs.items() for p in paths],
+            workdir,
+            recipe_dir=self._profile.resolve_recipe_dir(),
+            options=options,
+            timeout_s=self._profile.recipe_timeout_s,
+        )
+        self._metrics.recipe_duration.labels(self._profile.instrument, ab.recipe, result.status).observe(result.duration_s)
+        products: list[Product] = []
+        reason = result.reason
+        if result.ok:
+            try:
+                date_obs = first_date_obs([Path(p) for p, _ in ab.raw])
+                renamed = rename_products(result.products, self._profile.instrument, date_obs)
+                for moved in move_products(renamed, dirs.sci):
+                    products.append(Product(path=str(moved.path), pro_catg=moved.pro_catg, ab=ab.name,
+                                            qc=dict(moved.qc), checksum="sha256:" + _sha256(moved.path)))
+            except (OSError, ValueError) as e:
+                reason = f"products could not be renamed and moved: {e}"
+        status = "SUCCESSFUL" if result.ok and not reason else "FAILED"
+        ab_path = self._write_ab(ab, dirs.work / "ab", status)
+        logs = move_logs(workdir, dirs.logs, ab.name, ab_path)
+        shutil.rmtree(workdir, ignore_errors=True)  # partial products of a failed recipe are discarded
+        return self._finish(
+            ABResult(**common, status=status, reason=reason, finished_at=_now(), duration_s=round(result.duration_s, 3),
+                     log_path=str(logs.get("rblog") or logs.get("out") or ""), ab_path=str(logs.get("ab", ""))),
+            products,
+        )
+
+    def _finish(self, result: ABResult, products: list[Product] | None = None) -> ABOutcome:
+        self._metrics.ab_outcomes.labels(self._profile.instrument, result.status).inc()
+        return ABOutcome(result, tuple(products or ()))
+
+    @staticmethod
+    def _write_ab(ab: AssociationBlock, directory: Path, status: str) -> Path:
+        path = directory / f"{ab.name}.ab"
+        write_atomic(path, format_ab(ab, process_status=status).encode())
+        return path
+
+
+def _calib_info(path: Path) -> dict[str, str]:
+    from astropy.io import fits
+
+    try:
+        header = fits.getheader(path, 0)
+    except (OSError, ValueError):
+        return {}
+    return {"pro_catg": str(header.get("HIERARCH ESO PRO CATG", "")), "date": str(header.get("DATE-OBS", header.get("DATE", "")))}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def check_instrument(profile: Profile, settings: Settings) -> list[str]:
     """What is missing for this instrument to be processed (empty when all is there)."""
-    problems = [f"required tool {tool!r} is not on PATH" for tool in profile.required_tools if shutil.which(tool) is None]
-    return problems
+    from services.processor.toolcheck import check_instrument as consistency_check
+
+    return list(consistency_check(profile, settings.cal_dir()).missing)
