@@ -169,6 +169,13 @@ def _getter(expr: Expr, constants: Mapping[str, Any]) -> tuple[Compiled, str]:
     return compile_expr(expr, constants), "(...)"
 
 
+def compile_value(expr: Expr) -> Compiled:
+    """Like :func:`compile_expr`, but a bare keyword gives its value, not its truth."""
+    if isinstance(expr, (Keyword, Literal)):
+        return _getter(expr, {})[0]
+    return compile_expr(expr)
+
+
 def compile_expr(expr: Expr, constants: Mapping[str, Any] | None = None) -> Compiled:
     """Turn an expression into ``f(candidate, input_file, last_frame) -> value``.
 
@@ -380,7 +387,7 @@ class CompiledClassifier:
             where = f"{Path(rule.source).name or '<rules>'}:{rule.line}"
             compiled.append((
                 compile_expr(rule.condition),
-                [(a.key, compile_expr(a.value)) for a in rule.assignments],
+                [(a.key, compile_value(a.value)) for a in rule.assignments],
                 where,
             ))
         return cls(compiled)
