@@ -28,14 +28,17 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Callable
 
 import jinja2
 
+from services.publisher.mailer import MAIL_ERRORS, Mailer
+from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
+from services.publisher.qcserver import QcServer, sha256_of
 from shared.errors import PermanentError
 from shared.messages import (
     Envelope,
@@ -47,10 +50,6 @@ from shared.messages import (
 )
 from shared.profiles import Profile, ProfileError
 from shared.settings import Settings
-
-from services.publisher.mailer import MAIL_ERRORS, Mailer
-from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
-from services.publisher.qcserver import QcServer, sha256_of
 
 _log = logging.getLogger(__name__)
 
@@ -166,7 +165,7 @@ def render_monitor(templates: jinja2.Environment, instrument: str, now: datetime
             instrument=instrument,
             rows=ordered[:max_rows],
             total=len(rows),
-            generated_at=now.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            generated_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
         )
 
     return render

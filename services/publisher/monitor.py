@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from shared.errors import RetryableError
-
 from services.publisher.qcserver import QcServer, sha256_of
+from shared.errors import RetryableError
 
 _log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from shared.errors import RetryableError
 
@@ -307,7 +308,7 @@ class S3QcServer:
         for attempt in range(1, self.attempts + 1):
             try:
                 return request()
-            except Exception as e:  # noqa: BLE001 - sorted into transient / not below
+            except Exception as e:
                 if not self._is_transient(e):
                     refused = self._refused(what, e)
                     if refused is e:
@@ -359,7 +360,7 @@ class S3QcServer:
         def request() -> bytes | None:
             try:
                 answer = self._s3().get_object(Bucket=self.bucket, Key=self._key(key))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if self._is_missing(e):
                     return None
                 raise
@@ -371,7 +372,7 @@ class S3QcServer:
         def request() -> ObjectInfo | None:
             try:
                 answer = self._s3().head_object(Bucket=self.bucket, Key=self._key(key))
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 if self._is_missing(e):
                     return None
                 raise

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jinja2
-
-from shared.profiles import load_profile
-from shared.settings import Settings
 
 from services.publisher.handlers import PublisherPorts
 from services.publisher.mailer import SmtpMailer
 from services.publisher.qcserver import LocalQcServer, QcServer, S3QcServer
+from shared.profiles import load_profile
+from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
 
@@ -22,12 +22,12 @@ TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def format_duration(seconds: float) -> str:
     """``3725`` -> ``1h02m05s``: the monitor's duration column."""
-    total = int(round(seconds))
+    total = round(seconds)
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:

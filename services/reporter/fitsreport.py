@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 _log = logging.getLogger(__name__)
 
@@ -78,10 +79,8 @@ class Table:
 def normalise_keyword(keyword: str) -> str:
     """The dotted form of a header keyword: ``HIERARCH ESO OBS ID`` -> ``OBS.ID``."""
     key = keyword.strip().upper()
-    if key.startswith("HIERARCH "):
-        key = key[len("HIERARCH "):]
-    if key.startswith("ESO "):
-        key = key[len("ESO "):]
+    key = key.removeprefix("HIERARCH ")
+    key = key.removeprefix("ESO ")
     return ".".join(key.split())
 
 

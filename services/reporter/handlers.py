@@ -21,17 +21,17 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jinja2
 
+from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
 from shared.messages import ABResult, Envelope, ProductsReady, ReportsReady, derived_message_id
-
-from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 
 _log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class ReportNames:
 
 def report_date(msg: ProductsReady) -> str:
     """The ``<date>`` of the report names: the UTC day the delivery arrived."""
-    return msg.delivered_at.astimezone(timezone.utc).strftime("%Y-%m-%d")
+    return msg.delivered_at.astimezone(UTC).strftime("%Y-%m-%d")
 
 
 def report_names(msg: ProductsReady) -> ReportNames:
@@ -133,7 +133,7 @@ def _distinct(values: list[Any]) -> tuple[str, ...]:
 def _iso(moment: datetime | None) -> str:
     if moment is None:
         return "-"
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _raw_files(msg: ProductsReady) -> list[dict[str, Any]]:

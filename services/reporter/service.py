@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from shared.settings import Settings
-
 from services.reporter.fitsreport import fit, parse_config
 from services.reporter.handlers import ReporterPorts
+from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
 
@@ -22,7 +21,7 @@ FITSREPORT_CONFIG = SERVICE_DIR / "fitsreport_preimg.cfg"
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def read_primary_header(path: Path) -> dict[str, Any] | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,11 +13,10 @@ from services.publisher.service import build_ports as publisher_ports
 from services.reporter.handlers import handle_products_ready
 from services.reporter.service import build_ports as reporter_ports
 from shared.settings import Settings
-
 from tests.publisher.servers import MotoServer, SmtpServer, free_port
 from tests.reporter.sample import REPORTED, products_ready
 
-COMPLETED = datetime(2026, 11, 20, 9, 20, 0, tzinfo=timezone.utc)
+COMPLETED = datetime(2026, 11, 20, 9, 20, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="session")
@@ -51,11 +50,11 @@ def smtp_server(tmp_path):
 
 
 def s3_settings(root: Path, server: MotoServer, bucket: str, **overrides) -> Settings:
-    values = dict(
-        data_root=root, qc_mode="s3", s3_endpoint_url=server.url, s3_bucket=bucket,
-        s3_prefix="qc", s3_access_key_id="testing", s3_secret_access_key="testing",
-        s3_max_attempts=3, s3_backoff_s=0.05, s3_timeout_s=2.0,
-    )
+    values = {
+        "data_root": root, "qc_mode": "s3", "s3_endpoint_url": server.url, "s3_bucket": bucket,
+        "s3_prefix": "qc", "s3_access_key_id": "testing", "s3_secret_access_key": "testing",
+        "s3_max_attempts": 3, "s3_backoff_s": 0.05, "s3_timeout_s": 2.0,
+    }
     values.update(overrides)
     return Settings(**values)
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 from services.publisher.handlers import handle_reports_ready
-
 from tests.conftest import IN_CI
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
 
@@ -33,7 +32,7 @@ def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProce
          "--no-first-run", "--disable-background-networking", "--disable-component-update",
          "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=3000",
          *extra, url],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from services.publisher.handlers import handle_reports_ready
 from shared.settings import Settings
-
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
 
 BASE = "PREIMG/HAWKI"
@@ -25,7 +24,8 @@ def _rows(qc_dir: Path) -> list[str]:
 
 def _preimg(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO,
-                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=120)
+                          env=dict(os.environ, **env), capture_output=True, text=True, timeout=120,
+                          check=False)
 
 
 def test_local_package_has_the_bucket_layout(tmp_path):

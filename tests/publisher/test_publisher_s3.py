@@ -15,11 +15,9 @@ from pathlib import Path
 import pytest
 
 from services.publisher.handlers import handle_reports_ready, handle_run_failed
-from services.publisher.monitor import rows_prefix
 from shared.errors import PermanentError, RetryableError
 from shared.messages import PreImagingCompleted, RunFailed, derived_message_id
 from shared.profiles import load_profile
-
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
 from tests.publisher.servers import MotoServer, free_port
 

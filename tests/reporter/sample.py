@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -10,8 +10,8 @@ from astropy.io import fits
 
 from shared.messages import ABResult, CalibrationUsed, Product, ProductsReady, RawFrame
 
-DELIVERED = datetime(2026, 11, 20, 8, 30, 0, tzinfo=timezone.utc)
-REPORTED = datetime(2026, 11, 20, 9, 15, 42, tzinfo=timezone.utc)
+DELIVERED = datetime(2026, 11, 20, 8, 30, 0, tzinfo=UTC)
+REPORTED = datetime(2026, 11, 20, 9, 15, 42, tzinfo=UTC)
 XSS = "<script>alert(1)</script>"
 
 
@@ -75,8 +75,8 @@ def products_ready(root: Path, *, run_id: str = "run-0001", test: bool = False,
                  calibrations=(CalibrationUsed(tag="MASTER_DARK", path=str(dark)),
                                CalibrationUsed(tag="MASTER_TWILIGHT_FLAT", path=str(flat),
                                                pro_catg="MASTER_TWILIGHT_FLAT", date="2026-10-28")),
-                 started_at=datetime(2026, 11, 20, 8, 31, 0, tzinfo=timezone.utc),
-                 finished_at=datetime(2026, 11, 20, 8, 33, 30, tzinfo=timezone.utc),
+                 started_at=datetime(2026, 11, 20, 8, 31, 0, tzinfo=UTC),
+                 finished_at=datetime(2026, 11, 20, 8, 33, 30, tzinfo=UTC),
                  duration_s=150.0, log_path=str(ab_log)),
         ABResult(name="HAWKI.2026-11-19T03:10:00.000_tpl.ab", action="SCIENCE_FRAMES",
                  recipe="hawki_science_process", status="FAILED",
@@ -84,8 +84,8 @@ def products_ready(root: Path, *, run_id: str = "run-0001", test: bool = False,
                  raw=(frames[2].name,),
                  calibrations=(CalibrationUsed(tag="MASTER_DARK", path=str(dark)),),
                  missing=("MASTER_DARK(DIT=10.0)",),
-                 started_at=datetime(2026, 11, 20, 8, 33, 31, tzinfo=timezone.utc),
-                 finished_at=datetime(2026, 11, 20, 8, 33, 40, tzinfo=timezone.utc),
+                 started_at=datetime(2026, 11, 20, 8, 33, 31, tzinfo=UTC),
+                 finished_at=datetime(2026, 11, 20, 8, 33, 40, tzinfo=UTC),
                  duration_s=9.0),
     )
     products = (Product(path=str(product), pro_catg="BASIC_CALIBRATED_SCI",

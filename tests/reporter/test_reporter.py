@@ -20,7 +20,6 @@ from services.reporter.handlers import handle_products_ready
 from services.reporter.service import FITSREPORT_CONFIG, build_ports
 from shared.messages import ReportsReady, derived_message_id
 from shared.settings import Settings
-
 from tests.reporter.sample import REPORTED, XSS, products_ready
 
 GOLDEN = Path(__file__).parent / "golden"
