@@ -249,16 +249,48 @@ def build_argv(
     return argv
 
 
-def error_lines(text: str) -> list[str]:
-    """The ``[ ERROR ]`` lines of an esorex log or output, stripped, first occurrence only."""
-    seen: dict[str, None] = {}
-    for line in text.splitlines():
-        if _ERROR_RE.search(line) and not any(h in line for h in _HARMLESS):
-            # The log file prefixes a timestamp; keep only the message part
-            # so the same error from esorex.log and stdout compares equal.
-            msg = line[_ERROR_RE.search(line).start():].strip()
-            seen.setdefault(msg, None)
-    return list(seen)
+_TIMESTAMP = re.compile(r"^\d\d:\d\d:\d\d\s+")
+_TID = re.compile(r"\[tid=\d+\]\s*")
+
+
+def _normalise_error(line: str) -> tuple[str, str]:
+    """(component, message) of an error line from stdout or from esorex.log.
+
+    stdout says ``[ ERROR ] recipe: message``; the log file adds a timestamp
+    and ``[tid=000]`` and leaves esorex's own component empty.
+    """
+    text = _TIMESTAMP.sub("", line.strip())
+    text = _TID.sub("", text[_ERROR_RE.search(text).end():]).strip()
+    component, sep, message = text.partition(": ")
+    if not sep:
+        return "", text
+    return component.strip() or "esorex", " ".join(message.split())
+
+
+def error_lines(*texts: str) -> list[str]:
+    """The ``[ ERROR ]`` lines of esorex output and log, normalised, each message once.
+
+    Returns lines like ``"hawki_science_process: No master confidence map file found"``.
+    """
+    seen: dict[str, str] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not _ERROR_RE.search(line) or any(h in line for h in _HARMLESS):
+                continue
+            component, message = _normalise_error(line)
+            seen.setdefault(message, f"{component}: {message}" if component else message)
+    return list(seen.values())
+
+
+def _generic(error: str) -> bool:
+    """esorex's own summary line, which says nothing about the cause."""
+    return error.startswith("esorex:") and "Execution of recipe" in error
+
+
+def main_error(errors: Sequence[str]) -> str:
+    """The error a person should read first: the first one that is not esorex's summary."""
+    specific = [e for e in errors if not _generic(e)]
+    return (specific or list(errors) or [""])[0]
 
 
 def read_product(path: Path) -> Product:
@@ -367,7 +399,10 @@ def judge(
     -------
     (status, reason)
     """
-    last_error = f"; last error: {errors[-1]}" if errors else ""
+    last_error = ""
+    if errors:
+        more = len(errors) - 1
+        last_error = f"; error: {main_error(errors)}" + (f" (+{more} more in the log)" if more else "")
     if timed_out:
         limit = f"{timeout_s:g} s" if timeout_s is not None else "the time limit"
         return FAILED, f"recipe {recipe} timed out after {limit} and was killed{last_error}"
@@ -378,7 +413,7 @@ def judge(
     if rc != 0:
         return FAILED, f"recipe {recipe} exited with rc {rc}{last_error}"
     if errors:
-        return FAILED, f"recipe {recipe} exited with rc 0 but printed {len(errors)} error(s){last_error}"
+        return FAILED, f"recipe {recipe} exited with rc 0 but printed errors{last_error}"
     want = set(EXPECTED_PRODUCTS.get(recipe, ()) if expected is None else expected)
     have = {p.pro_catg for p in products if p.pro_catg}
     missing = sorted(want - have)
@@ -491,10 +526,12 @@ def run_recipe(
     duration = time.monotonic() - started
 
     log_file = workdir / "esorex.log"
+    # stdout first (cleaner component names); the log adds what a crash kept
+    # in stdout's buffer.
     texts = [capture.read_text(errors="replace")]
     if log_file.is_file():
-        texts.insert(0, log_file.read_text(errors="replace"))
-    errors = error_lines("\n".join(texts))
+        texts.append(log_file.read_text(errors="replace"))
+    errors = error_lines(*texts)
     products = read_products(workdir)
     status, reason = judge(
         recipe, rc, errors, products, timed_out=timed_out, timeout_s=timeout_s,
