@@ -53,8 +53,8 @@ class UnreadableFrame:
     problem: str
 
 
-def build_ports(settings: Settings, instrument: str, metrics: Metrics) -> ProcessorPorts:
-    profile = load_profile(instrument)
+def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: Profile | None = None) -> ProcessorPorts:
+    profile = profile or load_profile(instrument)
     planner = AbPlanner(profile, settings.cal_dir() / instrument)
     executor = AbExecutor(profile, metrics)
     return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute)
