@@ -1,0 +1,54 @@
+"""kill -9 of the processor while it runs a recipe: after a restart, one completion, no duplicated effect."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from services.app import describe_files
+from services.processor import synth
+from shared.bus.rabbitmq import RabbitClient
+from shared.messages import DeliveryAnnounced
+from tests.backbone.cluster import Cluster, CompletionWatcher
+from tests.integration.test_pipeline_runs import esorex_installed, hawki_cal, cal_root  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.esorex, pytest.mark.slow]
+
+
+def test_processor_killed_mid_recipe_completes_once_after_restart(rabbitmq_url, tmp_path, hawki_cal):
+    cluster = Cluster(rabbitmq_url, tmp_path, instruments=("HAWKI",),
+                      extra_env={"PREIMG_CAL_ROOT": str(hawki_cal)}).start()
+    watcher = CompletionWatcher(rabbitmq_url)
+    try:
+        frames = synth.make_raw_frames("HAWKI", cluster.delivery_area, n_frames=3)
+        with RabbitClient(rabbitmq_url, "preimg") as client:
+            client.sender.publish(DeliveryAnnounced(
+                run_id="crash-1", delivery_id="crash-1", instrument="HAWKI", test=True,
+                files=tuple(describe_files(frames, cluster.delivery_area))))
+        # Wait until esorex is running for the run's AB, then kill the processor outright.
+        work = tmp_path / "data" / "work" / "HAWKI" / "crash-1"
+        deadline = time.monotonic() + 60
+        while not list(work.glob("*/esorex.out")):
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.05)
+        cluster.kill("processor-HAWKI")
+        assert watcher.collect(until=1, timeout=2) == []  # nothing completed behind our back
+
+        cluster.start_service("processor-HAWKI")
+        events = watcher.collect(until=1, timeout=240)
+        watcher.settle(3)
+        assert [(e["run_id"], e["type"], e["status"]) for e in events] == [("crash-1", "preimg.completed.v1", "ok")], \
+            cluster.logs()
+        sci = tmp_path / "data" / "sci" / "HAWKI" / "crash-1"
+        names = sorted(p.name for p in sci.glob("*.fits"))
+        assert len(names) == 12 and len(set(names)) == 12  # one set of products, not two
+        manifest = [m["name"] for m in events[0]["manifest"] if m["name"].endswith(".fits")]
+        assert sorted(Path(m).name for m in manifest) == names
+        state = json.loads((tmp_path / "data" / "state" / "HAWKI" / "crash-1" / "raw_ready.json").read_text())
+        assert state["published_at"] and len(state["events"]) == 1
+    finally:
+        watcher.close()
+        cluster.stop()
