@@ -70,6 +70,11 @@ def read_header_text(path: str | os.PathLike) -> str:
             while True:
                 end = _find_end(data, searched)
                 if end >= 0:
+                    block_end = -(-(end + CARD_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
+                    if len(data) < block_end:  # reads are whole blocks unless at end of file
+                        raise FitsHeaderError(
+                            path, f"truncated header: the file ends at byte {len(data)}, inside"
+                            f" the header block that holds END (a FITS block is {BLOCK_SIZE} bytes)")
                     data = data[: end + CARD_SIZE]
                     break
                 searched = len(data) - len(data) % CARD_SIZE

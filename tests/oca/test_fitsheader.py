@@ -110,6 +110,8 @@ def _raw_fits(path, cards, pad=True):
         (lambda p: (p.write_bytes(b"hello world" * 300), p)[1], "not a FITS file"),
         (lambda p: _raw_fits(p, ["SIMPLE  =                    T", "NAXIS   = 0"]),
          "truncated header: no END card"),
+        (lambda p: _raw_fits(p, ["SIMPLE  =                    T", "END"], pad=False),
+         "inside the header block that holds END"),
         (lambda p: _raw_fits(p, ["SIMPLE  =                    T", "OBJECT  = 'caf\xe9'", "END"]),
          "non-ASCII byte in card 2"),
         (lambda p: _raw_fits(p, ["SIMPLE  =                    T",
