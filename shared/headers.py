@@ -1,17 +1,24 @@
 """Header summaries of raw frames and their OCA classification, as ingest records them.
 
-The summary carries the keywords the reports and the monitor show (the full
-header stays in the file). Keys are written the OCA way: ``DPR.CATG`` for
+Per instrument, one fast header reader (``shared.fitsheader``) extracts the
+keywords the reports show plus every keyword the instrument's OCA rules use,
+in one pass over the header blocks; the classification is the instrument's
+rule file with its overlay. Keys are written the OCA way: ``DPR.CATG`` for
 ``HIERARCH ESO DPR CATG``; standard keywords stay plain.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from astropy.io import fits
+from shared.fitsheader import FitsHeaderError, HeaderReader
+from shared.oca import CompiledClassifier, header_keys, load_rules, rule_header_keys
+from shared.oca.evaluate import normalise_record
+from shared.oca.keywords import to_dotted
+from shared.profiles import load_profile
 
 SUMMARY_KEYS = (
     "INSTRUME", "OBJECT", "DATE-OBS", "MJD-OBS", "EXPTIME", "RA", "DEC", "ARCFILE", "PI-COI",
@@ -21,31 +28,48 @@ SUMMARY_KEYS = (
 )
 
 
-def fits_keyword(dotted: str) -> str:
-    """``DPR.CATG`` -> ``HIERARCH ESO DPR CATG``; ``MJD-OBS`` stays ``MJD-OBS``."""
-    return f"HIERARCH ESO {dotted.replace('.', ' ')}" if "." in dotted else dotted
+class FrameInspector:
+    """Reads and classifies raw frames, per instrument; rules are loaded on first use."""
 
+    def __init__(self) -> None:
+        self._per_instrument: dict[str, tuple[HeaderReader, CompiledClassifier | None]] = {}
+        self._lock = threading.Lock()
 
-def read_summary(path: Path, keys: tuple[str, ...] = SUMMARY_KEYS) -> dict[str, Any]:
-    """The summary keywords present in the primary header of ``path``."""
-    try:
-        header = fits.getheader(path, 0)
-    except Exception as e:  # astropy raises OSError, ValueError, ... for corrupt files
-        raise ValueError(f"{path.name}: not a readable FITS file ({e})") from e
-    out: dict[str, Any] = {}
-    for key in keys:
-        value = header.get(fits_keyword(key))
-        if value is not None:
-            out[key] = value
-    return out
+    def _tools(self, instrument: str) -> tuple[HeaderReader, CompiledClassifier | None]:
+        with self._lock:
+            tools = self._per_instrument.get(instrument)
+            if tools is None:
+                profile = load_profile(instrument)
+                rule_file = profile.resolve_rules()
+                keys = header_keys(SUMMARY_KEYS)
+                classifier = None
+                if rule_file is not None:
+                    rules = load_rules(rule_file, profile.resolve_overlay())
+                    keys += rule_header_keys(rules)
+                    classifier = CompiledClassifier.from_rules(rules)
+                tools = self._per_instrument[instrument] = (HeaderReader(keys), classifier)
+            return tools
+
+    def read(self, instrument: str, path: Path) -> dict[str, Any]:
+        """The summary and rule keywords of ``path`` (dotted names); ValueError when unreadable."""
+        reader, _ = self._tools(instrument)
+        try:
+            return to_dotted(reader.read(path))
+        except FitsHeaderError as e:
+            raise ValueError(f"{path.name}: not a readable FITS file ({e.problem})") from e
+
+    def classify(self, instrument: str, headers: Mapping[str, Any]) -> dict[str, str]:
+        """The instrument's OCA classification; by the DPR keys when it has no rule file."""
+        _, classifier = self._tools(instrument)
+        if classifier is None:
+            return classify_by_dpr(headers)
+        result = classifier.classify_record(Path(str(headers.get("ARCFILE", "-"))), normalise_record(dict(headers)))
+        if result.errors:
+            raise ValueError("; ".join(result.errors))
+        return {k: str(v) for k, v in result.values.items()}
 
 
 def classify_by_dpr(headers: Mapping[str, Any]) -> dict[str, str]:
-    """Classification for an instrument without rule file: its DPR keys, as DFOS's RAW_TYPE."""
+    """Classification of an instrument without rule file (FORS2 here): DFOS's RAW_TYPE from DPR."""
     parts = [str(headers.get(k, "")).strip() for k in ("DPR.CATG", "DPR.TYPE", "DPR.TECH")]
     return {"RAW.TYPE": "_".join(p for p in parts if p)} if any(parts) else {}
-
-
-def classifier_for_instrument(instrument: str):
-    """The instrument's OCA classification as a function of a header mapping."""
-    return classify_by_dpr

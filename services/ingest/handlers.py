@@ -24,8 +24,10 @@ from shared.settings import RunDirs
 
 _log = logging.getLogger(__name__)
 
-HeaderReader = Callable[[Path], Mapping[str, Any]]
-Classifier = Callable[[Mapping[str, Any]], Mapping[str, str]]
+#: (instrument, path) -> header values by dotted name; raises for an unreadable header.
+HeaderReader = Callable[[str, Path], Mapping[str, Any]]
+#: (instrument, header values) -> classification, e.g. {"DO.CATG": "OBJECT"}.
+Classifier = Callable[[str, Mapping[str, Any]], Mapping[str, str]]
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ class IngestPorts:
     run_dirs: Callable[[str, str], RunDirs]
     known_instruments: Callable[[], list[str]]
     read_header: HeaderReader
-    classifier_for: Callable[[str], Classifier]
+    classify: Classifier
     clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
 
 
@@ -60,8 +62,7 @@ def handle_delivery(msg: DeliveryAnnounced, ports: IngestPorts) -> list[Envelope
     dirs = ports.run_dirs(msg.instrument, msg.run_id)
     staged = _stage(sources, dirs.raw)
 
-    classify = ports.classifier_for(msg.instrument)
-    frames = [_describe(f, path, ports.read_header, classify) for f, path in zip(msg.files, staged)]
+    frames = [_describe(msg.instrument, f, path, ports) for f, path in zip(msg.files, staged)]
     _log.info("staged %d raw frames into %s", len(frames), dirs.raw)
     return [
         RawDataReady(
@@ -154,16 +155,16 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return h.hexdigest()
 
 
-def _describe(f: DeliveredFile, path: Path, read_header: HeaderReader, classify: Classifier) -> RawFrame:
+def _describe(instrument: str, f: DeliveredFile, path: Path, ports: IngestPorts) -> RawFrame:
     """Header summary and classification of one staged frame; a bad header is noted, not fatal."""
     try:
-        headers = dict(read_header(path))
+        headers = dict(ports.read_header(instrument, path))
     except Exception as e:  # noqa: BLE001 - any unreadable header is reported on the frame
         _log.warning("%s: header unreadable: %s", f.name, e)
         return RawFrame(name=f.name, path=str(path), size=f.size, checksum=f.checksum,
                         problem=f"header unreadable: {e}")
     try:
-        classification = dict(classify(headers))
+        classification = dict(ports.classify(instrument, headers))
         problem = "" if classification else "no classification rule matched"
     except Exception as e:  # noqa: BLE001
         classification, problem = {}, f"classification failed: {e}"

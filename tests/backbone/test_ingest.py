@@ -126,3 +126,19 @@ def test_corrupt_fits_is_staged_with_its_problem_and_others_still_described(sett
     by_name = {f.name: f for f in event.frames}
     assert by_name["good.fits"].problem == "" and by_name["good.fits"].headers["OBJECT"] == "NGC 1234"
     assert "junk.fits: not a readable FITS file" in by_name["junk.fits"].problem
+
+
+def test_frames_are_classified_by_the_instruments_oca_rules(tmp_path, area):
+    from services.processor import synth
+    from shared.profiles import load_profile
+
+    if load_profile("HAWKI").resolve_rules() is None:
+        pytest.skip("hawki.oca is not installed (cpl-plugin-hawki)")
+    frames = synth.make_raw_frames("HAWKI", area, n_frames=2)
+    settings = Settings(data_root=tmp_path / "data", delivery_area=area)
+    delivery = DeliveryAnnounced(run_id="r-h", delivery_id="d-h", instrument="HAWKI",
+                                 files=tuple(describe_files(frames, area)))
+    [event] = handle_delivery(delivery, build_ports(settings))
+    # hawki.oca + hawki_overlay.oca: DPR.TECH IMAGE,PRE science frames are pre-imaging frames.
+    assert [f.classification for f in event.frames] == [{"DO.CATG": "IMG_PREIMAGING"}] * 2
+    assert event.frames[0].headers["DPR.TECH"] == "IMAGE,PRE" and event.frames[0].headers["INSTRUME"] == "HAWKI"
