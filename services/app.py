@@ -93,40 +93,33 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
 
 
 def serve(service: str, settings: Settings, instrument: str | None = None, stop: threading.Event | None = None) -> int:
-    """Run one service against RabbitMQ until SIGTERM/SIGINT; return the exit code."""
+    """Run one service against RabbitMQ until SIGTERM/SIGINT; return the exit code.
+
+    The start-up checks (seed step 0) gate consumption: while they fail the
+    service stays up, answers /readyz with what is missing, and checks again
+    every ``settings.recheck_s`` seconds, so a processor starts consuming on
+    its own once its calibrations are installed.
+    """
     from shared.bus.rabbitmq import RabbitConsumer
     from shared.httpserver import ServiceHttpServer
 
     registry = CollectorRegistry()
     metrics = build_metrics(registry)
-    checks_ok, detail = startup_checks(service, settings, instrument)
-    runner = build_runner(service, settings, metrics, instrument) if checks_ok else None
     stop = stop or threading.Event()
-    consumer = (
-        RabbitConsumer(
-            amqp_url=settings.amqp_url,
-            exchange=settings.exchange,
-            spec=QueueSpec(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1),
-            process=runner.process,
-            retry_delays_ms=settings.retry_delays_ms,
-            heartbeat_s=settings.heartbeat_s,
-            shutdown_grace_s=settings.shutdown_grace_s,
-            name=f"preimg-{service}",
-        )
-        if runner
-        else None
-    )
-    worker = threading.Thread(target=consumer.run, args=(stop,), name="consumer", daemon=True) if consumer else None
+    state: dict[str, Any] = {"detail": "start-up checks not run yet", "consumer": None, "worker": None}
 
     def live() -> tuple[bool, str]:
+        worker = state["worker"]
         if worker is None:
-            return True, f"start-up checks failed, not consuming: {detail}"
+            return True, f"not consuming: {state['detail']}"
         return worker.is_alive() or stop.is_set(), "consumer running" if worker.is_alive() else "consumer stopped"
 
     def ready() -> tuple[bool, str]:
+        consumer = state["consumer"]
         if consumer is None:
-            return False, detail
-        return consumer.connected.is_set(), "connected" if consumer.connected.is_set() else "not connected to the broker"
+            return False, state["detail"]
+        connected = consumer.connected.is_set()
+        return connected, "connected" if connected else "not connected to the broker"
 
     http = ServiceHttpServer(settings.http_host, settings.http_port, registry, live, ready)
     http.start()
@@ -139,10 +132,28 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-    if worker is None:
-        _log.error("start-up checks failed; the service stays up for diagnosis but does not consume: %s", detail)
-        stop.wait()
-    else:
+
+    while not stop.is_set():
+        ok, state["detail"] = startup_checks(service, settings, instrument)
+        if ok:
+            break
+        _log.error("start-up checks failed; not consuming, checking again in %.0f s: %s",
+                   settings.recheck_s, state["detail"])
+        stop.wait(settings.recheck_s)
+    if not stop.is_set():
+        runner = build_runner(service, settings, metrics, instrument)
+        consumer = RabbitConsumer(
+            amqp_url=settings.amqp_url,
+            exchange=settings.exchange,
+            spec=QueueSpec(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1),
+            process=runner.process,
+            retry_delays_ms=settings.retry_delays_ms,
+            heartbeat_s=settings.heartbeat_s,
+            shutdown_grace_s=settings.shutdown_grace_s,
+            name=f"preimg-{service}",
+        )
+        worker = threading.Thread(target=consumer.run, args=(stop,), name="consumer", daemon=True)
+        state.update(consumer=consumer, worker=worker)
         worker.start()
         while worker.is_alive():
             worker.join(timeout=0.5)

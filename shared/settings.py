@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     http_host: str = "0.0.0.0"
     http_port: int = Field(9100, description="Port of /metrics, /healthz and /readyz (0: any free port)")
     shutdown_grace_s: float = 60.0
+    recheck_s: float = Field(30.0, gt=0, description="While start-up checks fail, check again this often")
 
     # --- QC server (S3 in the distributed set-up, a local directory otherwise) ---
     qc_mode: str = Field("local", pattern="^(local|s3)$")
