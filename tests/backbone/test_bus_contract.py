@@ -265,3 +265,39 @@ def test_reused_run_id_from_another_delivery_fails_the_newcomer(harness, runner,
     second = harness.sink()[1]
     assert isinstance(second, RunFailed) and "already used by delivery 'good-8'" in second.reason
     assert handler.calls == {"good-8": 1}
+
+
+def test_long_work_keeps_the_connection_alive(rabbitmq_url, tmp_path):
+    """A handler busy for several heartbeat intervals: the connection thread keeps answering."""
+    from shared.bus.rabbitmq import RabbitClient, RabbitConsumer
+
+    calls = []
+
+    def slow(msg: DeliveryAnnounced) -> list[Envelope]:
+        calls.append(msg.delivery_id)
+        time.sleep(6)  # a recipe; the broker would drop a silent client after ~2 missed heartbeats of 1 s
+        return ScriptedHandler()(msg)
+
+    runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: slow}, FileLedger(tmp_path / "state"),
+                           build_metrics(CollectorRegistry()))
+    consumer = RabbitConsumer(rabbitmq_url, "preimg", SPEC, runner.process, RETRY_DELAYS_MS, heartbeat_s=1)
+    stop = threading.Event()
+    thread = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        assert consumer.connected.wait(10)
+        with RabbitClient(rabbitmq_url, "preimg") as client:
+            ch = client.channel
+            ch.queue_declare(SINK, durable=True)
+            ch.queue_bind(SINK, "preimg", "raw_ready.*")
+            client.sender.publish(delivery("good-slow"))
+            deadline = time.monotonic() + 30
+            got = []
+            while not got and time.monotonic() < deadline:
+                got = client.get_all(SINK)
+                time.sleep(0.1)
+        assert len(got) == 1 and calls == ["good-slow"]
+        assert consumer.connected.is_set()
+    finally:
+        stop.set()
+        thread.join(10)

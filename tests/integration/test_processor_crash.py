@@ -52,3 +52,30 @@ def test_processor_killed_mid_recipe_completes_once_after_restart(rabbitmq_url, 
     finally:
         watcher.close()
         cluster.stop()
+
+
+def test_sigterm_mid_recipe_finishes_the_message_then_exits(rabbitmq_url, tmp_path, hawki_cal):
+    cluster = Cluster(rabbitmq_url, tmp_path, instruments=("HAWKI",),
+                      extra_env={"PREIMG_CAL_ROOT": str(hawki_cal)}).start()
+    watcher = CompletionWatcher(rabbitmq_url)
+    try:
+        frames = synth.make_raw_frames("HAWKI", cluster.delivery_area, n_frames=3)
+        with RabbitClient(rabbitmq_url, "preimg") as client:
+            client.sender.publish(DeliveryAnnounced(
+                run_id="term-1", delivery_id="term-1", instrument="HAWKI", test=True,
+                files=tuple(describe_files(frames, cluster.delivery_area))))
+        work = tmp_path / "data" / "work" / "HAWKI" / "term-1"
+        deadline = time.monotonic() + 60
+        while not list(work.glob("*/esorex.out")):
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.05)
+        cluster.kill("processor-HAWKI", sig=15)  # SIGTERM while esorex runs
+        assert cluster.services["processor-HAWKI"].proc.returncode == 0
+        # The processor finished the recipe and handed its result on before exiting.
+        events = watcher.collect(until=1, timeout=60)
+        assert [(e["run_id"], e["status"]) for e in events] == [("term-1", "ok")], cluster.logs()
+        log = cluster.services["processor-HAWKI"].log.read_text()
+        assert log.index("received SIGTERM") < log.index("handled preimg.raw_ready.v1")
+    finally:
+        watcher.close()
+        cluster.stop()

@@ -220,7 +220,7 @@ def test_error_lines_merge_stdout_and_log():
 def test_product_names_follow_the_scheme():
     prods = [_p("exp_10.fits", "BASIC_CALIBRATED_SCI"), _p("exp_2.fits", "BASIC_CALIBRATED_SCI"),
              _p("stack_1.fits", "JITTERED_IMAGE_SCI"), _p("broken.fits", "")]
-    plan = dict((p.path.name, n) for p, n in products.plan_names(prods, "hawki", "2026-11-20T01:02:03.456"))
+    plan = {p.path.name: n for p, n in products.plan_names(prods, "hawki", "2026-11-20T01:02:03.456")}
     assert plan == {
         "exp_2.fits": "HAWKI.2026-11-20T01:02:03.456_basic_calibrated_sci_0000.fits",
         "exp_10.fits": "HAWKI.2026-11-20T01:02:03.456_basic_calibrated_sci_0001.fits",
