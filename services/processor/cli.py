@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 _log = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _parse_start(text: str | None) -> datetime | None:
     if not text:
         return None
-    t = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+    t = datetime.fromisoformat(text)  # 3.11 accepts a trailing Z
+    return t if t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def cmd_synth(args: argparse.Namespace) -> int:

@@ -313,7 +313,7 @@ def read_product(path: Path) -> Product:
                 else:
                     label = header.get("EXTNAME") or f"HDU{index}"
                     prefix = f"{label}:"
-                for key in header.keys():
+                for key in header:
                     if key.startswith("ESO QC "):
                         qc[f"{prefix}{key[4:]}"] = header[key]
     except (OSError, ValueError) as e:  # truncated or corrupt product

@@ -39,12 +39,12 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -57,9 +57,9 @@ DATED_DIR = "2099-99-99"
 GEN_DIR = "gen"
 
 #: Night of the synthetic deliveries unless a start time is given.
-DEFAULT_START = datetime(2026, 11, 20, 1, 2, 3, 456000, tzinfo=timezone.utc)
+DEFAULT_START = datetime(2026, 11, 20, 1, 2, 3, 456000, tzinfo=UTC)
 
-_MJD_EPOCH = datetime(1858, 11, 17, tzinfo=timezone.utc)
+_MJD_EPOCH = datetime(1858, 11, 17, tzinfo=UTC)
 
 # --- HAWK-I -------------------------------------------------------------------
 HAWKI_CHIP = 2048
@@ -222,9 +222,9 @@ def _add_stars(image: np.ndarray, xs: np.ndarray, ys: np.ndarray, fluxes: np.nda
                sigma_px: float, x0: int = 0) -> None:
     """Add Gaussian stars in place; (xs, ys) are 0-based pixel centres, x shifted by x0."""
     ny, nx = image.shape
-    half = int(math.ceil(4 * sigma_px))
+    half = math.ceil(4 * sigma_px)
     for x, y, f in zip(xs + x0, ys, fluxes):
-        ix, iy = int(round(x)), int(round(y))
+        ix, iy = round(float(x)), round(float(y))
         xa, xb = max(ix - half, 0), min(ix + half + 1, nx)
         ya, yb = max(iy - half, 0), min(iy + half + 1, ny)
         if xa >= xb or ya >= yb:
@@ -595,7 +595,8 @@ def make_vimos_science(out_dir: Path, *, n_frames: int = 1, setup: Setup | None 
             _add_stars(light, x, y, fluxes, sigma_px, x0=VIMOS_PRESCAN)
             data = _noise(rng, light * np.where(illum > 0, illum, 1) + VIMOS_BIAS, VIMOS_GAIN, VIMOS_RON)
 
-            def header(h: Any, q: int = q, t: datetime = t, wcs: dict[str, Any] = wcs) -> None:
+            def header(h: Any, q: int = q, t: datetime = t, wcs: dict[str, Any] = wcs,
+                       obs: dict[str, Any] = obs, pointing: tuple[float, float] = pointing) -> None:
                 _vimos_header(h, q, t, setup.dit, obs, ("SCIENCE", "OBJECT", "IMAGE,PRE"), setup, pointing)
                 for key, value in wcs.items():
                     h[key] = value
@@ -622,7 +623,7 @@ def _make_vimos_calib(out_dir: Path, kind: str, *, n: int, setup: Setup, start: 
                 signal += (20000.0 - 4000.0 * i) * illum
             data = _noise(rng, signal, VIMOS_GAIN, VIMOS_RON)
 
-            def header(h: Any, q: int = q, t: datetime = t) -> None:
+            def header(h: Any, q: int = q, t: datetime = t, obs: dict[str, Any] = obs) -> None:
                 _vimos_header(h, q, t, exptime, obs, dpr, setup, VIMOS_FIELD)
 
             files.append(_write_vimos(out_dir / f"vimos_{kind}_{i + 1:02d}_q{q + 1}.fits", data, header))
@@ -746,7 +747,7 @@ def write_local_catalogue(path: Path, instrument: str, pro_catg: str, size: int)
     phu.header["CATNAME"] = "localcat"
     cols = [fits.Column("RA", "D", unit="deg", array=stars["ra"]),
             fits.Column("Dec", "D", unit="deg", array=stars["dec"])]
-    for band in sorted(set(_BAND_COLUMN[b] for b in _BANDS[instrument])):
+    for band in sorted({_BAND_COLUMN[b] for b in _BANDS[instrument]}):
         cols.append(fits.Column(f"{band}mag", "E", array=stars["mag"].astype(np.float32)))
         cols.append(fits.Column(f"{band}mag_err", "E", array=np.full(len(stars["mag"]), 0.02, np.float32)))
     table = fits.BinTableHDU.from_columns(cols, name="LOCALCAT")
@@ -835,7 +836,7 @@ def _build_hawki(root: Path, work: Path, size: int, setups: Sequence[Setup],
     rng = np.random.default_rng(101)
     dated = root / DATED_DIR
     files: dict[str, Path] = {}
-    start = datetime(2026, 11, 19, 10, 0, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 19, 10, 0, 0, tzinfo=UTC)
     flat_dit = 3.0
     for n_setup, setup in enumerate(setups):
         raw = work / f"raw{n_setup}"
@@ -877,7 +878,7 @@ def _build_vimos(root: Path, work: Path, setups: Sequence[Setup], recipe_dir: Pa
     dated = root / DATED_DIR
     raw = work / "raw"
     raw.mkdir()
-    start = datetime(2026, 11, 19, 10, 0, 0, tzinfo=timezone.utc)
+    start = datetime(2026, 11, 19, 10, 0, 0, tzinfo=UTC)
     setup0 = setups[0]
     det = {"INSTRUME": "VIMOS", "DET READ MODE": "normal", "DET READ SPEED": "225kHz",
            "DET READ CLOCK": "225kHz,1port,low_gain", "DET WIN1 NY": VIMOS_NY,

@@ -102,7 +102,7 @@ def installed_recipes(recipe_dir: Path, esorex: Path | None = None) -> set[str]:
         try:
             proc = subprocess.run(
                 [str(exe), f"--recipe-dir={recipe_dir}", "--recipes"],
-                capture_output=True, text=True, timeout=60, cwd="/", env=recipe_environment(),
+                capture_output=True, text=True, timeout=60, cwd="/", env=recipe_environment(), check=False,
             )
             names = {m.group(1) for line in proc.stdout.splitlines() if (m := _RECIPE_LINE.match(line))}
             if names:
@@ -118,7 +118,7 @@ def load_rules(profile: Profile) -> Any:
     Uses ``shared.oca.load_rules`` when the engine provides it; otherwise the
     shipped rule file alone (overlay ignored, with a warning).
     """
-    import shared.oca as oca
+    from shared import oca
 
     path = profile.resolve_rules()
     if path is None:
