@@ -35,6 +35,7 @@ raw file's values, so association does not scan every calibration per AB.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import shlex
@@ -82,22 +83,60 @@ class FileRecord:
     """A file with its header (dotted names) and classification.
 
     ``header`` keeps the values as read (ints stay ints) plus the values the
-    classification assigned; ``values`` is the normalised copy the rules see.
+    classification assigned; ``values`` is the normalised copy the rules see;
+    ``mjd`` is MJD-OBS (None when absent or not a number).
     """
 
     path: Path
     header: dict[str, Any]
     values: dict[str, Any]
     classification: Classification
+    mjd: float | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        value = self.values.get("MJD-OBS")
+        self.mjd = value if type(value) is float else None
 
     @property
     def category(self) -> str:
         return self.classification.category
 
-    @property
-    def mjd(self) -> float | None:
-        value = self.values.get("MJD-OBS")
-        return value if type(value) is float else None
+
+def _time_order(rec: FileRecord) -> tuple[float, str]:
+    return (rec.mjd if rec.mjd is not None else math.inf, str(rec.path))
+
+
+class _TimeSorted:
+    """Records in time order with their MJDs, for nearest-in-time lookups by bisection."""
+
+    __slots__ = ("records", "mjds")
+
+    def __init__(self, records: list[FileRecord]):
+        self.records = records
+        self.mjds = [r.mjd if r.mjd is not None else math.inf for r in records]
+
+    def nearest(self, mjd: float | None, count: int) -> list[FileRecord]:
+        """The ``count`` records closest to ``mjd`` (ties: path order)."""
+        records = self.records
+        n = len(records)
+        if n <= count:
+            return list(records)
+        if mjd is None:
+            return sorted(records, key=lambda r: str(r.path))[:count]
+        mjds = self.mjds
+        i = bisect.bisect_left(mjds, mjd)
+        lo, hi = max(0, i - count), min(n, i + count)
+        while lo > 0 and mjds[lo - 1] == mjds[lo]:
+            lo -= 1
+        while hi < n and mjds[hi] == mjds[hi - 1]:
+            hi += 1
+        window = records[lo:hi]
+        window.sort(key=lambda r: (_distance_mjd(r, mjd), str(r.path)))
+        return window[:count]
+
+
+def _distance_mjd(rec: FileRecord, mjd: float) -> float:
+    return abs(rec.mjd - mjd) if rec.mjd is not None else math.inf
 
 
 def make_records(
@@ -107,8 +146,9 @@ def make_records(
     classifier = rules if isinstance(rules, CompiledClassifier) else (
         CompiledClassifier.from_rules(rules))
     records = []
+    names: dict[str, str] = {}
     for path, header in headers.items():
-        dotted = to_dotted(header)
+        dotted = to_dotted(header, names)
         values = normalise_record(dotted)
         result = classifier.classify_record(Path(path), values)
         dotted.update(result.values)
@@ -134,9 +174,11 @@ class CalibPool:
     """
 
     def __init__(self, records: Iterable[FileRecord] = ()):
-        self.records: list[FileRecord] = list(records)
+        #: In time order (MJD-OBS, then path), so every index list is in time order too.
+        self.records: list[FileRecord] = sorted(records, key=_time_order)
         self._by_value: dict[str, dict[Any, list[FileRecord]]] = {}
-        self._joins: dict[tuple, dict[tuple, list[FileRecord]]] = {}
+        self._joins: dict[tuple, dict[tuple, _TimeSorted]] = {}
+        self._all: _TimeSorted | None = None
 
     @classmethod
     def from_headers(
@@ -149,8 +191,10 @@ class CalibPool:
 
     def add(self, record: FileRecord) -> None:
         self.records.append(record)
+        self.records.sort(key=_time_order)
         self._by_value.clear()
         self._joins.clear()
+        self._all = None
 
     def lookup(self, keyword: str, value: Any) -> list[FileRecord]:
         """Files whose ``keyword`` equals ``value`` (OCA ``==``)."""
@@ -166,18 +210,19 @@ class CalibPool:
 
     def joined(
         self, base_key: tuple, base: list[FileRecord], keys: tuple[str, ...]
-    ) -> dict[tuple, list[FileRecord]]:
+    ) -> dict[tuple, _TimeSorted]:
         """``base`` hashed by the values of ``keys`` (built once per select shape)."""
         cache_key = (base_key, keys)
         table = self._joins.get(cache_key)
         if table is None:
-            table = defaultdict(list)
+            lists: dict[tuple, list[FileRecord]] = defaultdict(list)
             for rec in base:
                 vals = rec.values
                 try:
-                    table[tuple(index_key(vals[k]) for k in keys)].append(rec)
+                    lists[tuple(index_key(vals[k]) for k in keys)].append(rec)
                 except KeyError:
                     continue  # a missing keyword never satisfies ==
+            table = {k: _TimeSorted(v) for k, v in lists.items()}
             self._joins[cache_key] = table
         return table
 
@@ -280,6 +325,7 @@ class _SelectPlan:
         self.parts = [(format_expr(c), compile_expr(c), c) for c in _conjuncts(select.condition)]
         self.literal: tuple[str, list[Any]] | None = None
         joins: list[tuple[str, str]] = []
+        residual: list[Expr] = []
         for c in _conjuncts(select.condition):
             lit = _literal_eq(c)
             if lit and self.literal is None:
@@ -288,8 +334,12 @@ class _SelectPlan:
             join = _join_eq(c)
             if join:
                 joins.append(join)
+                continue
+            residual.append(c)
         self.join_input = tuple(a for a, _ in joins)
         self.join_candidate = tuple(b for _, b in joins)
+        # What the indexes do not already guarantee (they use the same equality as ==).
+        self.residual = compile_expr(And(tuple(residual))) if residual else None
 
     def base(self, pool: CalibPool) -> tuple[tuple, list[FileRecord]]:
         if self.literal is None:
@@ -303,23 +353,34 @@ class _SelectPlan:
                 seen[id(rec)] = rec
         return (key, tuple(index_key(v) for v in values)), list(seen.values())
 
-    def candidates(self, pool: CalibPool, raw: FileRecord) -> list[FileRecord]:
+    def choose(self, pool: CalibPool, raw: FileRecord, exclude: set[int]) -> list[FileRecord]:
+        """The files this select takes for ``raw``: qualifying, at most maxRet, nearest in time."""
         base_key, base = self.base(pool)
-        if self.join_input and base:
+        if not base:
+            return []
+        probe = ()
+        if self.join_input:
             try:
                 probe = tuple(index_key(raw.values[a]) for a in self.join_input)
             except KeyError:
-                return []
-            base = pool.joined(base_key, base, self.join_candidate).get(probe, [])
-        cond, rv = self.condition, raw.values
+                return []  # a missing keyword never satisfies ==
+        bucket = pool.joined(base_key, base, self.join_candidate).get(probe)
+        if bucket is None:
+            return []
+        limit = self.select.max_ret
+        if self.residual is None and not exclude:
+            return bucket.nearest(raw.mjd, limit)
+        cond, rv = self.residual, raw.values
         out = []
-        for rec in base:
+        for rec in bucket.records:
+            if id(rec) in exclude:
+                continue
             try:
-                if cond(rec.values, rv, None):
+                if cond is None or cond(rec.values, rv, None):
                     out.append(rec)
             except OcaTypeError as e:
                 _log.warning("association: %s: select %s: %s", rec.path, self.select.tag, e)
-        return out
+        return _TimeSorted(out).nearest(raw.mjd, limit)
 
     def explain(self, pool: CalibPool, raw: FileRecord, found: int) -> str:
         """Why this tag got fewer than minRet files."""
@@ -493,17 +554,16 @@ class Associator:
             ab.missing["(raw)"] = (f"{len(group.files)} raw files, the rule needs "
                                    f"minRet={group.rule.min_files}")
             ab.complete = False
-        raw_paths = {str(f.path) for f in group.files}
         for plan in self.plans.get(group.action, []):
             sel = plan.select
             tag = rules.sof_tag(sel.tag)
             if sel.max_ret <= 0:
                 continue
-            pool = raw_pool if sel.pool in RAW_POOLS else calib_pool
-            found = [c for c in plan.candidates(pool, raw) if str(c.path) not in raw_paths]
-            if len(found) > sel.max_ret:
-                found.sort(key=lambda r: (_distance(r, raw), str(r.path)))
-                found = found[: sel.max_ret]
+            if sel.pool in RAW_POOLS:
+                pool, exclude = raw_pool, {id(f) for f in group.files}
+            else:
+                pool, exclude = calib_pool, set()
+            found = plan.choose(pool, raw, exclude)
             if found:
                 ab.calibs.setdefault(tag, []).extend(f.path for f in found)
             if len(found) < sel.min_ret:

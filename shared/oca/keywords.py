@@ -46,15 +46,21 @@ def dotted_name(key: str) -> str:
     return key
 
 
-def to_dotted(header: Mapping[str, Any]) -> dict[str, Any]:
+def to_dotted(header: Mapping[str, Any], names: dict[str, str] | None = None) -> dict[str, Any]:
     """A header mapping (astropy ``Header``, dict keyed by FITS keys or dotted names)
-    as a dict keyed by dotted OCA names. Blank and COMMENT/HISTORY cards are skipped."""
+    as a dict keyed by dotted OCA names. Blank and COMMENT/HISTORY cards are skipped.
+
+    ``names`` is an optional memo of key → dotted name, shared across many headers.
+    """
+    names = {} if names is None else names
     out: dict[str, Any] = {}
-    for key in header.keys():
-        if not key or key in ("COMMENT", "HISTORY"):
-            continue
-        value = header[key]
-        name = key if ("." in key and " " not in key) else dotted_name(key)
+    for key, value in header.items():
+        name = names.get(key)
+        if name is None:
+            if not key or key in ("COMMENT", "HISTORY"):
+                continue
+            name = key if ("." in key and " " not in key) else dotted_name(key)
+            names[key] = name
         if name not in out:
             out[name] = _plain(value)
     return out
@@ -62,7 +68,7 @@ def to_dotted(header: Mapping[str, Any]) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """astropy's Undefined (a keyword with no value) becomes None."""
-    if value is None or isinstance(value, (str, bool, int, float)):
+    if value is None or type(value) in (str, float, int, bool):
         return value
     return None if type(value).__name__ == "Undefined" else value
 
