@@ -29,8 +29,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from shared.fitsheader import HeaderReader, read_keywords  # noqa: E402
-from shared.oca import CalibPool, build_abs, load_rules, rule_header_keys  # noqa: E402
+from shared.fitsheader import HeaderReader, read_keywords
+from shared.oca import CalibPool, build_abs, load_rules, rule_header_keys
 
 N_RAW = 10_000
 N_RAW_SMALL = 1_000

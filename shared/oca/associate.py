@@ -109,7 +109,7 @@ def _time_order(rec: FileRecord) -> tuple[float, str]:
 class _TimeSorted:
     """Records in time order with their MJDs, for nearest-in-time lookups by bisection."""
 
-    __slots__ = ("records", "mjds")
+    __slots__ = ("mjds", "records")
 
     def __init__(self, records: list[FileRecord]):
         self.records = records
@@ -183,7 +183,7 @@ class CalibPool:
     @classmethod
     def from_headers(
         cls, rules: RuleSet | CompiledClassifier, headers: Mapping[str | Path, Mapping[str, Any]]
-    ) -> "CalibPool":
+    ) -> CalibPool:
         return cls(make_records(rules, headers))
 
     def __len__(self) -> int:
@@ -385,7 +385,7 @@ class _SelectPlan:
     def explain(self, pool: CalibPool, raw: FileRecord, found: int) -> str:
         """Why this tag got fewer than minRet files."""
         sel = self.select
-        base_key, base = self.base(pool)
+        _, base = self.base(pool)
         if not base:
             if self.literal:
                 key, values = self.literal

@@ -24,11 +24,11 @@ from shared.oca import (
     CalibPool,
     OcaSyntaxError,
     build_abs,
+    fits_files,
     load_rules,
     make_records,
     rule_header_keys,
 )
-from shared.oca import fits_files
 
 _log = logging.getLogger(__name__)
 

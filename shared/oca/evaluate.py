@@ -255,7 +255,7 @@ def _compile_compare(expr: Compare, constants: Mapping[str, Any]) -> Compiled:
             match = like_matcher(expr.right.value)
         else:
             regex = re.compile(expr.right.value)
-            match = lambda s: regex.fullmatch(s) is not None  # noqa: E731
+            match = lambda s: regex.fullmatch(s) is not None
 
         def like(c, i, l):
             v = left(c, i, l)
@@ -381,7 +381,7 @@ class CompiledClassifier:
     rules: list[tuple[Compiled, list[tuple[str, Compiled]], str]]
 
     @classmethod
-    def from_rules(cls, rules: RuleSet) -> "CompiledClassifier":
+    def from_rules(cls, rules: RuleSet) -> CompiledClassifier:
         compiled = []
         for rule in rules.classification:
             where = f"{Path(rule.source).name or '<rules>'}:{rule.line}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 #: Scopes a keyword reference can have: the candidate file (bare ``KEY``), the
 #: group's raw file (``inputFile.KEY``) or the template's last frame (``LF.KEY``).
@@ -49,28 +48,28 @@ class Compare:
     """
 
     op: str
-    left: "Expr"
-    right: "Expr"
+    left: Expr
+    right: Expr
     line: int = field(default=0, compare=False)
     column: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True)
 class And:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Or:
-    items: tuple["Expr", ...]
+    items: tuple[Expr, ...]
 
 
 @dataclass(frozen=True)
 class Not:
-    item: "Expr"
+    item: Expr
 
 
-Expr = Union[Keyword, Literal, Compare, And, Or, Not]
+Expr = Keyword | Literal | Compare | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class OrganisationRule:
     qualifier: tuple[str, ...] = ()
     #: Top-level settings written just before the select (``minRet = 3;`` in uves.oca):
     #: ``minRet`` there is the least number of raw files a group needs.
-    settings: tuple["Setting", ...] = ()
+    settings: tuple[Setting, ...] = ()
     line: int = field(default=0, compare=False)
     source: str = field(default="", compare=False)
 
@@ -148,7 +147,7 @@ class Product:
     line: int = field(default=0, compare=False)
 
 
-ActionStatement = Union[Setting, FileSelect, Recipe, Product]
+ActionStatement = Setting | FileSelect | Recipe | Product
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ produces (comments and layout are not kept).
 
 from __future__ import annotations
 
-
 from shared.oca.model import (
     Action,
     And,

@@ -66,7 +66,7 @@ def test_explain_json_with_overlay(delivery, capsys):
     code = _run(["explain", "-i", "HAWKI", "--calib", str(cal), *map(str, files), "--json"])
     out = json.loads(capsys.readouterr().out)
     assert code == 1  # one file could not be read; the others are still explained
-    first, second, broken = out["files"]
+    first, _second, broken = out["files"]
     assert first["classification"] == {"DO.CATG": "IMG_PREIMAGING"}
     assert first["rules"] == {"DO.CATG": "hawki_overlay.oca:10"}
     assert "truncated header" in broken["errors"][0]
@@ -79,7 +79,7 @@ def test_explain_json_with_overlay(delivery, capsys):
 
 
 def test_explain_rules_alone_and_text(delivery, oca_rules_dir, capsys):
-    files, cal = delivery
+    files, _cal = delivery
     code = _run(["explain", "-i", "HAWKI", "--rules", str(oca_rules_dir / "hawki.oca"),
                  *map(str, files[:2])])
     text = capsys.readouterr().out
