@@ -91,7 +91,7 @@ def test_classification_of_calibrations_and_unknowns(hawki_rules):
         "dark.fits": ("DARK", "hawki.oca:41"),
         "flat.fits": ("FLAT_TWILIGHT", "hawki.oca:45"),
         "mdark.fits": ("MASTER_DARK", "hawki.oca:169"),
-        "cat.fits": ("MASTER_LOCAL_CATALOGUE_ASTROM", "hawki_overlay.oca:17"),
+        "cat.fits": ("MASTER_LOCAL_CATALOGUE_ASTROM", "hawki_overlay.oca:23"),
         "other.fits": ("UNCLASSIFIED", None),
     }
 
@@ -101,6 +101,11 @@ def test_preimaging_classified_by_overlay(hawki_rules):
     c = _one(classify(hawki_rules, pre))
     # hawki.oca:33 gives JITTER_OBS, then hawki_overlay.oca:10 (DPR.TECH like %PRE%) wins
     assert (c.category, c.rule_lines["DO.CATG"]) == ("IMG_PREIMAGING", "hawki_overlay.oca:10")
+    sky = _frames("sky", SCIENCE, 1, 60310.2, "2024-01-02T04:00:00",
+                  **{"DPR.TECH": "IMAGE,PRE", "DPR.TYPE": "SKY"})
+    c = _one(classify(hawki_rules, sky))
+    # hawki.oca:37 gives JITTER_SKY, hawki_overlay.oca:16 makes it SKY like hawki.oca:57
+    assert (c.category, c.rule_lines["DO.CATG"]) == ("SKY", "hawki_overlay.oca:16")
 
 
 def test_wrong_type_is_reported_and_other_files_classified(hawki_rules):
@@ -132,10 +137,10 @@ def test_grouping_templates_and_keys(hawki_rules, hawki_shipped):
         # hawki.oca:371: SIG.TEMPLATE, group by DET.NCORRS.NAME,DET.DIT,DET.NDIT: one AB per DIT
         ("DARKS", "hawki.oca:371", ["dark1.fits", "dark2.fits"]),
         ("DARKS", "hawki.oca:371", ["dark3.fits", "dark4.fits"]),
-        # hawki_overlay.oca:29 = hawki.oca:379 (LF.DO.CATG == "OBJECT"): the template
-        ("SCIENCE_FRAMES", "hawki_overlay.oca:29", ["obj1.fits", "obj2.fits", "obj3.fits"]),
-        # hawki_overlay.oca:31: pre-imaging template, raw tag OBJECT through the tagmap
-        ("SCIENCE_FRAMES", "hawki_overlay.oca:31", ["pre1.fits", "pre2.fits"]),
+        # hawki_overlay.oca:35 = hawki.oca:379 (LF.DO.CATG == "OBJECT"): the template
+        ("SCIENCE_FRAMES", "hawki_overlay.oca:35", ["obj1.fits", "obj2.fits", "obj3.fits"]),
+        # hawki_overlay.oca:37: pre-imaging template, raw tag OBJECT through the tagmap
+        ("SCIENCE_FRAMES", "hawki_overlay.oca:37", ["pre1.fits", "pre2.fits"]),
     ]
     assert abs_[3].raw[0][1] == "OBJECT" and abs_[3].event == "TPL_A"
     assert abs_[3].name == "HAWKI.2024-01-02T04:00:10.000_tpl"
