@@ -7,10 +7,10 @@ Prints JSON lines (``name``, values, ``unit``):
                              (fresh workdir, SOF writing, log parsing, product/QC reading)
   run_recipe_overhead_pct    (run_recipe median - bare median) / bare median * 100
 
-``processor_overhead_pct`` (the whole processor on a delivery against the sum
-of bare esorex runs on the same SOFs, target <= 5 %) needs the integrated
-processor; :func:`processor_overhead_pct` takes it as a callable and is not
-called from ``main`` yet.
+  processor_overhead_pct     the processor (createAB, processAB, rename, move) on a two-AB HAWK-I
+                             delivery against the sum of bare esorex runs on the same SOFs
+                             (target <= 5 %); ``value`` with one AB at a time, ``parallel`` with
+                             the profile's max_parallel_abs
 
 Usage: ``python bench/bench_processor.py [--repeat N] [--vimos]``
 """
@@ -116,6 +116,65 @@ def processor_overhead_pct(process_delivery: Callable[[], float],
     return (process_delivery() - bare) / bare * 100.0
 
 
+def processor_delivery_seconds(raw_frames: list[Path], cal_root: Path, scratch: Path, max_parallel: int,
+                               run_id: str) -> tuple[float, list[tuple[str, Sof, Path | None, Sequence[str]]]]:
+    """Wall time of the processor handler on one delivery, and the (recipe, SOF, ...) of its ABs."""
+    from prometheus_client import CollectorRegistry
+
+    from services.app import describe_files
+    from services.ingest.handlers import handle_delivery
+    from services.ingest.service import build_ports as ingest_ports
+    from services.processor.handlers import handle_raw_ready
+    from services.processor.service import build_ports
+    from shared.messages import DeliveryAnnounced
+    from shared.metrics import build_metrics
+    from shared.settings import Settings
+
+    area = raw_frames[0].parent
+    settings = Settings(data_root=scratch / "data", delivery_area=area, cal_root=cal_root)
+    delivery = DeliveryAnnounced(run_id=run_id, delivery_id=run_id, instrument="HAWKI",
+                                 files=tuple(describe_files(raw_frames, area)))
+    [raw_ready] = handle_delivery(delivery, ingest_ports(settings))
+    profile = load_profile("HAWKI").model_copy(update={"max_parallel_abs": max_parallel})
+    ports = build_ports(settings, "HAWKI", build_metrics(CollectorRegistry()), profile=profile)
+    ports.plan(raw_ready, settings.run_dirs("HAWKI", run_id))  # load the rules once, as a running service has
+    started = time.perf_counter()
+    [event] = handle_raw_ready(raw_ready, ports)
+    elapsed = time.perf_counter() - started
+    bad = [ab for ab in event.abs if ab.status != "SUCCESSFUL"]
+    if bad:
+        raise RuntimeError(f"processor failed: {bad[0].reason}")
+    runs = []
+    for ab in event.abs:
+        sof = esorex.read_sof(Path(event.log_dir) / f"{ab.name}.sof")
+        runs.append((ab.recipe, sof, profile.resolve_recipe_dir(), tuple(profile.recipe_options.get(ab.recipe, ()))))
+    return elapsed, runs
+
+
+def bench_processor_overhead(cal_root: Path, scratch: Path, repeat: int) -> None:
+    """processor_overhead_pct on a delivery of two templates (two ABs)."""
+    from datetime import datetime, timezone
+
+    raw = scratch / "delivery"
+    frames = synth.make_raw_frames("HAWKI", raw, n_frames=2)
+    frames += synth.make_raw_frames("HAWKI", raw, n_frames=2, start=datetime(2026, 11, 20, 3, tzinfo=timezone.utc))
+    sequential, parallel, bare = [], [], []
+    for i in range(repeat):  # interleaved, so drift hits all three alike
+        t, runs = processor_delivery_seconds(frames, cal_root, scratch / f"s{i}", 1, f"seq-{i}")
+        sequential.append(t)
+        parallel.append(processor_delivery_seconds(frames, cal_root, scratch / f"p{i}", 2, f"par-{i}")[0])
+        bare.append(bare_esorex_total(runs))
+    b = statistics.median(bare)
+    print(json.dumps({
+        "name": "processor_overhead_pct",
+        "value": round((statistics.median(sequential) - b) / b * 100.0, 2),
+        "parallel": round((statistics.median(parallel) - b) / b * 100.0, 2),
+        "processor_s": round(statistics.median(sequential), 3),
+        "processor_parallel_s": round(statistics.median(parallel), 3),
+        "bare_esorex_sum_s": round(b, 3), "abs": len(runs), "n": repeat, "unit": "%", "target": 5,
+    }), flush=True)
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": round(statistics.median(values), 4), "min": round(min(values), 4),
             "max": round(max(values), 4), "n": len(values)}
@@ -151,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         hawki_cal = synth.make_calibrations("HAWKI", cal_root)
         raw = synth.make_raw_frames("HAWKI", scratch / "hawki_raw", n_frames=3)
         bench_recipe("HAWKI", "hawki_science_process", synth.science_sof(raw, hawki_cal), args.repeat, scratch)
+        bench_processor_overhead(cal_root, scratch, args.repeat)
         if args.vimos:
             vimos_cal = synth.make_calibrations("VIMOS", cal_root)
             raw = synth.make_raw_frames("VIMOS", scratch / "vimos_raw", n_frames=1)
