@@ -23,11 +23,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.app import describe_files  # noqa: E402
-from shared.bus.rabbitmq import RabbitClient, RabbitConsumer  # noqa: E402
-from shared.bus.runner import Incoming, Outcome  # noqa: E402
-from shared.bus.topology import QueueSpec  # noqa: E402
-from shared.messages import (  # noqa: E402
+from datetime import UTC
+
+from services.app import describe_files
+from shared.bus.rabbitmq import RabbitClient, RabbitConsumer
+from shared.bus.runner import Incoming, Outcome
+from shared.bus.topology import QueueSpec
+from shared.messages import (
     DeliveryAnnounced,
     PreImagingCompleted,
     ProductsReady,
@@ -35,8 +37,8 @@ from shared.messages import (  # noqa: E402
     ReportsReady,
     decode,
 )
-from tests.backbone.cluster import Cluster, CompletionWatcher  # noqa: E402
-from tests.backbone.test_e2e_rabbitmq import make_frames  # noqa: E402
+from tests.backbone.cluster import Cluster, CompletionWatcher
+from tests.backbone.test_e2e_rabbitmq import make_frames
 
 N_DELIVERIES = 50
 N_FILES = 10
@@ -57,16 +59,16 @@ def vhost() -> tuple[str, str]:
 
 def broker_floor(url: str, n: int) -> list[float]:
     """Four hops with handlers that only build the next event."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def hop(make_next):
         def process(incoming: Incoming) -> Outcome:
             return Outcome("ack", events=(make_next(decode(incoming.body)),))
         return process
 
-    common = lambda m: dict(run_id=m.run_id, delivery_id=m.delivery_id, instrument=m.instrument)  # noqa: E731
+    common = lambda m: dict(run_id=m.run_id, delivery_id=m.delivery_id, instrument=m.instrument)
     chain = {
         "ingest": hop(lambda m: RawDataReady(**common(m), raw_dir="/", frames=(), delivered_at=now)),
         "processor": hop(lambda m: ProductsReady(**common(m), raw_dir="/", sci_dir="/", log_dir="/", frames=(),

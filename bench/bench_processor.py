@@ -31,6 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from datetime import UTC
+
 from services.processor import esorex, synth
 from shared.profiles import load_profile
 
@@ -153,11 +155,11 @@ def processor_delivery_seconds(raw_frames: list[Path], cal_root: Path, scratch: 
 
 def bench_processor_overhead(cal_root: Path, scratch: Path, repeat: int) -> None:
     """processor_overhead_pct on a delivery of two templates (two ABs)."""
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     raw = scratch / "delivery"
     frames = synth.make_raw_frames("HAWKI", raw, n_frames=2)
-    frames += synth.make_raw_frames("HAWKI", raw, n_frames=2, start=datetime(2026, 11, 20, 3, tzinfo=timezone.utc))
+    frames += synth.make_raw_frames("HAWKI", raw, n_frames=2, start=datetime(2026, 11, 20, 3, tzinfo=UTC))
     sequential, parallel, bare = [], [], []
     for i in range(repeat):  # interleaved, so drift hits all three alike
         t, runs = processor_delivery_seconds(frames, cal_root, scratch / f"s{i}", 1, f"seq-{i}")

@@ -9,7 +9,6 @@ in-process bus. Nothing here runs at import time.
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import signal
 import threading
@@ -17,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
 from shared.bus.topology import QueueSpec, binding_keys, queue_name
+from shared.files import file_digest
 from shared.ledger import FileLedger
 from shared.messages import (
     DeliveredFile,
@@ -51,8 +51,8 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
     """The MessageRunner of ``service`` with its handlers bound to real ports."""
     handlers: dict[type[Envelope], Callable[[Any], list[Envelope]]]
     if service == "ingest":
-        from services.ingest.service import build_ports as ingest_ports
         from services.ingest.handlers import handle_delivery
+        from services.ingest.service import build_ports as ingest_ports
 
         handlers = {DeliveryAnnounced: functools.partial(handle_delivery, ports=ingest_ports(settings))}
     elif service == "processor":
@@ -193,7 +193,7 @@ class RunSummary:
     event: dict[str, Any] | None = None
 
 
-def new_run_id(instrument: str, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> str:
+def new_run_id(instrument: str, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> str:
     return f"{instrument}_{clock().strftime('%Y%m%dT%H%M%S')}_{uuid.uuid4().hex[:6]}"
 
 
@@ -202,12 +202,8 @@ def describe_files(paths: list[Path], area: Path) -> list[DeliveredFile]:
     out = []
     for p in paths:
         p = p.resolve()
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
         rel = p.relative_to(area) if p.is_relative_to(area) else p
-        out.append(DeliveredFile(name=p.name, path=str(rel), size=p.stat().st_size, checksum=f"sha256:{h.hexdigest()}"))
+        out.append(DeliveredFile(name=p.name, path=str(rel), size=p.stat().st_size, checksum=f"sha256:{file_digest(p)}"))
     return out
 
 

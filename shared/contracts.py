@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.bus.topology import EXCHANGE, binding_keys, queue_name
-from shared.messages import MESSAGE_TYPES, Envelope, type_name
+from shared.messages import MESSAGE_TYPES, type_name
 
 _DESCRIPTIONS = {
     "delivery": "AOG announces a delivery of raw pre-imaging frames (replaces launching processPreImg).",

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -35,7 +35,7 @@ Status = Literal["ok", "partial", "failed"]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_message_id() -> str:
@@ -250,14 +250,7 @@ class RunFailed(Envelope):
 
 
 Message = Annotated[
-    Union[
-        DeliveryAnnounced,
-        RawDataReady,
-        ProductsReady,
-        ReportsReady,
-        PreImagingCompleted,
-        RunFailed,
-    ],
+    DeliveryAnnounced | RawDataReady | ProductsReady | ReportsReady | PreImagingCompleted | RunFailed,
     Field(discriminator="type"),
 ]
 

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     def qc_local_dir(self) -> Path:
         return (self.qc_dir or self.data_root / "qc").resolve()
 
-    def run_dirs(self, instrument: str, run_id: str) -> "RunDirs":
+    def run_dirs(self, instrument: str, run_id: str) -> RunDirs:
         root = self.data_root.resolve()
         return RunDirs(
             raw=root / "raw" / instrument / run_id,

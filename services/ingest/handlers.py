@@ -8,18 +8,25 @@ processed at once and a crash never leaves a half-staged run behind.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shared.errors import PermanentError
-from shared.messages import DeliveredFile, DeliveryAnnounced, Envelope, RawDataReady, RawFrame, derived_message_id
+from shared.files import file_digest, fsync_dir
+from shared.messages import (
+    DeliveredFile,
+    DeliveryAnnounced,
+    Envelope,
+    RawDataReady,
+    RawFrame,
+    derived_message_id,
+)
 from shared.settings import RunDirs
 
 _log = logging.getLogger(__name__)
@@ -39,7 +46,7 @@ class IngestPorts:
     known_instruments: Callable[[], list[str]]
     read_header: HeaderReader
     classify: Classifier
-    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 def handle_delivery(msg: DeliveryAnnounced, ports: IngestPorts) -> list[Envelope]:
@@ -116,11 +123,11 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
                 ". Deliver the files again with their correct sizes and checksums",
                 problems=problems,
             )
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():  # left by an attempt that crashed before recording its result
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [dest / f.name for f, _ in sources]
@@ -147,14 +154,6 @@ def _verify(f: DeliveredFile, path: Path) -> str:
     return ""
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _describe(instrument: str, f: DeliveredFile, path: Path, ports: IngestPorts) -> RawFrame:
     """Header summary and classification of one staged frame; a bad header is noted, not fatal."""
     try:
@@ -172,11 +171,3 @@ def _describe(instrument: str, f: DeliveredFile, path: Path, ports: IngestPorts)
         name=f.name, path=str(path), size=f.size, checksum=f.checksum,
         headers=headers, classification=classification, problem=problem,
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

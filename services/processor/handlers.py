@@ -22,11 +22,18 @@ import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from shared.errors import PermanentError
-from shared.messages import ABResult, Envelope, Product, ProductsReady, RawDataReady, derived_message_id
+from shared.messages import (
+    ABResult,
+    Envelope,
+    Product,
+    ProductsReady,
+    RawDataReady,
+    derived_message_id,
+)
 from shared.profiles import Profile
 from shared.settings import RunDirs
 
@@ -51,7 +58,7 @@ class ProcessorPorts:
     run_dirs: Callable[[str, str], RunDirs]
     plan: Callable[[RawDataReady, RunDirs], Sequence[Any]]
     execute: Callable[[Any, RunDirs], ABOutcome]
-    clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 
 
 def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]:

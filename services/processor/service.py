@@ -10,19 +10,18 @@ updateAB for one AB.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from services.processor.esorex import run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts
 from services.processor.products import first_date_obs, move_logs, move_products, rename_products
 from shared.errors import PermanentError
-from shared.ledger import write_atomic
+from shared.files import file_digest, write_atomic
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
 from shared.oca import (
@@ -145,7 +144,7 @@ class AbExecutor:
                 renamed = rename_products(result.products, self._profile.instrument, date_obs)
                 for moved in move_products(renamed, dirs.sci):
                     products.append(Product(path=str(moved.path), pro_catg=moved.pro_catg, ab=ab.name,
-                                            qc=dict(moved.qc), checksum="sha256:" + _sha256(moved.path)))
+                                            qc=dict(moved.qc), checksum="sha256:" + file_digest(moved.path)))
             except (OSError, ValueError) as e:
                 reason = f"products could not be renamed and moved: {e}"
         status = "SUCCESSFUL" if result.ok and not reason else "FAILED"
@@ -179,16 +178,8 @@ def _calib_info(path: Path) -> dict[str, str]:
     return {"pro_catg": str(header.get("HIERARCH ESO PRO CATG", "")), "date": str(header.get("DATE-OBS", header.get("DATE", "")))}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def check_instrument(profile: Profile, settings: Settings) -> list[str]:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,8 +37,9 @@ import jinja2
 
 from services.publisher.mailer import MAIL_ERRORS, Mailer
 from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
-from services.publisher.qcserver import QcServer, sha256_of
+from services.publisher.qcserver import QcServer
 from shared.errors import PermanentError
+from shared.files import fsync_dir, sha256_of, write_atomic
 from shared.messages import (
     Envelope,
     ManifestEntry,
@@ -106,25 +106,6 @@ def package_prefix(base: str, run_id: str) -> str:
     return f"{base}/runs/{run_id}/"
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def _content_type(name: str) -> str:
     if name.endswith(".html"):
         return "text/html; charset=utf-8"
@@ -178,7 +159,7 @@ def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
     data = ports.qc.get(key)
     if data is not None:
         local = Path(msg.log_dir) / profile.readme_name
-        _write_atomically(local, data)
+        write_atomic(local, data)
         return local, ""
     note = (
         f"{README_NOTE_MARKER} {profile.readme_name} was not found on the QC server "
@@ -189,7 +170,7 @@ def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
     report = Path(msg.report)
     text = report.read_text(encoding="utf-8") if report.is_file() else ""
     if README_NOTE_MARKER not in text:  # a replay must not add the note twice
-        _write_atomically(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode())
+        write_atomic(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode())
     return None, note
 
 
@@ -263,7 +244,7 @@ def _notify(msg: ReportsReady, ports: PublisherPorts, profile: Profile, package_
                    msg.run_id, mail["To"], e)
         ports.count_notification_failure(msg.instrument)
         return
-    _write_atomically(marker, json.dumps({"to": recipients,
+    write_atomic(marker, json.dumps({"to": recipients,
                                           "at": ports.clock().isoformat()}).encode())
 
 
@@ -275,11 +256,7 @@ def _write_executed(sci_dir: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dir_fd = os.open(sci_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(sci_dir)
 
 
 def _profile(ports: PublisherPorts, instrument: str) -> Profile:

@@ -29,8 +29,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from services.publisher.qcserver import QcServer, sha256_of
+from services.publisher.qcserver import QcServer
 from shared.errors import RetryableError
+from shared.files import sha256_of
 
 _log = logging.getLogger(__name__)
 

@@ -15,10 +15,8 @@ and a reader can verify what it fetched.
 from __future__ import annotations
 
 import base64
-import hashlib
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,10 +24,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from shared.errors import RetryableError
+from shared.files import sha256_of, write_atomic
 
 _log = logging.getLogger(__name__)
 
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -59,18 +57,6 @@ class QcServer(Protocol):
 
     def url(self, key: str) -> str:
         """Where a person or AOG finds the object."""
-
-
-def sha256_of(body: bytes | Path) -> str:
-    """Hex SHA-256 of bytes or of a file, read in chunks."""
-    digest = hashlib.sha256()
-    if isinstance(body, Path):
-        with body.open("rb") as stream:
-            for chunk in iter(lambda: stream.read(CHUNK), b""):
-                digest.update(chunk)
-    else:
-        digest.update(body)
-    return digest.hexdigest()
 
 
 def _safe_key(key: str) -> str:
@@ -123,42 +109,10 @@ class LocalQcServer:
         return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
 
     def put(self, key: str, body: bytes | Path, *, sha256: str, content_type: str) -> None:
-        path = self._path(key)
         try:
-            fd, tmp = self._temp_beside(path)
-            try:
-                with os.fdopen(fd, "wb") as out:
-                    if isinstance(body, Path):
-                        with body.open("rb") as source:
-                            for chunk in iter(lambda: source.read(CHUNK), b""):
-                                out.write(chunk)
-                    else:
-                        out.write(body)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.chmod(tmp, 0o644)  # mkstemp makes 0600; the QC web server must read it
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            write_atomic(self._path(key), body)
         except OSError as e:
             raise RetryableError(f"cannot write {key} into the QC directory {self.root}: {e}") from e
-
-    @staticmethod
-    def _temp_beside(path: Path) -> tuple[int, str]:
-        # A concurrent delete() may remove the directory just made empty; make it again.
-        for _ in range(5):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            except FileNotFoundError:
-                continue
-        raise FileNotFoundError(f"directory {path.parent} keeps disappearing")
 
     def list(self, prefix: str) -> dict[str, str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root

@@ -19,8 +19,6 @@ same files instead of adding new ones.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +29,7 @@ import jinja2
 
 from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
+from shared.files import write_atomic
 from shared.messages import ABResult, Envelope, ProductsReady, ReportsReady, derived_message_id
 
 _log = logging.getLogger(__name__)
@@ -94,29 +93,6 @@ def report_names(msg: ProductsReady) -> ReportNames:
         userreport_html=log_dir / f"USERREPORT_{stem}.html",
         list_mcalib=log_dir / f"list_mcalib_{date}",
     )
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old or the new file, never half.
-
-    Temp file in the same directory, fsync, rename, fsync of the directory.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _first_value(mapping: Mapping[str, str]) -> str:
@@ -311,7 +287,7 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
             if ".html" not in template:
                 # Padded last columns leave trailing blanks; diff and mail tools flag them.
                 text = "\n".join(line.rstrip() for line in text.split("\n"))
-            write_atomically(path, text)
+            write_atomic(path, text)
     except OSError as e:
         raise RetryableError(f"cannot write the reports into {msg.log_dir}: {e}") from e
     _log.info("reports written for %s run %s: %s", msg.instrument, msg.run_id, summary)

@@ -10,7 +10,7 @@ dead-lettered or simply acked.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from shared.bus.runner import Incoming, Outcome
@@ -52,6 +52,6 @@ def settle(outcome: Outcome, incoming: Incoming, queue: str, n_retry_tiers: int,
             HEADER_ORIGINAL_KEY: incoming.routing_key,
             HEADER_QUEUE: queue,
             HEADER_ATTEMPT: incoming.attempt,
-            HEADER_FAILED_AT: datetime.now(timezone.utc).isoformat(),
+            HEADER_FAILED_AT: datetime.now(UTC).isoformat(),
         }
         sender.send_to_queue(dead_letter_queue(queue), incoming.body, headers)

@@ -91,7 +91,7 @@ class RabbitSender:
         self._exchange = exchange
 
     @classmethod
-    def open(cls, connection: pika.BlockingConnection, exchange: str) -> "RabbitSender":
+    def open(cls, connection: pika.BlockingConnection, exchange: str) -> RabbitSender:
         channel = connection.channel()
         channel.confirm_delivery()
         return cls(channel, exchange)
@@ -239,7 +239,7 @@ class RabbitClient:
         self._connection: pika.BlockingConnection | None = None
         self._sender: RabbitSender | None = None
 
-    def __enter__(self) -> "RabbitClient":
+    def __enter__(self) -> RabbitClient:
         self._connection = pika.BlockingConnection(connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))
         channel = self._connection.channel()
         declare_topology(channel, self._exchange, None, ())

@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from shared.bus.topology import HEADER_ATTEMPT
@@ -240,7 +240,7 @@ class MessageRunner:
         for event in events:
             status = getattr(event, "status", None) or ("failed" if isinstance(event, RunFailed) else None)
             if event.stage in ("completed", "run_failed") and delivered_at is not None:
-                elapsed = (datetime.now(timezone.utc) - delivered_at).total_seconds()
+                elapsed = (datetime.now(UTC) - delivered_at).total_seconds()
                 self._metrics.end_to_end.labels(message.instrument, status).observe(max(elapsed, 0.0))
 
 

@@ -85,7 +85,7 @@ class QueueSpec:
     prefetch: int = 1
 
     @classmethod
-    def for_service(cls, service: str, instrument: str | None = None) -> "QueueSpec":
+    def for_service(cls, service: str, instrument: str | None = None) -> QueueSpec:
         return cls(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1)
 
 

@@ -72,7 +72,7 @@ class Cluster:
         env.update(self.extra_env)
         return env
 
-    def start(self, timeout: float = 60) -> "Cluster":
+    def start(self, timeout: float = 60) -> Cluster:
         self.delivery_area.mkdir(parents=True, exist_ok=True)
         names = ["ingest", "reporter", "publisher"] + [f"processor-{i}" for i in self.instruments]
         for name in names:

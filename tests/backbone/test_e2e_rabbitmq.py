@@ -18,7 +18,6 @@ from services.app import describe_files
 from shared.bus.rabbitmq import RabbitClient
 from shared.bus.topology import HEADER_REASON, dead_letter_queue, queue_name
 from shared.messages import DeliveredFile, DeliveryAnnounced
-
 from tests.backbone.cluster import PREIMG, REPO, Cluster, CompletionWatcher
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]

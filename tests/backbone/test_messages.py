@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import jsonschema
 import pytest
+from pydantic import ValidationError
 
 from shared.contracts import render
 from shared.messages import (
@@ -27,7 +28,7 @@ from shared.messages import (
     derived_message_id,
 )
 
-NOW = datetime(2026, 11, 20, 3, 4, 5, tzinfo=timezone.utc)
+NOW = datetime(2026, 11, 20, 3, 4, 5, tzinfo=UTC)
 COMMON = dict(run_id="HAWKI_20261120T030405_abc123", delivery_id="aog-77", instrument="HAWKI", test=True)
 
 
@@ -65,7 +66,7 @@ def test_payload_validates_against_the_published_schema(message, repo_root):
 
 def test_messages_are_frozen():
     msg = examples()[0]
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         msg.run_id = "other"  # type: ignore[misc]
 
 

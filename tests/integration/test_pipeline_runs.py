@@ -10,20 +10,19 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from astropy.io import fits
 from prometheus_client import CollectorRegistry
 
-from services.app import run_embedded
+from services.app import describe_files
+from services.ingest.handlers import handle_delivery
+from services.ingest.service import build_ports as ingest_ports
 from services.processor import synth
 from services.processor.handlers import handle_raw_ready
 from services.processor.service import build_ports
-from services.ingest.handlers import handle_delivery
-from services.ingest.service import build_ports as ingest_ports
-from services.app import describe_files
 from shared.messages import DeliveryAnnounced, ProductsReady
 from shared.metrics import build_metrics
 from shared.profiles import load_profile
@@ -32,35 +31,6 @@ from shared.settings import Settings
 pytestmark = [pytest.mark.esorex, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="session")
-def cal_root(cache_dir: Path) -> Path:
-    root = cache_dir / "synth" / "cal"
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@pytest.fixture(scope="session")
-def hawki_cal(cal_root: Path, esorex_installed: None) -> Path:
-    synth.make_calibrations("HAWKI", cal_root)
-    return cal_root
-
-
-@pytest.fixture(scope="session")
-def vimos_cal(cal_root: Path, esorex_installed: None) -> Path:
-    synth.make_calibrations("VIMOS", cal_root)
-    return cal_root
-
-
-@pytest.fixture(scope="session")
-def esorex_installed() -> None:
-    from tests.conftest import IN_CI
-
-    if shutil.which("esorex") is None or load_profile("HAWKI").resolve_recipe_dir() is None:
-        if IN_CI:
-            pytest.fail("esorex and the pipeline plugins must be installed in CI")
-        pytest.skip("esorex is not installed")
 
 
 def preimg_run(instrument: str, raw: Path, data_root: Path, cal_root: Path) -> dict:
@@ -128,13 +98,13 @@ def test_fors2_without_pipeline_packages_the_raw_frames(tmp_path):
 
 def _two_templates(raw: Path) -> tuple[list[Path], list[Path]]:
     first = synth.make_raw_frames("HAWKI", raw, n_frames=2)
-    second = synth.make_raw_frames("HAWKI", raw, n_frames=2, start=datetime(2026, 11, 20, 3, 0, 0, tzinfo=timezone.utc))
+    second = synth.make_raw_frames("HAWKI", raw, n_frames=2, start=datetime(2026, 11, 20, 3, 0, 0, tzinfo=UTC))
     return first, second
 
 
 def test_truncated_frame_fails_its_ab_while_the_other_ab_succeeds(tmp_path, hawki_cal):
     raw = tmp_path / "incoming"
-    first, second = _two_templates(raw)
+    _, second = _two_templates(raw)
     synth.truncate_file(second[1])
     doc = preimg_run("HAWKI", raw, tmp_path / "data", hawki_cal)
     assert doc["status"] == "partial", doc

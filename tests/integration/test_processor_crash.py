@@ -13,9 +13,22 @@ from services.processor import synth
 from shared.bus.rabbitmq import RabbitClient
 from shared.messages import DeliveryAnnounced
 from tests.backbone.cluster import Cluster, CompletionWatcher
-from tests.integration.test_pipeline_runs import esorex_installed, hawki_cal, cal_root  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.esorex, pytest.mark.slow]
+
+
+def deliver_and_wait_for_esorex(cluster: Cluster, run_id: str) -> None:
+    """Announce a HAWK-I delivery and return once esorex runs for its AB."""
+    frames = synth.make_raw_frames("HAWKI", cluster.delivery_area, n_frames=3)
+    with RabbitClient(cluster.amqp_url, "preimg") as client:
+        client.sender.publish(DeliveryAnnounced(
+            run_id=run_id, delivery_id=run_id, instrument="HAWKI", test=True,
+            files=tuple(describe_files(frames, cluster.delivery_area))))
+    work = cluster.root / "data" / "work" / "HAWKI" / run_id
+    deadline = time.monotonic() + 60
+    while not list(work.glob("*/esorex.out")):
+        assert time.monotonic() < deadline, cluster.logs()
+        time.sleep(0.05)
 
 
 def test_processor_killed_mid_recipe_completes_once_after_restart(rabbitmq_url, tmp_path, hawki_cal):
@@ -23,17 +36,7 @@ def test_processor_killed_mid_recipe_completes_once_after_restart(rabbitmq_url, 
                       extra_env={"PREIMG_CAL_ROOT": str(hawki_cal)}).start()
     watcher = CompletionWatcher(rabbitmq_url)
     try:
-        frames = synth.make_raw_frames("HAWKI", cluster.delivery_area, n_frames=3)
-        with RabbitClient(rabbitmq_url, "preimg") as client:
-            client.sender.publish(DeliveryAnnounced(
-                run_id="crash-1", delivery_id="crash-1", instrument="HAWKI", test=True,
-                files=tuple(describe_files(frames, cluster.delivery_area))))
-        # Wait until esorex is running for the run's AB, then kill the processor outright.
-        work = tmp_path / "data" / "work" / "HAWKI" / "crash-1"
-        deadline = time.monotonic() + 60
-        while not list(work.glob("*/esorex.out")):
-            assert time.monotonic() < deadline, cluster.logs()
-            time.sleep(0.05)
+        deliver_and_wait_for_esorex(cluster, "crash-1")
         cluster.kill("processor-HAWKI")
         assert watcher.collect(until=1, timeout=2) == []  # nothing completed behind our back
 
@@ -59,16 +62,7 @@ def test_sigterm_mid_recipe_finishes_the_message_then_exits(rabbitmq_url, tmp_pa
                       extra_env={"PREIMG_CAL_ROOT": str(hawki_cal)}).start()
     watcher = CompletionWatcher(rabbitmq_url)
     try:
-        frames = synth.make_raw_frames("HAWKI", cluster.delivery_area, n_frames=3)
-        with RabbitClient(rabbitmq_url, "preimg") as client:
-            client.sender.publish(DeliveryAnnounced(
-                run_id="term-1", delivery_id="term-1", instrument="HAWKI", test=True,
-                files=tuple(describe_files(frames, cluster.delivery_area))))
-        work = tmp_path / "data" / "work" / "HAWKI" / "term-1"
-        deadline = time.monotonic() + 60
-        while not list(work.glob("*/esorex.out")):
-            assert time.monotonic() < deadline, cluster.logs()
-            time.sleep(0.05)
+        deliver_and_wait_for_esorex(cluster, "term-1")
         cluster.kill("processor-HAWKI", sig=15)  # SIGTERM while esorex runs
         assert cluster.services["processor-HAWKI"].proc.returncode == 0
         # The processor finished the recipe and handed its result on before exiting.

@@ -11,7 +11,6 @@ import urllib.request
 import pytest
 
 from tests.backbone.cluster import Cluster
-from tests.integration.test_pipeline_runs import esorex_installed, hawki_cal, cal_root  # noqa: F401 (fixtures)
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.esorex]
 
