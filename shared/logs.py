@@ -11,12 +11,15 @@ import contextvars
 import json
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any
 
-_CONTEXT: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("preimg_log_context", default={})
+_CONTEXT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "preimg_log_context", default=MappingProxyType({})
+)
 
 _STANDARD_ATTRS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -28,6 +31,11 @@ def log_context(**fields: Any) -> Iterator[None]:
         yield
     finally:
         _CONTEXT.reset(token)
+
+
+def current_context() -> dict[str, Any]:
+    """The fields of the enclosing ``log_context`` (run_id, instrument, ...)."""
+    return dict(_CONTEXT.get())
 
 
 class JsonFormatter(logging.Formatter):

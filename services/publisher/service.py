@@ -13,6 +13,7 @@ import jinja2
 from services.publisher.handlers import PublisherPorts
 from services.publisher.mailer import SmtpMailer
 from services.publisher.qcserver import LocalQcServer, QcServer, S3QcServer
+from shared.logs import current_context
 from shared.profiles import load_profile
 from shared.settings import Settings
 
@@ -90,8 +91,10 @@ def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -
             metrics.notification_failures.labels(instrument=instr).inc()
 
     def count_upload_retry(_what: str) -> None:
+        # The QC server adapter serves every instrument; the message in hand names one.
         if metrics is not None:
-            metrics.upload_retries.labels(instrument=instrument or "all").inc()
+            label = instrument or current_context().get("instrument") or "unknown"
+            metrics.upload_retries.labels(instrument=label).inc()
 
     return PublisherPorts(
         settings=settings,
