@@ -215,6 +215,9 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
         raise FileNotFoundError(f"raw directory {raw_dir} does not exist")
     settings = settings.model_copy(update={"delivery_area": raw_dir})
     files = sorted(p for p in raw_dir.iterdir() if p.is_file() and p.name.lower().endswith((".fits", ".fits.fz", ".fit")))
+    if not files:
+        raise FileNotFoundError(f"no FITS files (*.fits, *.fit, *.fits.fz) in {raw_dir}")
+    load_profile(instrument)  # an unknown instrument stops here, before anything is staged
     run_id = run_id or new_run_id(instrument)
     registry = CollectorRegistry()
     metrics = build_metrics(registry)
@@ -245,7 +248,8 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     completed = [e for e in events if isinstance(e, PreImagingCompleted) and e.run_id == run_id]
     failed = [e for e in events if isinstance(e, RunFailed) and e.run_id == run_id]
     dead = bus.messages(f"{spec.name}.dlq")
-    paths = {"raw": dirs["raw"], "products": dirs["sci"], "logs": dirs["logs"], "state": dirs["state"]}
+    paths = {k: dirs[d] for k, d in (("raw", "raw"), ("products", "sci"), ("logs", "logs"), ("state", "state"))
+             if Path(dirs[d]).exists()}
     if completed:
         event = completed[0]
         paths.update(_report_paths(event, Path(dirs["logs"])))

@@ -85,12 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from services.app import run_embedded
+    from shared.profiles import ProfileError
 
     overrides = {k: v for k, v in (("data_root", args.data_root), ("cal_root", args.cal_root)) if v is not None}
     settings = Settings(**overrides)
     try:
         summary = run_embedded(args.instrument, args.raw_dir, settings, test=not args.operational, run_id=args.run_id)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ProfileError) as e:
         print(f"preimg run: {e}", file=sys.stderr)
         return 2
     if args.json:

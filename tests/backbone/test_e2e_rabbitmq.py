@@ -164,3 +164,11 @@ def test_sigterm_stops_a_service_cleanly(cluster):
     assert cluster.services["reporter"].proc.returncode == 0
     log = cluster.services["reporter"].log.read_text()
     assert "received SIGTERM" in log
+
+
+def test_deliver_wait_exits_nonzero_and_prints_the_failure(cluster, tmp_path):
+    outside = make_frames(tmp_path / "elsewhere", 1)  # not inside the delivery area
+    rc, event = deliver(cluster, outside, "e2e-fail")
+    assert rc == 1
+    assert event["type"] == "preimg.run_failed.v1" and event["status"] == "failed"
+    assert "outside the delivery area" in event["reason"]
