@@ -23,7 +23,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,37 +61,90 @@ def read_header_text(path: str | os.PathLike) -> str:
     """
     try:
         with open(path, "rb") as fh:
-            data = fh.read(BLOCK_SIZE * READ_BLOCKS)
-            if not data:
-                raise FitsHeaderError(path, "empty file, no FITS header")
-            if not data.startswith(b"SIMPLE  ="):
-                raise FitsHeaderError(path, "not a FITS file: the first card is not SIMPLE")
-            searched = 0
-            while True:
-                end = _find_end(data, searched)
-                if end >= 0:
-                    block_end = -(-(end + CARD_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
-                    if len(data) < block_end:  # reads are whole blocks unless at end of file
-                        raise FitsHeaderError(
-                            path, f"truncated header: the file ends at byte {len(data)}, inside"
-                            f" the header block that holds END (a FITS block is {BLOCK_SIZE} bytes)")
-                    data = data[: end + CARD_SIZE]
-                    break
-                searched = len(data) - len(data) % CARD_SIZE
-                more = fh.read(BLOCK_SIZE * READ_BLOCKS)
-                if not more:
-                    raise FitsHeaderError(
-                        path, f"truncated header: no END card in the file's {len(data)} bytes"
-                    )
-                data += more
-                if len(data) > MAX_HEADER_BYTES:
-                    raise FitsHeaderError(path, f"no END card in the first {len(data)} bytes")
+            text = _read_header(fh, path)
     except FileNotFoundError as e:
         raise FitsHeaderError(path, "no such file") from e
     except IsADirectoryError as e:
         raise FitsHeaderError(path, "is a directory, not a FITS file") from e
     except PermissionError as e:
         raise FitsHeaderError(path, "permission denied") from e
+    if text is None:
+        raise FitsHeaderError(path, "empty file, no FITS header")
+    return text
+
+
+def iter_header_texts(path: str | os.PathLike) -> Iterator[str]:
+    """The headers of every HDU of a FITS file, primary first, skipping the data between them.
+
+    Raises
+    ------
+    FitsHeaderError
+        As :func:`read_header_text`, for any of the headers, or when the file
+        ends before the data an HDU declares (after yielding the headers before it).
+    """
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        start, n = 0, 0
+        while start < size:
+            fh.seek(start)
+            text = _read_header(fh, path, extension=n > 0)
+            if text is None:
+                return
+            yield text
+            n += 1
+            start += -(-len(text) // BLOCK_SIZE) * BLOCK_SIZE + _data_bytes(text, path)
+            if start > size:
+                raise FitsHeaderError(path, f"truncated: the data of HDU {n - 1} ends at byte {start}, "
+                                            f"after the end of the file ({size} bytes)")
+
+
+def _data_bytes(text: str, path: str | os.PathLike) -> int:
+    """Size of the data that follows a header, padded to whole blocks (FITS standard 4.4.1)."""
+    def number(key: str, default: int = 0) -> int:
+        found = _find_card(text, key)
+        value = parse_value(found, path, key) if found is not None else default
+        return int(value) if isinstance(value, (int, float)) else default
+
+    naxis = number("NAXIS")
+    if naxis == 0:
+        return 0
+    elements = 1
+    for i in range(1, naxis + 1):
+        elements *= number(f"NAXIS{i}")
+    size = abs(number("BITPIX")) // 8 * number("GCOUNT", 1) * (number("PCOUNT") + elements)
+    return -(-size // BLOCK_SIZE) * BLOCK_SIZE
+
+
+def _read_header(fh: Any, path: str | os.PathLike, extension: bool = False) -> str | None:
+    """The header starting at the file position, or None at the end of the file."""
+    start = fh.tell()
+    data = fh.read(BLOCK_SIZE * READ_BLOCKS)
+    if not data:
+        return None
+    first = b"XTENSION=" if extension else b"SIMPLE  ="
+    if not data.startswith(first):
+        what = "an extension header does not start with XTENSION" if extension else (
+            "not a FITS file: the first card is not SIMPLE")
+        raise FitsHeaderError(path, what)
+    searched = 0
+    while True:
+        end = _find_end(data, searched)
+        if end >= 0:
+            block_end = -(-(end + CARD_SIZE) // BLOCK_SIZE) * BLOCK_SIZE
+            if len(data) < block_end:  # reads are whole blocks unless at end of file
+                raise FitsHeaderError(
+                    path, f"truncated header: the file ends at byte {start + len(data)}, inside"
+                    f" the header block that holds END (a FITS block is {BLOCK_SIZE} bytes)")
+            data = data[: end + CARD_SIZE]
+            break
+        searched = len(data) - len(data) % CARD_SIZE
+        more = fh.read(BLOCK_SIZE * READ_BLOCKS)
+        if not more:
+            raise FitsHeaderError(path, f"truncated header: no END card in the file's {len(data)} bytes")
+        data += more
+        if len(data) > MAX_HEADER_BYTES:
+            raise FitsHeaderError(path, f"no END card in the first {len(data)} bytes")
+    fh.seek(start)  # callers position themselves from the header's start
     try:
         return data.decode("ascii")
     except UnicodeDecodeError as e:
@@ -131,6 +184,12 @@ def _find_card(text: str, key: str) -> str | None:
                 return stripped[1:]
         pos = text.find(prefix, pos + 1)
     return None
+
+
+def card_value(text: str, key: str, path: str | os.PathLike = "") -> Any:
+    """The value of ``key`` in a header's text (as astropy gives it), or None when absent."""
+    found = _find_card(text, key)
+    return parse_value(found, path, key) if found is not None else None
 
 
 def parse_value(value_text: str, path: str | os.PathLike = "", key: str = "") -> Any:

@@ -29,14 +29,17 @@ import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shared.fitsheader import FitsHeaderError, card_value, parse_value, iter_header_texts
 
 _log = logging.getLogger(__name__)
 
@@ -296,29 +299,35 @@ def main_error(errors: Sequence[str]) -> str:
 def read_product(path: Path) -> Product:
     """PRO.CATG and QC keywords of one product file.
 
-    A product the recipe left half-written (it died while saving) still
-    yields a Product; the keywords that could be read are returned.
+    Only the header blocks are read (``shared.fitsheader``), not the data: on a
+    delivery this runs for every product, and astropy would parse every card.
+    A product the recipe left half-written (it died while saving) still yields
+    a Product; the keywords that could be read are returned.
     """
-    from astropy.io import fits  # heavy import, only needed here
-
     pro_catg = ""
     qc: dict[str, Any] = {}
     try:
-        with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-            for index, hdu in enumerate(hdul):
-                header = hdu.header
-                if index == 0:
-                    pro_catg = str(header.get("HIERARCH ESO PRO CATG", "") or "")
-                    prefix = ""
-                else:
-                    label = header.get("EXTNAME") or f"HDU{index}"
-                    prefix = f"{label}:"
-                for key in header:
-                    if key.startswith("ESO QC "):
-                        qc[f"{prefix}{key[4:]}"] = header[key]
-    except (OSError, ValueError) as e:  # truncated or corrupt product
+        for index, text in enumerate(iter_header_texts(path)):
+            if index == 0:
+                pro_catg = str(card_value(text, "ESO PRO CATG", path) or "")
+                prefix = ""
+            else:
+                prefix = f"{card_value(text, 'EXTNAME', path) or f'HDU{index}'}:"
+            for key, value_text in _qc_cards(text):
+                qc[f"{prefix}{key}"] = parse_value(value_text, path, key)
+    except (OSError, FitsHeaderError) as e:  # truncated or corrupt product
         _log.warning("cannot read product %s: %s", path, e)
     return Product(path=path, pro_catg=pro_catg, qc=qc)
+
+
+def _qc_cards(text: str) -> Iterator[tuple[str, str]]:
+    """(``QC ...`` key, value text) of every ``HIERARCH ESO QC`` card of a header."""
+    for pos in range(0, len(text), 80):
+        card = text[pos:pos + 80]
+        if card.startswith("HIERARCH ESO QC "):
+            key, sep, value = card[len("HIERARCH ESO "):].partition("=")
+            if sep:
+                yield " ".join(key.split()), value
 
 
 def read_products(workdir: Path) -> list[Product]:
@@ -340,6 +349,26 @@ def read_products(workdir: Path) -> list[Product]:
         out = workdir / "products"
         paths = sorted(out.glob("*.fits")) if out.is_dir() else []
     return [read_product(p) for p in paths if p.is_file()]
+
+
+def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """Wait for the process, waking the moment it exits.
+
+    ``Popen.wait(timeout=...)`` polls with sleeps of up to 50 ms; a pidfd
+    (Linux >= 5.3) becomes readable exactly when the process ends.
+    """
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return proc.wait(timeout=timeout_s)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        if not poller.poll(max(timeout_s, 0.0) * 1000):
+            raise subprocess.TimeoutExpired(proc.args, timeout_s)
+    finally:
+        os.close(fd)
+    return proc.wait()
 
 
 def _signal_name(rc: int | None) -> str | None:
@@ -518,7 +547,7 @@ def run_recipe(
             reason = f"recipe {recipe} could not be started: {e}"
             return RecipeResult(recipe, FAILED, reason, None, None, (), (), None, 0.0, workdir, tuple(argv))
         try:
-            rc: int | None = proc.wait(timeout=timeout_s)
+            rc: int | None = _wait_exit(proc, timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)

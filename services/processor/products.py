@@ -56,11 +56,11 @@ def first_date_obs(raw_files: Iterable[Path]) -> str:
     ValueError
         No raw frame carries DATE-OBS.
     """
-    from astropy.io import fits
+    from shared.fitsheader import read_keywords
 
     dates = []
     for path in raw_files:
-        value = fits.getheader(path, 0).get("DATE-OBS")
+        value = read_keywords(path, ("DATE-OBS",)).get("DATE-OBS")
         if value:
             dates.append(str(value).strip())
     if not dates:

@@ -22,6 +22,7 @@ from services.processor.handlers import ABOutcome, ProcessorPorts
 from services.processor.products import first_date_obs, move_logs, move_products, rename_products
 from shared.errors import PermanentError
 from shared.files import file_digest, write_atomic
+from shared.fitsheader import FitsHeaderError, read_keywords
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
 from shared.oca import (
@@ -169,13 +170,12 @@ class AbExecutor:
 
 
 def _calib_info(path: Path) -> dict[str, str]:
-    from astropy.io import fits
-
+    """PRO.CATG and date of a calibration file, for the reports and list_mcalib."""
     try:
-        header = fits.getheader(path, 0)
-    except (OSError, ValueError):
+        header = read_keywords(path, ("ESO PRO CATG", "DATE-OBS", "DATE"))
+    except FitsHeaderError:
         return {}
-    return {"pro_catg": str(header.get("HIERARCH ESO PRO CATG", "")), "date": str(header.get("DATE-OBS", header.get("DATE", "")))}
+    return {"pro_catg": str(header.get("ESO PRO CATG", "")), "date": str(header.get("DATE-OBS", header.get("DATE", "")))}
 
 
 def _now() -> datetime:

@@ -352,7 +352,10 @@ def handle_run_failed(msg: RunFailed, ports: PublisherPorts) -> list[Envelope]:
         profile = ports.load_profile(msg.instrument)
         base = qc_base(profile)
     except ProfileError:
-        base = f"PREIMG/{msg.instrument}"
+        # No monitor page exists for an instrument preimg does not know; the RunFailed
+        # event itself already told AOG and the operators.
+        _log.info("RunFailed for unknown instrument %s: no monitor row", msg.instrument)
+        return []
     previous = read_row(ports.qc, base, msg.run_id)
     if previous is not None and not previous.reason:
         _log.info("run %s already has a completed monitor row; RunFailed from %s not shown",

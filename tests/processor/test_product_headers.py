@@ -1,0 +1,62 @@
+"""The fast product-header reader gives what astropy gives, on real recipe products."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from services.processor.esorex import read_product
+from shared.fitsheader import FitsHeaderError, iter_header_texts
+
+
+def astropy_product(path: Path) -> tuple[str, dict]:
+    qc = {}
+    with fits.open(path) as hdul:
+        pro_catg = str(hdul[0].header.get("HIERARCH ESO PRO CATG", ""))
+        for i, hdu in enumerate(hdul):
+            prefix = "" if i == 0 else f"{hdu.header.get('EXTNAME') or f'HDU{i}'}:"
+            qc.update({f"{prefix}{k[4:]}": v for k, v in hdu.header.items() if k.startswith("ESO QC ")})
+    return pro_catg, qc
+
+
+def test_equal_to_astropy_on_a_synthetic_mef(tmp_path):
+    path = tmp_path / "p.fits"
+    phu = fits.PrimaryHDU()
+    phu.header["HIERARCH ESO PRO CATG"] = "JITTERED_IMAGE_SCI"
+    phu.header["HIERARCH ESO QC MAGZPT"] = 24.987
+    image = fits.ImageHDU(np.zeros((37, 41), dtype=np.float32), name="CHIP1.INT1")
+    image.header["HIERARCH ESO QC WCS_RMS"] = 1.5e-3
+    image.header["HIERARCH ESO QC NBAD"] = 12
+    table = fits.BinTableHDU.from_columns([fits.Column(name="x", format="E", array=np.arange(5))])
+    table.header["HIERARCH ESO QC NOTE"] = "it's fine"
+    unnamed = fits.ImageHDU(np.ones((3, 1000), dtype=np.int16))
+    unnamed.header["HIERARCH ESO QC FLAG"] = True
+    fits.HDUList([phu, image, table, unnamed]).writeto(path)
+    product = read_product(path)
+    assert (product.pro_catg, product.qc) == astropy_product(path)
+    assert product.qc["HDU2:QC NOTE"] == "it's fine" and product.qc["HDU3:QC FLAG"] is True
+
+
+def test_equal_to_astropy_on_real_products(cache_dir: Path):
+    masters = sorted((cache_dir / "synth" / "cal").glob("*/2099-99-99/*.fits"))
+    if not masters:
+        pytest.skip("no calibration set built yet (tests/integration builds it)")
+    for path in masters:
+        product = read_product(path)
+        assert (product.pro_catg, product.qc) == astropy_product(path), path.name
+
+
+def test_truncated_product_keeps_what_could_be_read(tmp_path):
+    path = tmp_path / "p.fits"
+    phu = fits.PrimaryHDU()
+    phu.header["HIERARCH ESO PRO CATG"] = "MASTER_DARK"
+    fits.HDUList([phu, fits.ImageHDU(np.zeros((64, 64), dtype=np.float32), name="CHIP1.INT1"),
+                  fits.ImageHDU(np.zeros((64, 64), dtype=np.float32), name="CHIP2.INT1")]).writeto(path)
+    with open(path, "r+b") as fh:
+        fh.truncate(2880 * 3 + 100)  # inside the first extension's data
+    with pytest.raises(FitsHeaderError, match="truncated: the data of HDU 1"):
+        list(iter_header_texts(path))
+    assert read_product(path).pro_catg == "MASTER_DARK"
