@@ -75,6 +75,20 @@ class Envelope(_Model):
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()
 
+    def follow_up(self, *event: str) -> dict[str, Any]:
+        """Envelope fields of the event a stage emits in answer to this message.
+
+        The run's identity is carried over; the message id is derived from the
+        run and the event, so a re-emitted event keeps its id.
+        """
+        return {
+            "message_id": derived_message_id(self.run_id, *event),
+            "run_id": self.run_id,
+            "delivery_id": self.delivery_id,
+            "instrument": self.instrument,
+            "test": self.test,
+        }
+
 
 # --------------------------------------------------------------------------
 # AOG -> ingest
@@ -293,7 +307,9 @@ def decode(body: bytes) -> Envelope:
     try:
         return _ADAPTER.validate_python(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise MessageDecodeError(f"invalid {kind}: {problems}") from e
+        raise MessageDecodeError(f"invalid {kind}: {describe_validation_error(e)}") from e
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """``field.path: problem; ...`` — what a person needs to fix the input."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in error.errors())

@@ -25,7 +25,6 @@ from shared.messages import (
     Envelope,
     RawDataReady,
     RawFrame,
-    derived_message_id,
 )
 from shared.settings import RunDirs
 
@@ -73,12 +72,8 @@ def handle_delivery(msg: DeliveryAnnounced, ports: IngestPorts) -> list[Envelope
     _log.info("staged %d raw frames into %s", len(frames), dirs.raw)
     return [
         RawDataReady(
-            message_id=derived_message_id(msg.run_id, "raw_ready"),
-            run_id=msg.run_id,
-            delivery_id=msg.delivery_id,
-            instrument=msg.instrument,
-            test=msg.test,
-            raw_dir=str(dirs.raw),
+            **msg.follow_up("raw_ready"),
+                        raw_dir=str(dirs.raw),
             frames=tuple(frames),
             delivered_at=received,
         )

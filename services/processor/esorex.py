@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.fitsheader import FitsHeaderError, card_value, parse_value, iter_header_texts
+from shared.fitsheader import FitsHeaderError, card_value, iter_header_texts, parse_value
 
 _log = logging.getLogger(__name__)
 

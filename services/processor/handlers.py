@@ -32,7 +32,6 @@ from shared.messages import (
     Product,
     ProductsReady,
     RawDataReady,
-    derived_message_id,
 )
 from shared.profiles import Profile
 from shared.settings import RunDirs
@@ -95,12 +94,8 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
 
     return [
         ProductsReady(
-            message_id=derived_message_id(msg.run_id, "products_ready"),
-            run_id=msg.run_id,
-            delivery_id=msg.delivery_id,
-            instrument=msg.instrument,
-            test=msg.test,
-            raw_dir=msg.raw_dir,
+            **msg.follow_up("products_ready"),
+                        raw_dir=msg.raw_dir,
             sci_dir=str(dirs.sci),
             log_dir=str(dirs.logs),
             frames=msg.frames,

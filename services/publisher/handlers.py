@@ -46,7 +46,6 @@ from shared.messages import (
     PreImagingCompleted,
     ReportsReady,
     RunFailed,
-    derived_message_id,
 )
 from shared.profiles import Profile, ProfileError
 from shared.settings import Settings
@@ -327,12 +326,8 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
     _log.info("run %s published: %d file(s) at %s", msg.run_id, len(manifest), package_url)
     return [
         PreImagingCompleted(
-            message_id=derived_message_id(msg.run_id, "completed"),
-            run_id=msg.run_id,
-            delivery_id=msg.delivery_id,
-            instrument=msg.instrument,
-            test=msg.test,
-            status=msg.status,
+            **msg.follow_up("completed"),
+                        status=msg.status,
             package_dir=msg.sci_dir,
             package_url=package_url,
             monitor_url=monitor_url,

@@ -30,7 +30,7 @@ import jinja2
 from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
 from shared.files import write_atomic
-from shared.messages import ABResult, Envelope, ProductsReady, ReportsReady, derived_message_id
+from shared.messages import ABResult, Envelope, ProductsReady, ReportsReady
 
 _log = logging.getLogger(__name__)
 
@@ -297,12 +297,8 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
     files += [ab.log_path for ab in msg.abs if ab.log_path]
     return [
         ReportsReady(
-            message_id=derived_message_id(msg.run_id, "reports_ready"),
-            run_id=msg.run_id,
-            delivery_id=msg.delivery_id,
-            instrument=msg.instrument,
-            test=msg.test,
-            report=str(names.report),
+            **msg.follow_up("reports_ready"),
+                        report=str(names.report),
             userreport=str(names.userreport),
             list_mcalib=str(names.list_mcalib),
             raw_dir=msg.raw_dir,

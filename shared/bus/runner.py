@@ -36,7 +36,6 @@ from shared.messages import (
     MessageDecodeError,
     RunFailed,
     decode,
-    derived_message_id,
 )
 from shared.metrics import Metrics
 
@@ -219,12 +218,8 @@ class MessageRunner:
 
     def _run_failed(self, message: Envelope, reason: str, details: Mapping[str, Any]) -> RunFailed:
         return RunFailed(
-            message_id=derived_message_id(message.run_id, message.stage, "run_failed"),
-            run_id=message.run_id,
-            delivery_id=message.delivery_id,
-            instrument=message.instrument,
-            test=message.test,
-            failed_stage=self.service,
+            **message.follow_up(message.stage, "run_failed"),
+                        failed_stage=self.service,
             reason=reason,
             details={k: v for k, v in details.items() if _jsonable(v)},
         )

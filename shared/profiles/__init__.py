@@ -13,6 +13,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.messages import describe_validation_error
+
 PROFILE_DIR = Path(__file__).parent
 
 
@@ -79,7 +81,4 @@ def load_profile(instrument: str, directory: Path | None = None) -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors()
-        )
-        raise ProfileError(f"{path}: {problems}") from e
+        raise ProfileError(f"{path}: {describe_validation_error(e)}") from e
