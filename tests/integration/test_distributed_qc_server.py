@@ -1,0 +1,68 @@
+"""The distributed set-up with its QC server: four processes over RabbitMQ, S3 (moto) as the QC server.
+
+The S3 endpoint goes down during a run and comes back: the run completes with
+all its objects, and nothing is reported complete before they are there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import uuid
+
+import pytest
+
+from services.app import describe_files
+from shared.bus.rabbitmq import RabbitClient
+from shared.messages import DeliveryAnnounced
+from tests.backbone.cluster import Cluster, CompletionWatcher
+from tests.backbone.test_e2e_rabbitmq import make_frames
+from tests.publisher.servers import MotoServer, free_port
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
+
+
+def test_s3_outage_during_a_run_delays_completion_until_every_object_is_there(rabbitmq_url, tmp_path):
+    s3 = MotoServer(free_port(), tmp_path / "moto.log")
+    s3.start()
+    bucket = f"qc-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(bucket)
+    cluster = Cluster(rabbitmq_url, tmp_path, extra_env={
+        "PREIMG_QC_MODE": "s3", "PREIMG_S3_ENDPOINT_URL": s3.url, "PREIMG_S3_BUCKET": bucket,
+        "PREIMG_S3_PREFIX": "qc", "PREIMG_S3_ACCESS_KEY_ID": "testing", "PREIMG_S3_SECRET_ACCESS_KEY": "testing",
+        "PREIMG_S3_MAX_ATTEMPTS": "2", "PREIMG_S3_BACKOFF_S": "0.05", "PREIMG_S3_TIMEOUT_S": "1",
+        "PREIMG_RETRY_DELAYS_MS": "[500,1000,2000]", "PREIMG_MAX_ATTEMPTS": "30",
+    }).start()
+    watcher = CompletionWatcher(rabbitmq_url)
+    try:
+        s3.stop()  # the QC server is down when the run reaches the publisher
+        frames = make_frames(cluster.delivery_area, 3)
+        with RabbitClient(rabbitmq_url, "preimg") as client:
+            client.sender.publish(DeliveryAnnounced(run_id="s3-down", delivery_id="s3-down", instrument="FORS2",
+                                                    test=True, files=tuple(describe_files(frames, cluster.delivery_area))))
+        deadline = time.monotonic() + 30
+        while 'preimg_retries_total{instrument="FORS2",stage="reports_ready"}' not in cluster.services["publisher"].metrics():
+            assert time.monotonic() < deadline, cluster.logs()
+            time.sleep(0.2)
+        assert watcher.collect(until=1, timeout=3) == []  # not complete while its files are not uploaded
+
+        s3.start()  # moto comes back empty: the operator's bucket is provisioned again
+        s3.create_bucket(bucket)
+        [event] = watcher.collect(until=1, timeout=60)
+        watcher.settle(1)
+        assert len(watcher.events) == 1, watcher.events
+        assert event["type"] == "preimg.completed.v1" and event["status"] == "ok", event
+        client = s3.client()
+        for entry in event["manifest"]:
+            key = f"qc/PREIMG/FORS2/runs/s3-down/{entry['name']}"
+            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+            assert len(body) == entry["size"]
+            assert entry["checksum"] == "sha256:" + hashlib.sha256(body).hexdigest()
+        names = {e["name"].split("/")[-1] for e in event["manifest"]}
+        assert {f.name for f in frames} <= names
+        page = client.get_object(Bucket=bucket, Key="qc/PREIMG/FORS2/preimgMonitor.html")["Body"].read().decode()
+        assert "s3-down" in page
+    finally:
+        watcher.close()
+        cluster.stop()
+        s3.stop()
