@@ -67,6 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-i", "--instrument", type=str.upper, help="the processor's instrument")
     serve.set_defaults(func=cmd_serve)
 
+    dlq = sub.add_parser("dlq", help="inspect or replay a service's dead-letter queue")
+    dlq.add_argument("action", choices=("list", "replay"))
+    dlq.add_argument("queue", help="the service queue, e.g. preimg.publisher or preimg.processor.HAWKI")
+    dlq.add_argument("--limit", type=int, help="replay at most this many messages")
+    dlq.set_defaults(func=cmd_dlq)
+
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)
     return parser
@@ -151,6 +157,33 @@ def _is_for(body: bytes, delivery_id: str) -> bool:
         return json.loads(body).get("delivery_id") == delivery_id
     except ValueError:
         return False
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    """Operators' view of dead letters: one JSON object per message, or replay them."""
+    from shared.bus.rabbitmq import RabbitClient
+    from shared.bus.topology import HEADER_ATTEMPT, HEADER_FAILED_AT, HEADER_REASON, dead_letter_queue
+
+    settings = Settings()
+    with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s) as client:
+        if args.action == "replay":
+            moved = client.replay_dead_letters(args.queue, args.limit)
+            print(json.dumps({"queue": args.queue, "replayed": moved}))
+            return 0
+        channel = client.channel
+        while True:  # browse without consuming: everything is requeued when the channel closes
+            method, props, body = channel.basic_get(dead_letter_queue(args.queue), auto_ack=False)
+            if method is None:
+                break
+            headers = props.headers or {}
+            try:
+                summary = {k: v for k, v in json.loads(body).items() if k in ("type", "run_id", "delivery_id", "instrument")}
+            except ValueError:
+                summary = {"body": body[:200].decode(errors="replace")}
+            print(json.dumps({**summary, "reason": headers.get(HEADER_REASON), "attempts": headers.get(HEADER_ATTEMPT),
+                              "failed_at": headers.get(HEADER_FAILED_AT)}, default=str))
+        channel.close()
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

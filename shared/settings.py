@@ -28,8 +28,10 @@ class Settings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     exchange: str = "preimg"
     heartbeat_s: int = 30
-    retry_delays_ms: tuple[int, ...] = (1000, 5000, 30000)
-    max_attempts: int = 4
+    #: Fixed-delay retry queues; attempts past the last use the last (RabbitMQ expires head-first,
+    #: so one queue per delay). With 10 attempts a stage rides out about 7 minutes of outage.
+    retry_delays_ms: tuple[int, ...] = (1000, 10000, 60000)
+    max_attempts: int = Field(10, ge=1, description="Attempts before a message is dead-lettered")
 
     # --- service process --------------------------------------------------------
     http_host: str = "0.0.0.0"

@@ -286,6 +286,25 @@ class RabbitClient:
                 return None
         return None
 
+    def replay_dead_letters(self, queue: str, limit: int | None = None) -> int:
+        """Move messages from ``queue``'s dead-letter queue back onto ``queue``, attempts reset.
+
+        Each message is acked on the dead-letter queue only after the broker
+        confirmed it on ``queue``: a crash in between duplicates, never loses.
+        """
+        channel = self.channel
+        moved = 0
+        while limit is None or moved < limit:
+            method, props, body = channel.basic_get(dead_letter_queue(queue), auto_ack=False)
+            if method is None:
+                break
+            headers = {k: v for k, v in (props.headers or {}).items() if not k.startswith("x-preimg-")
+                       and k != "x-death"}
+            self.sender.send_to_queue(queue, body, headers)
+            channel.basic_ack(method.delivery_tag)
+            moved += 1
+        return moved
+
     def get_all(self, queue: str) -> list[tuple[bytes, dict[str, Any]]]:
         """Drain ``queue`` with basic_get (tests and operators reading a dead-letter queue)."""
         channel = self.channel

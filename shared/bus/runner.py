@@ -200,15 +200,10 @@ class MessageRunner:
         outcome = self._dead_letter(final, stage, instrument)
         if isinstance(message, RunFailed):
             return outcome
+        # Not recorded in the ledger: the stage never finished, so replaying the dead letter
+        # (``preimg dlq replay``) once the fault is mended does the work for real.
         event = self._run_failed(message, final, {"attempts": attempt})
-        self._ledger.record(stage, message, [event])
-        return Outcome(
-            "dead_letter",
-            events=(event,),
-            reason=final,
-            label="dead_lettered",
-            on_published=self._marker(stage, instrument, message.run_id),
-        )
+        return Outcome("dead_letter", events=(event,), reason=final, label="dead_lettered")
 
     def _dead_letter(self, reason: str, stage: str, instrument: str) -> Outcome:
         _log.error("dead-lettered: %s", reason)

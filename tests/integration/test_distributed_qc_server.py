@@ -66,3 +66,48 @@ def test_s3_outage_during_a_run_delays_completion_until_every_object_is_there(ra
         watcher.close()
         cluster.stop()
         s3.stop()
+
+
+def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rabbitmq_url, tmp_path):
+    import json
+    import subprocess
+
+    from tests.backbone.cluster import PREIMG, REPO
+
+    s3 = MotoServer(free_port(), tmp_path / "moto.log")
+    s3.start()
+    bucket = f"qc-{uuid.uuid4().hex[:8]}"
+    cluster = Cluster(rabbitmq_url, tmp_path, extra_env={
+        "PREIMG_QC_MODE": "s3", "PREIMG_S3_ENDPOINT_URL": s3.url, "PREIMG_S3_BUCKET": bucket,
+        "PREIMG_S3_ACCESS_KEY_ID": "testing", "PREIMG_S3_SECRET_ACCESS_KEY": "testing",
+        "PREIMG_S3_MAX_ATTEMPTS": "1", "PREIMG_RETRY_DELAYS_MS": "[100]", "PREIMG_MAX_ATTEMPTS": "2",
+    }).start()
+    watcher = CompletionWatcher(rabbitmq_url)
+    try:  # the bucket does not exist yet: a misconfigured QC server
+        frames = make_frames(cluster.delivery_area, 2)
+        with RabbitClient(rabbitmq_url, "preimg") as client:
+            client.sender.publish(DeliveryAnnounced(run_id="dlq-1", delivery_id="dlq-1", instrument="FORS2",
+                                                    test=True, files=tuple(describe_files(frames, cluster.delivery_area))))
+        [failed] = watcher.collect(until=1, timeout=30)
+        assert failed["type"] == "preimg.run_failed.v1" and "gave up after 2 attempts" in failed["reason"], failed
+
+        listed = subprocess.run(PREIMG + ["dlq", "list", "preimg.publisher"], env=cluster.env(), cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        entries = {e["type"]: e for e in map(json.loads, listed.stdout.splitlines())}
+        # The publisher could not record the failed row either (same bucket): both wait in its DLQ.
+        assert set(entries) == {"preimg.reports_ready.v1", "preimg.run_failed.v1"}, listed.stdout
+        entry = entries["preimg.reports_ready.v1"]
+        assert entry["run_id"] == "dlq-1" and "gave up after 2 attempts" in entry["reason"]
+
+        s3.create_bucket(bucket)  # the operator mends the fault, then replays
+        replay = subprocess.run(PREIMG + ["dlq", "replay", "preimg.publisher"], env=cluster.env(), cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert json.loads(replay.stdout) == {"queue": "preimg.publisher", "replayed": 2}, replay.stderr
+        events = watcher.collect(until=2, timeout=30)
+        assert [(e["type"], e.get("status")) for e in events[1:]] == [("preimg.completed.v1", "ok")], cluster.logs()
+        page = s3.client().get_object(Bucket=bucket, Key="PREIMG/FORS2/preimgMonitor.html")["Body"].read().decode()
+        assert "dlq-1" in page and ">ok<" in page.replace(" ", "")
+    finally:
+        watcher.close()
+        cluster.stop()
+        s3.stop()
