@@ -162,7 +162,12 @@ def _is_for(body: bytes, delivery_id: str) -> bool:
 def cmd_dlq(args: argparse.Namespace) -> int:
     """Operators' view of dead letters: one JSON object per message, or replay them."""
     from shared.bus.rabbitmq import RabbitClient
-    from shared.bus.topology import HEADER_ATTEMPT, HEADER_FAILED_AT, HEADER_REASON, dead_letter_queue
+    from shared.bus.topology import (
+        HEADER_ATTEMPT,
+        HEADER_FAILED_AT,
+        HEADER_REASON,
+        dead_letter_queue,
+    )
 
     settings = Settings()
     with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s) as client:

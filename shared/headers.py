@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.fitsheader import FitsHeaderError, HeaderReader
-from shared.oca import CompiledClassifier, header_keys, load_rules, rule_header_keys
+from shared.oca import CompiledClassifier, header_keys, profile_rules, rule_header_keys
 from shared.oca.evaluate import normalise_record
 from shared.oca.keywords import to_dotted
 from shared.profiles import load_profile
@@ -40,11 +40,13 @@ class FrameInspector:
             tools = self._per_instrument.get(instrument)
             if tools is None:
                 profile = load_profile(instrument)
-                rule_file = profile.resolve_rules()
+                try:
+                    rules = profile_rules(profile)
+                except FileNotFoundError:
+                    rules = None  # classified by DPR; `preimg check` and the processor report the gap
                 keys = header_keys(SUMMARY_KEYS)
                 classifier = None
-                if rule_file is not None:
-                    rules = load_rules(rule_file, profile.resolve_overlay())
+                if rules is not None:
                     keys += rule_header_keys(rules)
                     classifier = CompiledClassifier.from_rules(rules)
                 tools = self._per_instrument[instrument] = (HeaderReader(keys), classifier)

@@ -32,7 +32,7 @@ from shared.oca import (
     build_abs,
     calib_pool_from_files,
     fits_files,
-    load_rules,
+    profile_rules,
     rule_header_keys,
 )
 from shared.oca.abfiles import format_ab
@@ -73,14 +73,13 @@ class AbPlanner:
     def rules(self) -> RuleSet:
         with self._lock:
             if self._rules is None:
-                rule_file = self._profile.resolve_rules()
-                if rule_file is None:
-                    raise PermanentError(
-                        f"{self._profile.instrument}: no OCA rule file matches {self._profile.oca_rules!r}; "
-                        "install the instrument's pipeline package (preimg check -i "
-                        f"{self._profile.instrument} lists what is missing)"
-                    )
-                self._rules = load_rules(rule_file, self._profile.resolve_overlay())
+                try:
+                    rules = profile_rules(self._profile)
+                except FileNotFoundError as e:
+                    raise PermanentError(f"{e} (preimg check -i {self._profile.instrument} lists what is missing)") from e
+                if rules is None:
+                    raise PermanentError(f"{self._profile.instrument}: the profile names no OCA rule file")
+                self._rules = rules
                 self._reader = HeaderReader(rule_header_keys(self._rules))
             return self._rules
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.oca import profile_rules
 from shared.profiles import Profile
 
 _log = logging.getLogger(__name__)
@@ -110,28 +111,6 @@ def installed_recipes(recipe_dir: Path, esorex: Path | None = None) -> set[str]:
         except (OSError, subprocess.TimeoutExpired) as e:
             _log.warning("esorex --recipes failed: %s", e)
     return {p.stem for p in Path(recipe_dir).glob("*.so")}
-
-
-def load_rules(profile: Profile) -> Any:
-    """The profile's rules with its overlay, through the OCA engine.
-
-    Uses ``shared.oca.load_rules`` when the engine provides it; otherwise the
-    shipped rule file alone (overlay ignored, with a warning).
-    """
-    from shared import oca
-
-    path = profile.resolve_rules()
-    if path is None:
-        raise FileNotFoundError(f"no OCA rule file matches {profile.oca_rules!r}")
-    overlay = profile.resolve_overlay()
-    loader = getattr(oca, "load_rules", None)
-    if loader is not None:
-        return loader(path, overlay)
-    from shared.oca.parser import parse_file
-
-    if overlay is not None:
-        _log.warning("shared.oca.load_rules not available: overlay %s ignored", overlay)
-    return parse_file(path)
 
 
 #: DPR keywords of a pre-imaging frame (the trigger of the whole process).
@@ -260,7 +239,7 @@ def check_instrument(profile: Profile, cal_root: Path, *, esorex: Path | None = 
         found.append(f"plugin directory {recipe_dir}")
 
     try:
-        rules = load_rules(profile)
+        rules = profile_rules(profile)
     except (OSError, ValueError) as e:
         missing.append(f"OCA rules: {e}")
         rules = None

@@ -48,9 +48,29 @@ __all__ = [
     "FitsHeaderError", "Group", "HeaderReader", "OcaSyntaxError", "OcaTypeError", "RuleSet",
     "apply_overlay", "build_abs", "calib_pool_from_files", "classify", "fits_card_name",
     "format_ab", "format_rules", "header_key", "load_rules", "make_records", "organise",
-    "parse_file", "parse_rules", "read_ab", "read_headers", "rule_header_keys",
+    "parse_file", "parse_rules", "profile_rules", "read_ab", "read_headers", "rule_header_keys",
     "rule_keywords", "write_ab", "write_sof",
 ]
+
+
+def profile_rules(profile: Any) -> RuleSet | None:
+    """The rules an instrument profile names, with its overlay; None when it names none.
+
+    Raises
+    ------
+    FileNotFoundError
+        The profile names a rule file but no installed package provides it.
+    OcaSyntaxError
+        The rule file or the overlay does not parse.
+    """
+    if not profile.oca_rules:
+        return None
+    rule_file = profile.resolve_rules()
+    if rule_file is None:
+        raise FileNotFoundError(
+            f"{profile.instrument}: no OCA rule file matches {profile.oca_rules!r}; "
+            "install the instrument's pipeline package")
+    return load_rules(rule_file, profile.resolve_overlay())
 
 
 def rule_header_keys(rules: RuleSet) -> list[str]:

@@ -27,6 +27,7 @@ from shared.oca import (
     fits_files,
     load_rules,
     make_records,
+    profile_rules,
     rule_header_keys,
 )
 
@@ -84,12 +85,13 @@ def _load_instrument_rules(args: argparse.Namespace):
         profile = load_profile(args.instrument)
     except ProfileError as e:
         raise SystemExit(f"explain: {e}") from e
-    rule_file = profile.resolve_rules()
-    if rule_file is None:
-        raise SystemExit(
-            f"explain: {args.instrument}: no OCA rule file matches {profile.oca_rules!r}"
-            " (install the pipeline package or give --rules FILE)")
-    return load_rules(rule_file, profile.resolve_overlay())
+    try:
+        rules = profile_rules(profile)
+    except FileNotFoundError as e:
+        raise SystemExit(f"explain: {e} (or give --rules FILE)") from e
+    if rules is None:
+        raise SystemExit(f"explain: {args.instrument} has no OCA rules (give --rules FILE)")
+    return rules
 
 
 def explain(instrument_rules, files: list[Path], calib: list[Path]) -> dict[str, Any]:
@@ -120,16 +122,7 @@ def explain(instrument_rules, files: list[Path], calib: list[Path]) -> dict[str,
         "rules": rules.source_label,
         "files": out_files,
         "calib_errors": [str(e) for e in calib_bad.values()],
-        "abs": [{
-            "name": ab.name,
-            "action": ab.action,
-            "recipe": ab.recipe,
-            "recipe_options": list(ab.recipe_options),
-            "raw": [{"path": str(p), "tag": t} for p, t in ab.raw],
-            "calibs": {t: [str(p) for p in ps] for t, ps in ab.calibs.items()},
-            "complete": ab.complete,
-            "missing": ab.missing,
-        } for ab in abs_],
+        "abs": [ab.to_dict() for ab in abs_],
     }
 
 
