@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
-from shared.bus.topology import QueueSpec, binding_keys, queue_name
+from shared.bus.topology import QueueSpec, binding_keys, dead_letter_queue, queue_name
 from shared.files import file_digest
 from shared.ledger import FileLedger
 from shared.messages import (
@@ -72,9 +72,10 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         from services.publisher.service import build_ports as publisher_ports
 
         ports = publisher_ports(settings, metrics)
-        handlers = {ReportsReady: functools.partial(publisher.handle_reports_ready, ports=ports)}
-        if hasattr(publisher, "handle_run_failed"):
-            handlers[RunFailed] = functools.partial(publisher.handle_run_failed, ports=ports)
+        handlers = {
+            ReportsReady: functools.partial(publisher.handle_reports_ready, ports=ports),
+            RunFailed: functools.partial(publisher.handle_run_failed, ports=ports),
+        }
     else:
         raise ValueError(f"unknown service {service!r}")
     return MessageRunner(
@@ -222,13 +223,13 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     registry = CollectorRegistry()
     metrics = build_metrics(registry)
     bus = InProcessBus(settings.retry_delays_ms)
-    for service in ("ingest", "reporter", "publisher"):
-        spec = QueueSpec.for_service(service)
+    specs = []
+    for service in ("ingest", "processor", "reporter", "publisher"):
+        service_instrument = instrument if service == "processor" else None
+        spec = QueueSpec.for_service(service, service_instrument)
         bus.declare(spec)
-        bus.subscribe(spec.name, build_runner(service, settings, metrics).process)
-    spec = QueueSpec.for_service("processor", instrument)
-    bus.declare(spec)
-    bus.subscribe(spec.name, build_runner("processor", settings, metrics, instrument).process)
+        bus.subscribe(spec.name, build_runner(service, settings, metrics, service_instrument).process)
+        specs.append(spec)
     bus.declare_sink(SINK_QUEUE, ("completed.*", "run_failed.*"))
 
     delivery = DeliveryAnnounced(
@@ -247,7 +248,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     events = [decode(m.body) for m in bus.take(SINK_QUEUE)]
     completed = [e for e in events if isinstance(e, PreImagingCompleted) and e.run_id == run_id]
     failed = [e for e in events if isinstance(e, RunFailed) and e.run_id == run_id]
-    dead = bus.messages(f"{spec.name}.dlq")
+    dead = [m for spec in specs for m in bus.messages(dead_letter_queue(spec.name))]
     paths = {k: dirs[d] for k, d in (("raw", "raw"), ("products", "sci"), ("logs", "logs"), ("state", "state"))
              if Path(dirs[d]).exists()}
     if completed:

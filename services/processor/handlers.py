@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from shared.errors import PermanentError
 from shared.messages import (
@@ -37,12 +37,6 @@ from shared.profiles import Profile
 from shared.settings import RunDirs
 
 _log = logging.getLogger(__name__)
-
-
-class PlannedAB(Protocol):
-    """What ``plan`` returns per Association Block (the OCA engine's AB satisfies it)."""
-
-    name: str
 
 
 @dataclass(frozen=True)
