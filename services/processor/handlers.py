@@ -52,6 +52,9 @@ class ProcessorPorts:
     plan: Callable[[RawDataReady, RunDirs], Sequence[Any]]
     execute: Callable[[Any, RunDirs], ABOutcome]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    #: Called before the run's directories are wiped: stops what an earlier attempt left
+    #: running in them (the service kills leftover esorex process groups under ``dirs.work``).
+    before_start: Callable[[RunDirs], None] = lambda dirs: None
 
 
 def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]:
@@ -64,6 +67,8 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
     dirs = ports.run_dirs(msg.instrument, msg.run_id)
     # No result was recorded for this run (else the runner would not call us), so anything in
     # these directories is left by an attempt that died midway: start clean, never duplicate.
+    # First stop anything of that attempt still running, or it would write into the new ones.
+    ports.before_start(dirs)
     for d in (dirs.sci, dirs.logs, dirs.work):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.processor.esorex import run_recipe
+from services.processor.esorex import kill_leftover_recipes, run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts
 from services.processor.products import first_date_obs, move_logs, move_products, rename_products
 from shared.errors import PermanentError
@@ -57,7 +57,8 @@ def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: 
     profile = profile or load_profile(instrument)
     planner = AbPlanner(profile, settings.cal_dir() / instrument)
     executor = AbExecutor(profile, metrics)
-    return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute)
+    return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute,
+                          before_start=lambda dirs: kill_leftover_recipes(dirs.work))
 
 
 class AbPlanner:
@@ -125,6 +126,7 @@ class AbExecutor:
                                          ab_path=str(ab_path)))
 
         workdir = dirs.work / ab.name
+        kill_leftover_recipes(workdir)  # a recipe of an attempt that died must not write into the new one
         shutil.rmtree(workdir, ignore_errors=True)  # left by an attempt that died
         options = (*ab.recipe_options, *self._profile.recipe_options.get(ab.recipe, ()))
         result = run_recipe(

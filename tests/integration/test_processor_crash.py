@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -31,13 +32,38 @@ def deliver_and_wait_for_esorex(cluster: Cluster, run_id: str) -> None:
         time.sleep(0.05)
 
 
+def esorex_processes_under(root: Path) -> list[tuple[int, str]]:
+    """(pid, command line) of the live esorex processes whose cwd or arguments lie under ``root``."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(entry.path, "stat").read_text().rpartition(")")[2].split()[0]
+            cwd = os.readlink(Path(entry.path, "cwd"))
+        except OSError:  # gone meanwhile, or not ours to inspect
+            continue
+        if "esorex" in cmdline and state != "Z" and (str(root) in cmdline or cwd.startswith(str(root))):
+            found.append((int(entry.name), cmdline))
+    return found
+
+
 def test_processor_killed_mid_recipe_completes_once_after_restart(rabbitmq_url, tmp_path, hawki_cal):
     cluster = Cluster(rabbitmq_url, tmp_path, instruments=("HAWKI",),
                       extra_env={"PREIMG_CAL_ROOT": str(hawki_cal)}).start()
     watcher = CompletionWatcher(rabbitmq_url)
     try:
         deliver_and_wait_for_esorex(cluster, "crash-1")
+        assert esorex_processes_under(tmp_path)  # the check below can see a recipe
         cluster.kill("processor-HAWKI")
+        # esorex dies with its processor (PR_SET_PDEATHSIG), it does not go on writing into the
+        # working directory the restarted processor reuses. The kernel delivers the signal
+        # asynchronously: allow it a moment.
+        deadline = time.monotonic() + 2
+        while esorex_processes_under(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert esorex_processes_under(tmp_path) == []
         assert watcher.collect(until=1, timeout=2) == []  # nothing completed behind our back
 
         cluster.start_service("processor-HAWKI")
