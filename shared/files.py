@@ -1,17 +1,31 @@
 """File primitives every stage relies on: atomic writes and checksums.
 
 A stage's output must be durable before its message is acked, and a reader
-(another stage, the QC web server, AOG) must never see half a file.
+(another stage, the QC web server, AOG) must never see half a file. A write
+interrupted by ``kill -9`` leaves its temporary file behind;
+:func:`remove_stale_temp_files` removes those.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
+import time
 from pathlib import Path
 
 CHUNK = 1 << 20
+
+#: Name of :func:`write_atomic`'s temporary files, ``.<target name>.<random>.tmp``:
+#: (prefix, suffix). :func:`is_temp_name` and :func:`remove_stale_temp_files` match it.
+TEMP_NAME = (".", ".tmp")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for a name :func:`write_atomic` gives its temporary files."""
+    prefix, suffix = TEMP_NAME
+    return len(name) > len(prefix) + len(suffix) and name.startswith(prefix) and name.endswith(suffix)
 
 
 def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644) -> None:
@@ -45,11 +59,58 @@ def _temp_beside(path: Path) -> tuple[int, str]:
     for attempt in range(5):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            prefix, suffix = TEMP_NAME
+            return tempfile.mkstemp(prefix=f"{prefix}{path.name}.", suffix=suffix, dir=path.parent)
         except FileNotFoundError:
             if attempt == 4:
                 raise
     raise AssertionError("unreachable")
+
+
+def remove_stale_temp_files(root: Path, older_than_s: float | None = None) -> list[Path]:
+    """Remove the temporary files interrupted :func:`write_atomic` calls left under ``root``.
+
+    Parameters
+    ----------
+    root : Path
+        Walked if it exists (it may itself be a symlink); symlinks below it
+        are never followed, nor removed.
+    older_than_s : float, optional
+        Only files last modified more than this many seconds ago. None: any
+        age, for a directory nobody else writes into at the moment (a run's
+        directories while its stage holds the run); a live write's temporary
+        file would be removed under it, and that write would fail.
+
+    Returns
+    -------
+    list of Path
+        The files removed. Files and directories vanishing meanwhile (another
+        sweep, a run's clean-up) are skipped.
+
+    Raises
+    ------
+    OSError
+        A file that cannot be removed (permissions); directories that cannot
+        be listed are skipped.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for dirpath, _dirs, files in os.walk(root):  # followlinks=False; listing errors are ignored
+        for name in files:
+            if not is_temp_name(name):
+                continue
+            path = Path(dirpath) / name
+            try:
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if older_than_s is not None and now - info.st_mtime <= older_than_s:
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:
