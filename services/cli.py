@@ -24,7 +24,9 @@ from shared.settings import Settings
 _log = logging.getLogger(__name__)
 
 #: Modules that add subcommands through ``register(subparsers)``.
-COMMAND_MODULES: tuple[str, ...] = ("services.processor.cli", "shared.oca.cli", "services.publisher.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "services.processor.cli", "shared.oca.cli", "services.publisher.cli", "services.gc_cli",
+)
 
 
 def _version() -> str:
