@@ -30,6 +30,7 @@ from shared.bus.rabbitmq import RabbitClient, RabbitConsumer
 from shared.bus.runner import Incoming, Outcome
 from shared.bus.topology import QueueSpec
 from shared.messages import (
+    DeliveredFile,
     DeliveryAnnounced,
     PreImagingCompleted,
     ProductsReady,
@@ -55,6 +56,10 @@ def vhost() -> tuple[str, str]:
     subprocess.run(["rabbitmqctl", "-q", "add_vhost", name], check=True)
     subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", name, "guest", ".*", ".*", ".*"], check=True)
     return name, f"amqp://guest:guest@127.0.0.1:5672/{name}"
+
+
+#: A delivery lists at least one file; the floor's handlers never open it.
+FLOOR_FILES = (DeliveredFile(name="f.fits", path="f.fits", size=0, checksum="sha256:" + "0" * 64),)
 
 
 def broker_floor(url: str, n: int) -> list[float]:
@@ -92,7 +97,8 @@ def broker_floor(url: str, n: int) -> list[float]:
     times = []
     with RabbitClient(url, "preimg") as client:
         for i in range(n + WARM_UP):
-            msg = DeliveryAnnounced(run_id=f"floor-{i}", delivery_id=f"floor-{i}", instrument="FORS2", files=())
+            msg = DeliveryAnnounced(run_id=f"floor-{i}", delivery_id=f"floor-{i}", instrument="FORS2",
+                                    files=FLOOR_FILES)
             t0 = time.perf_counter()
             client.sender.publish(msg)
             watcher.collect(until=i + 1, timeout=30)

@@ -16,10 +16,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
 INSTRUMENT_PATTERN = r"^[A-Z][A-Z0-9_]{1,15}$"
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+#: sha256 (64 hex digits) or md5 (32); the digits in either case on the wire.
+CHECKSUM_PATTERN = r"^(sha256:[0-9a-fA-F]{64}|md5:[0-9a-fA-F]{32})$"
 
 Instrument = Annotated[
     str, Field(pattern=INSTRUMENT_PATTERN, description="ESO instrument name, e.g. HAWKI")
@@ -28,10 +30,32 @@ RunId = Annotated[
     str,
     Field(
         pattern=RUN_ID_PATTERN,
-        description="Identifier of one processing run; also the name of the run's directories.",
+        description="Identifier of one processing run; also the name of the run's directories. "
+        "A run_id names one run: it may be sent again only with the same delivery_id (a resend of "
+        "the same delivery, answered with the recorded terminal event when that run has finished); "
+        "a run_id already used by another delivery is answered with a RunFailed.",
     ),
 ]
 Status = Literal["ok", "partial", "failed"]
+
+
+def _lower_hex_digest(value: Any) -> Any:
+    """``sha256:ABCD...`` -> ``sha256:abcd...``: AOG's tools write either case."""
+    if isinstance(value, str) and ":" in value:
+        algorithm, digest = value.split(":", 1)
+        return f"{algorithm}:{digest.lower()}"
+    return value
+
+
+Checksum = Annotated[
+    str,
+    BeforeValidator(_lower_hex_digest),
+    Field(
+        pattern=CHECKSUM_PATTERN,
+        description="Algorithm-prefixed hex digest, either case, stored lower-case; algorithms sha256 "
+        "(64 hex digits) or md5 (32), e.g. sha256:ab12...",
+    ),
+]
 
 
 def _now() -> datetime:
@@ -103,16 +127,13 @@ class DeliveredFile(_Model):
         "it must lie inside the configured delivery area.",
     )
     size: int = Field(ge=0, description="Size in bytes")
-    checksum: str = Field(
-        pattern=r"^(sha256|md5):[0-9a-f]+$",
-        description="Algorithm-prefixed hex digest, e.g. sha256:ab12...",
-    )
+    checksum: Checksum
 
 
 class DeliveryAnnounced(Envelope):
     type: Literal["preimg.delivery_announced.v1"] = "preimg.delivery_announced.v1"
     stage: ClassVar[str] = "delivery"
-    files: tuple[DeliveredFile, ...] = Field(description="The raw frames of the delivery")
+    files: tuple[DeliveredFile, ...] = Field(min_length=1, description="The raw frames of the delivery")
     ob_ids: tuple[int, ...] = ()
     prog_ids: tuple[str, ...] = ()
 

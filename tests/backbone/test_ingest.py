@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from pydantic import ValidationError
 
 from services.app import describe_files
 from services.ingest.handlers import handle_delivery
@@ -15,6 +16,9 @@ from services.ingest.service import build_ports
 from shared.errors import PermanentError
 from shared.messages import DeliveredFile, DeliveryAnnounced, RawDataReady
 from shared.settings import Settings
+
+#: A well-formed digest for files that are refused before their checksum is compared.
+ANY_DIGEST = "sha256:" + "0" * 64
 
 
 def write_frame(path: Path, obj: str = "NGC 1234", tech: str = "IMAGE,PRE") -> Path:
@@ -75,12 +79,12 @@ def _fails(settings, files, match, instrument="FORS2"):
 
 
 def test_path_escaping_the_delivery_area_is_refused(settings, area):
-    _fails(settings, [DeliveredFile(name="passwd", path="../../etc/passwd", size=1, checksum="sha256:00")],
+    _fails(settings, [DeliveredFile(name="passwd", path="../../etc/passwd", size=1, checksum=ANY_DIGEST)],
            "outside the delivery area")
 
 
 def test_absolute_path_elsewhere_is_refused(settings, area):
-    _fails(settings, [DeliveredFile(name="passwd", path="/etc/passwd", size=1, checksum="sha256:00")],
+    _fails(settings, [DeliveredFile(name="passwd", path="/etc/passwd", size=1, checksum=ANY_DIGEST)],
            "outside the delivery area")
 
 
@@ -92,7 +96,7 @@ def test_symlink_pointing_out_is_refused(settings, area, tmp_path):
 
 
 def test_missing_file_is_named(settings, area):
-    _fails(settings, [DeliveredFile(name="gone.fits", path="gone.fits", size=1, checksum="sha256:00")],
+    _fails(settings, [DeliveredFile(name="gone.fits", path="gone.fits", size=1, checksum=ANY_DIGEST)],
            "gone.fits: file .* does not exist")
 
 
@@ -113,7 +117,8 @@ def test_truncated_file_and_checksum_mismatch_are_reported_together(settings, ar
 
 
 def test_empty_file_list_and_unknown_instrument(settings, area):
-    _fails(settings, [], "lists no files")
+    with pytest.raises(ValidationError, match="at least 1 item"):  # the contract refuses it before ingest
+        announce([])
     paths = [write_frame(area / "a.fits")]
     _fails(settings, describe_files(paths, area), "unknown instrument 'ESPRESSO'", instrument="ESPRESSO")
 

@@ -36,7 +36,8 @@ def examples():
     frame = RawFrame(name="a.fits", path="/d/a.fits", size=2880, checksum="sha256:00",
                      headers={"DPR.TECH": "IMAGE,PRE", "DET.DIT": 10.0}, classification={"DO.CATG": "OBJECT"})
     return [
-        DeliveryAnnounced(**COMMON, files=(DeliveredFile(name="a.fits", path="a.fits", size=2880, checksum="sha256:00"),)),
+        DeliveryAnnounced(**COMMON, files=(DeliveredFile(name="a.fits", path="a.fits", size=2880,
+                                                         checksum="sha256:" + "0" * 64),)),
         RawDataReady(**COMMON, raw_dir="/d", frames=(frame,), delivered_at=NOW),
         ProductsReady(**COMMON, raw_dir="/d", sci_dir="/s", log_dir="/l", frames=(frame,),
                       abs=(ABResult(name="ab1", status="FAILED", reason="SIGSEGV"),), products=(), status="failed",
@@ -89,6 +90,26 @@ def test_bad_payloads_fail_at_the_boundary_with_a_reason(body, expected):
     with pytest.raises(MessageDecodeError) as err:
         decode(body)
     assert expected in err.value.reason
+
+
+def test_checksum_digits_in_either_case_are_stored_lower_case():
+    digest = "0123456789ABCDEF" * 4
+    f = DeliveredFile(name="a.fits", path="a.fits", size=1, checksum=f"sha256:{digest}")
+    assert f.checksum == f"sha256:{digest.lower()}"
+    assert DeliveredFile(name="a", path="a", size=1, checksum="md5:" + "AB" * 16).checksum == "md5:" + "ab" * 16
+
+
+@pytest.mark.parametrize("checksum", ["sha256:00", "md5:" + "0" * 64, "sha256:" + "g" * 64, "SHA256:" + "0" * 64,
+                                      "crc:1234", "sha256" + "0" * 64])
+def test_checksum_needs_a_known_algorithm_and_a_digest_of_its_length(checksum):
+    with pytest.raises(ValidationError, match="checksum"):
+        DeliveredFile(name="a", path="a", size=1, checksum=checksum)
+
+
+def test_a_delivery_lists_at_least_one_file():
+    body = json.dumps({"type": "preimg.delivery_announced.v1", **COMMON, "files": []}).encode()
+    with pytest.raises(MessageDecodeError, match="files: Tuple should have at least 1 item"):
+        decode(body)
 
 
 def test_routing_keys_name_stage_and_instrument():
