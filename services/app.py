@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry
 
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
-from shared.bus.topology import QueueSpec, binding_keys, dead_letter_queue, queue_name
+from shared.bus.topology import QueueSpec, dead_letter_queue, queue_name
 from shared.files import file_digest
 from shared.ledger import FileLedger
 from shared.messages import (
@@ -85,7 +85,31 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         ledger=FileLedger(settings.data_root.resolve() / "state"),
         metrics=metrics,
         max_attempts=settings.max_attempts,
+        prepare=functools.partial(remove_run_temp_files, settings),
+        lease_wait_limit_s=settings.lease_wait_limit_s,
     )
+
+
+def remove_run_temp_files(settings: Settings, message: Envelope) -> None:
+    """Temporary files an interrupted write of this run left behind (the stage holds the run's lease)."""
+    from shared.files import remove_stale_temp_files
+
+    for directory in vars(settings.run_dirs(message.instrument, message.run_id)).values():
+        for path in remove_stale_temp_files(directory):
+            _log.info("removed a temporary file left by an interrupted write: %s", path)
+
+
+def sweep_temp_files(settings: Settings) -> int:
+    """Temporary files older than ``settings.temp_max_age_s`` anywhere under the data root and QC dir."""
+    from shared.files import remove_stale_temp_files
+
+    removed = 0
+    for root in (settings.data_root.resolve(), settings.qc_local_dir()):
+        found = remove_stale_temp_files(root, older_than_s=settings.temp_max_age_s)
+        removed += len(found)
+        for path in found:
+            _log.info("removed a stale temporary file: %s", path)
+    return removed
 
 
 # ----------------------------------------------------------------------------
@@ -96,10 +120,13 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
 def serve(service: str, settings: Settings, instrument: str | None = None, stop: threading.Event | None = None) -> int:
     """Run one service against RabbitMQ until SIGTERM/SIGINT; return the exit code.
 
-    The start-up checks (seed step 0) gate consumption: while they fail the
+    The consumer connects at once and declares the whole topology, so
+    messages for this service wait in its queue whatever else happens. The
+    start-up checks (seed step 0) gate consumption only: while they fail the
     service stays up, answers /readyz with what is missing, and checks again
     every ``settings.recheck_s`` seconds, so a processor starts consuming on
-    its own once its calibrations are installed.
+    its own once its calibrations are installed. Returns 1 when the consumer
+    thread ends for any reason other than a stop request.
     """
     from shared.bus.rabbitmq import RabbitConsumer
     from shared.httpserver import ServiceHttpServer
@@ -107,20 +134,39 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
     registry = CollectorRegistry()
     metrics = build_metrics(registry)
     stop = stop or threading.Event()
-    state: dict[str, Any] = {"detail": "start-up checks not run yet", "consumer": None, "worker": None}
+    state: dict[str, Any] = {"detail": "start-up checks not run yet"}
+    consumer = RabbitConsumer(
+        amqp_url=settings.amqp_url,
+        exchange=settings.exchange,
+        spec=QueueSpec.for_service(service, instrument),
+        process=None,
+        retry_delays_ms=settings.retry_delays_ms,
+        instruments=available_instruments(),
+        heartbeat_s=settings.heartbeat_s,
+        shutdown_grace_s=settings.shutdown_grace_s,
+        name=f"preimg-{service}",
+    )
+    failure: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            consumer.run(stop)
+        except BaseException as e:  # noqa: BLE001 - reported, and the process exits non-zero
+            failure.append(e)
+            _log.exception("the consumer thread died")
+
+    worker = threading.Thread(target=consume, name="consumer", daemon=True)
 
     def live() -> tuple[bool, str]:
-        worker = state["worker"]
-        if worker is None:
-            return True, f"not consuming: {state['detail']}"
-        return worker.is_alive() or stop.is_set(), "consumer running" if worker.is_alive() else "consumer stopped"
+        alive = worker.is_alive() or stop.is_set()
+        return alive, "consumer running" if alive else "consumer stopped"
 
     def ready() -> tuple[bool, str]:
-        consumer = state["consumer"]
-        if consumer is None:
+        if not consumer.connected.is_set():
+            return False, f"not connected to the broker ({consumer.last_error or 'connecting'})"
+        if not consumer.consuming.is_set():
             return False, state["detail"]
-        connected = consumer.connected.is_set()
-        return connected, "connected" if connected else "not connected to the broker"
+        return True, "consuming"
 
     http = ServiceHttpServer(settings.http_host, settings.http_port, registry, live, ready)
     http.start()
@@ -134,31 +180,28 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
 
-    while not stop.is_set():
+    worker.start()
+    while not stop.is_set() and worker.is_alive():
         ok, state["detail"] = startup_checks(service, settings, instrument)
         if ok:
+            consumer.start_consuming(build_runner(service, settings, metrics, instrument).process)
             break
         _log.error("start-up checks failed; not consuming, checking again in %.0f s: %s",
                    settings.recheck_s, state["detail"])
         stop.wait(settings.recheck_s)
-    if not stop.is_set():
-        runner = build_runner(service, settings, metrics, instrument)
-        consumer = RabbitConsumer(
-            amqp_url=settings.amqp_url,
-            exchange=settings.exchange,
-            spec=QueueSpec(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1),
-            process=runner.process,
-            retry_delays_ms=settings.retry_delays_ms,
-            heartbeat_s=settings.heartbeat_s,
-            shutdown_grace_s=settings.shutdown_grace_s,
-            name=f"preimg-{service}",
-        )
-        worker = threading.Thread(target=consumer.run, args=(stop,), name="consumer", daemon=True)
-        state.update(consumer=consumer, worker=worker)
-        worker.start()
-        while worker.is_alive():
-            worker.join(timeout=0.5)
+    next_sweep = time.monotonic()
+    while worker.is_alive():
+        if time.monotonic() >= next_sweep and not stop.is_set():
+            try:
+                sweep_temp_files(settings)
+            except OSError as e:
+                _log.warning("sweeping stale temporary files failed: %s", e)
+            next_sweep = time.monotonic() + settings.temp_sweep_interval_s
+        worker.join(timeout=0.5)
     http.stop()
+    if not stop.is_set() or failure:
+        _log.error("the consumer ended without a stop request: exiting non-zero so the service is restarted")
+        return 1
     return 0
 
 
@@ -223,11 +266,11 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     registry = CollectorRegistry()
     metrics = build_metrics(registry)
     bus = InProcessBus(settings.retry_delays_ms)
+    bus.declare_topology(available_instruments())
     specs = []
     for service in ("ingest", "processor", "reporter", "publisher"):
         service_instrument = instrument if service == "processor" else None
         spec = QueueSpec.for_service(service, service_instrument)
-        bus.declare(spec)
         bus.subscribe(spec.name, build_runner(service, settings, metrics, service_instrument).process)
         specs.append(spec)
     bus.declare_sink(SINK_QUEUE, ("completed.*", "run_failed.*"))

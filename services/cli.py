@@ -11,6 +11,7 @@ modules listed in ``COMMAND_MODULES``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -116,9 +117,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_deliver(args: argparse.Namespace) -> int:
+    """Publish a DeliveryAnnounced as AOG does; with --wait, print the run's answer.
+
+    Exit codes: 0 delivered (with --wait: completed ok), 1 the run failed or
+    did not answer in time, 2 bad arguments, 3 the broker could not be reached
+    or did not take the delivery.
+    """
     from services.app import describe_files, new_run_id
-    from shared.bus.rabbitmq import RabbitClient
+    from shared.bus.rabbitmq import BrokerUnavailable, RabbitClient
+    from shared.errors import PublishFailed
     from shared.messages import DeliveryAnnounced, decode
+    from shared.profiles import available_instruments
 
     settings = Settings()
     missing = [str(f) for f in args.files if not f.is_file()]
@@ -133,16 +142,28 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         test=args.test,
         files=tuple(describe_files(list(args.files), settings.delivery_dir())),
     )
-    with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s) as client:
-        if args.wait is not None:
-            channel, queue = client.bind_private_queue(
-                (f"completed.{args.instrument}", f"run_failed.{args.instrument}")
-            )
-        client.sender.publish(delivery)
-        if args.wait is None:
-            print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id, "message_id": delivery.message_id}))
-            return 0
-        body = client.wait_for(channel, queue, lambda b: _is_for(b, delivery.delivery_id), args.wait)
+    try:
+        # The whole layout is declared first: a delivery sent before any service ever ran waits in its queue.
+        with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
+                          instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms) as client:
+            if args.wait is not None:
+                channel, queue = client.bind_private_queue(
+                    (f"completed.{args.instrument}", f"run_failed.{args.instrument}")
+                )
+            client.sender.publish(delivery)
+            if args.wait is None:
+                print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id,
+                                  "message_id": delivery.message_id}))
+                return 0
+            body = client.wait_for(channel, queue, lambda b: _is_for(b, delivery.delivery_id), args.wait)
+    except BrokerUnavailable as e:
+        print(f"preimg deliver: {e}; nothing was delivered", file=sys.stderr)
+        return 3
+    except PublishFailed as e:
+        print(f"preimg deliver: the broker did not take the delivery ({e}); nothing was delivered. "
+              f"Check that the exchange {settings.exchange!r} and the queue of ingest exist "
+              "(every preimg service and command declares them)", file=sys.stderr)
+        return 3
     if body is None:
         print(json.dumps({"run_id": run_id, "status": "timeout",
                           "reason": f"no completion within {args.wait:g} s"}))
@@ -163,16 +184,24 @@ def _is_for(body: bytes, delivery_id: str) -> bool:
 
 def cmd_dlq(args: argparse.Namespace) -> int:
     """Operators' view of dead letters: one JSON object per message, or replay them."""
-    from shared.bus.rabbitmq import RabbitClient
+    from shared.bus.rabbitmq import BrokerUnavailable, RabbitClient
     from shared.bus.topology import (
         HEADER_ATTEMPT,
         HEADER_FAILED_AT,
         HEADER_REASON,
         dead_letter_queue,
     )
+    from shared.profiles import available_instruments
 
     settings = Settings()
-    with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s) as client:
+    try:
+        client = RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
+                              instruments=available_instruments(),
+                              retry_delays_ms=settings.retry_delays_ms).__enter__()
+    except BrokerUnavailable as e:
+        print(f"preimg dlq: {e}", file=sys.stderr)
+        return 3
+    with contextlib.closing(client):
         if args.action == "replay":
             moved = client.replay_dead_letters(args.queue, args.limit)
             print(json.dumps({"queue": args.queue, "replayed": moved}))

@@ -34,3 +34,11 @@ class InvalidMessage(PreimgError):
 
 class IgnorableMessage(PreimgError):
     """Nothing to do (e.g. an event for another instrument): ack and move on."""
+
+
+class PublishFailed(PreimgError):
+    """The broker did not take a published message: returned as unroutable, or nacked.
+
+    Raised by the bus adapters; the runner answers it like a passing fault
+    (retry, then dead letter with the reason), never as a success.
+    """

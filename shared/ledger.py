@@ -1,4 +1,4 @@
-"""Idempotency records: what each stage emitted for a run, kept beside the run's data.
+"""Idempotency records and leases: what each stage emitted for a run, kept beside the run's data.
 
 At-least-once delivery means a stage sometimes sees a message twice (a crash
 after the work, before the ack). A stage records the events it emitted once
@@ -7,20 +7,69 @@ events instead of redoing the work. The record also notes when the events were
 confirmed by the broker, so a replay after that point is absorbed instead of
 being sent down the chain again.
 
-Records live in ``<data_root>/state/<INSTR>/<run_id>/<stage>.json`` and are
-written atomically (temporary file, fsync, rename, fsync of the directory).
+Two copies of one message can also be *in hand at once*: a broker that lost a
+consumer's connection redelivers the message to another replica while the
+first still runs its recipe. A per-(stage, run) **lease** makes sure only one
+of them works: an exclusive ``flock`` on ``<stage>.lease``, taken before any
+work and released after the result is recorded. The kernel drops the lock when
+its holder dies (kill -9 included), so a lease never outlives its process. Each
+acquisition gets a fencing token (one more than the last), written into the
+lease file with the holder's host and pid; ``record`` refuses to write for a
+token that is no longer the current one. Every lease is appended to
+``<stage>.leases.jsonl`` when released: the history of who worked on the run
+when.
+
+The run's last answer to AOG (a PreImagingCompleted or RunFailed) is kept in
+``terminal.json``, so a delivery sent again after its run finished can be
+answered with it.
+
+Records live in ``<data_root>/state/<INSTR>/<run_id>/`` and are written
+atomically (temporary file, fsync, rename, fsync of the directory).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from shared.files import write_atomic
-from shared.messages import Envelope, decode
+from shared.messages import Envelope, MessageDecodeError, decode
+
+_log = logging.getLogger(__name__)
+
+
+class LedgerError(Exception):
+    """A record could not be read or written; the runner classifies it."""
+
+
+class CorruptRecord(LedgerError):
+    """A record file exists but cannot be understood; retrying will not mend it."""
+
+    def __init__(self, path: Path, cause: object):
+        super().__init__(f"the state record {path} is corrupt ({cause}); move it aside and replay the message")
+        self.path = path
+
+
+class LeaseBusy(LedgerError):
+    """Another copy of the message holds the run's lease for this stage."""
+
+    def __init__(self, path: Path, holder: dict[str, Any]):
+        who = ", ".join(f"{k} {holder[k]}" for k in ("host", "pid", "acquired_at") if k in holder) or "unknown holder"
+        super().__init__(f"{path.name} is held ({who})")
+        self.holder = holder
+
+
+class LeaseLost(LedgerError):
+    """The lease was taken over while we worked: our result must not be recorded."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +82,22 @@ class StageRecord:
     events: tuple[Envelope, ...]
     recorded_at: str
     published_at: str | None = None
+    lease_token: int | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A held lease: the fencing token and the open, locked file."""
+
+    path: Path
+    token: int
+    fd: int
+
+    def current_token(self) -> int | None:
+        try:
+            return int(json.loads(os.pread(self.fd, 4096, 0) or b"{}").get("token"))
+        except (ValueError, TypeError):
+            return None
 
 
 class FileLedger:
@@ -41,31 +106,50 @@ class FileLedger:
     def __init__(self, state_root: Path):
         self._root = state_root
 
+    def run_dir(self, instrument: str, run_id: str) -> Path:
+        return self._root / instrument / run_id
+
     def _path(self, stage: str, instrument: str, run_id: str) -> Path:
-        return self._root / instrument / run_id / f"{stage}.json"
+        return self.run_dir(instrument, run_id) / f"{stage}.json"
+
+    # --- records -------------------------------------------------------------------
 
     def lookup(self, stage: str, instrument: str, run_id: str) -> StageRecord | None:
+        """The record of ``stage`` for the run, None when there is none.
+
+        Raises ``CorruptRecord`` for a file that is not a record and
+        ``OSError`` when the file cannot be read.
+        """
         path = self._path(stage, instrument, run_id)
         try:
-            raw = json.loads(path.read_bytes())
+            body = path.read_bytes()
         except FileNotFoundError:
             return None
-        return StageRecord(
-            stage=raw["stage"],
-            input_message_id=raw["input_message_id"],
-            delivery_id=raw["delivery_id"],
-            events=tuple(decode(json.dumps(e).encode()) for e in raw["events"]),
-            recorded_at=raw["recorded_at"],
-            published_at=raw.get("published_at"),
-        )
+        try:
+            raw = json.loads(body)
+            return StageRecord(
+                stage=raw["stage"],
+                input_message_id=raw["input_message_id"],
+                delivery_id=raw["delivery_id"],
+                events=tuple(decode(json.dumps(e).encode()) for e in raw["events"]),
+                recorded_at=raw["recorded_at"],
+                published_at=raw.get("published_at"),
+                lease_token=raw.get("lease_token"),
+            )
+        except (ValueError, KeyError, TypeError, MessageDecodeError) as e:
+            raise CorruptRecord(path, e) from e
 
-    def record(self, stage: str, source: Envelope, events: list[Envelope]) -> StageRecord:
+    def record(self, stage: str, source: Envelope, events: list[Envelope], lease: Lease | None = None) -> StageRecord:
+        """Write what ``stage`` emitted for ``source``; with ``lease``, only while it is still ours."""
+        if lease is not None and lease.current_token() != lease.token:
+            raise LeaseLost(f"{lease.path}: token {lease.token} is no longer current; not recording")
         rec = StageRecord(
             stage=stage,
             input_message_id=source.message_id,
             delivery_id=source.delivery_id,
             events=tuple(events),
             recorded_at=_now(),
+            lease_token=lease.token if lease else None,
         )
         self._write(source.instrument, source.run_id, rec)
         return rec
@@ -84,8 +168,81 @@ class FileLedger:
             "events": [json.loads(e.model_dump_json()) for e in rec.events],
             "recorded_at": rec.recorded_at,
             "published_at": rec.published_at,
+            "lease_token": rec.lease_token,
         }
         write_atomic(self._path(rec.stage, instrument, run_id), json.dumps(doc, indent=1).encode())
+
+    # --- the run's answer to AOG -------------------------------------------------------
+
+    def record_terminal(self, event: Envelope) -> None:
+        """Keep the run's latest terminal event (completion or failure)."""
+        path = self.run_dir(event.instrument, event.run_id) / "terminal.json"
+        write_atomic(path, event.to_json())
+
+    def terminal(self, instrument: str, run_id: str) -> Envelope | None:
+        path = self.run_dir(instrument, run_id) / "terminal.json"
+        try:
+            body = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return decode(body)
+        except MessageDecodeError as e:
+            raise CorruptRecord(path, e.reason) from e
+
+    # --- leases ------------------------------------------------------------------------
+
+    @contextmanager
+    def lease(self, stage: str, instrument: str, run_id: str) -> Iterator[Lease]:
+        """Hold the (stage, run) lease for the duration of the block; ``LeaseBusy`` if another holds it."""
+        directory = self.run_dir(instrument, run_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"{stage}.lease"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise LeaseBusy(path, _read_json(fd)) from None
+            previous = _read_json(fd).get("token")
+            token = (previous if isinstance(previous, int) else 0) + 1
+            holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": _now()}
+            body = json.dumps(holder).encode()
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, body, 0)
+            os.fsync(fd)
+            lease = Lease(path, token, fd)
+            try:
+                yield lease
+            finally:
+                _append_history(directory / f"{stage}.leases.jsonl", {**holder, "released_at": _now()})
+        finally:
+            os.close(fd)  # releases the flock
+
+    def lease_history(self, stage: str, instrument: str, run_id: str) -> list[dict[str, Any]]:
+        """Every released lease of (stage, run), oldest first."""
+        path = self.run_dir(instrument, run_id) / f"{stage}.leases.jsonl"
+        try:
+            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        except FileNotFoundError:
+            return []
+
+
+def _append_history(path: Path, entry: dict[str, Any]) -> None:
+    """Best effort: the history is for people; a full disk must not turn a finished stage into a retry."""
+    try:
+        with open(path, "a") as out:
+            out.write(json.dumps(entry) + "\n")
+    except OSError as e:
+        _log.warning("could not append to %s: %s", path, e)
+
+
+def _read_json(fd: int) -> dict[str, Any]:
+    try:
+        value = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _now() -> str:

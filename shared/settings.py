@@ -32,12 +32,17 @@ class Settings(BaseSettings):
     #: so one queue per delay). With 10 attempts a stage rides out about 7 minutes of outage.
     retry_delays_ms: tuple[int, ...] = (1000, 10000, 60000)
     max_attempts: int = Field(10, ge=1, description="Attempts before a message is dead-lettered")
+    lease_wait_limit_s: float = Field(
+        4 * 3600.0, gt=0, description="How long a copy of a message may wait for another copy that holds its run "
+        "before the waits count as failed attempts")
 
     # --- service process --------------------------------------------------------
     http_host: str = "0.0.0.0"
     http_port: int = Field(9100, description="Port of /metrics, /healthz and /readyz (0: any free port)")
     shutdown_grace_s: float = 60.0
     recheck_s: float = Field(30.0, gt=0, description="While start-up checks fail, check again this often")
+    temp_sweep_interval_s: float = Field(3600.0, gt=0, description="How often a service sweeps stale temporary files")
+    temp_max_age_s: float = Field(86400.0, gt=0, description="Temporary files older than this are stale everywhere")
 
     # --- QC server (S3 in the distributed set-up, a local directory otherwise) ---
     qc_mode: str = Field("local", pattern="^(local|s3)$")

@@ -18,7 +18,15 @@ from typing import Any
 
 from shared.bus.port import settle
 from shared.bus.runner import Incoming, Outcome
-from shared.bus.topology import QueueSpec, dead_letter_queue, retry_queue, topic_matches
+from shared.bus.topology import (
+    UNROUTABLE_QUEUE,
+    QueueSpec,
+    dead_letter_queue,
+    retry_queue,
+    topic_matches,
+    topology_specs,
+)
+from shared.errors import PublishFailed
 from shared.messages import Envelope
 
 _log = logging.getLogger(__name__)
@@ -54,6 +62,13 @@ class InProcessBus:
             self._queues.setdefault(retry_queue(spec.name, tier), _Queue(retry_queue(spec.name, tier), ttl_s=delay, expire_to=spec.name))
         self._queues.setdefault(dead_letter_queue(spec.name), _Queue(dead_letter_queue(spec.name)))
 
+    def declare_topology(self, instruments: Iterable[str]) -> None:
+        """The whole layout, as every publisher declares it on the broker (``topology_specs``),
+        plus the queue of the alternate exchange that collects unroutable messages."""
+        for spec in topology_specs(instruments):
+            self.declare(spec)
+        self._queues.setdefault(UNROUTABLE_QUEUE, _Queue(UNROUTABLE_QUEUE))
+
     def declare_sink(self, name: str, bindings: Iterable[str]) -> None:
         """A queue nobody consumes from here (e.g. AOG's completion queue), read with ``messages``."""
         q = self._queues.setdefault(name, _Queue(name))
@@ -74,11 +89,20 @@ class InProcessBus:
             if any(topic_matches(b, routing_key) for b in q.bindings):
                 q.items.append((self._clock(), Incoming(body, routing_key, dict(headers or {}))))
                 routed = True
-        if not routed:
-            _log.debug("unroutable message %s dropped (no queue bound)", routing_key)
+        if routed:
+            return
+        # As on the broker: the alternate exchange takes what no binding does; without it a
+        # mandatory publish comes back, and that is an error, never a silent drop.
+        alternate = self._queues.get(UNROUTABLE_QUEUE)
+        if alternate is None:
+            raise PublishFailed(f"no queue is bound to routing key {routing_key!r}: the message was returned")
+        _log.warning("unroutable message %s collected in %s", routing_key, UNROUTABLE_QUEUE)
+        alternate.items.append((self._clock(), Incoming(body, routing_key, dict(headers or {}))))
 
     def send_to_queue(self, queue: str, body: bytes, headers: Mapping[str, Any]) -> None:
-        q = self._queues[queue]
+        q = self._queues.get(queue)
+        if q is None:
+            raise PublishFailed(f"queue {queue!r} does not exist: the message was returned")
         routing_key = str(headers.get("x-preimg-routing-key", queue))
         q.items.append((self._clock(), Incoming(body, routing_key, dict(headers))))
 
@@ -98,8 +122,12 @@ class InProcessBus:
             queue = next((n for n, q in self._queues.items() if q.items and n in self._consumers), None)
             if queue is not None:
                 _, incoming = self._queues[queue].items.popleft()
-                outcome = self._consumers[queue](incoming)
-                settle(outcome, incoming, queue, self.n_retry_tiers, self)
+                try:
+                    outcome = self._consumers[queue](incoming)
+                    settle(outcome, incoming, queue, self.n_retry_tiers, self)
+                except Exception:  # noqa: BLE001 - as on the broker: nack without requeue -> dead letter
+                    _log.exception("message on %s could not be settled; dead-lettered", queue)
+                    self._queues[dead_letter_queue(queue)].items.append((self._clock(), incoming))
                 handled += 1
                 continue
             wait = self._next_expiry()

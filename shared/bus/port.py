@@ -9,6 +9,7 @@ dead-lettered or simply acked.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -24,26 +25,49 @@ from shared.bus.topology import (
     retry_queue,
     retry_tier,
 )
+from shared.errors import PublishFailed
 from shared.messages import Envelope
+
+_log = logging.getLogger(__name__)
 
 
 class Sender(Protocol):
     def publish(self, event: Envelope) -> None:
-        """Publish an event on the topic exchange under its routing key; return once confirmed."""
+        """Publish an event on the topic exchange under its routing key; return once confirmed.
+
+        Raises ``PublishFailed`` when no queue takes it or the broker nacks it.
+        """
 
     def send_to_queue(self, queue: str, body: bytes, headers: Mapping[str, Any]) -> None:
-        """Put a message straight onto a named queue; return once confirmed."""
+        """Put a message straight onto a named queue; return once confirmed (``PublishFailed`` if not)."""
 
 
 def settle(outcome: Outcome, incoming: Incoming, queue: str, n_retry_tiers: int, sender: Sender) -> None:
-    """Carry out ``outcome`` for ``incoming`` (taken from ``queue``), short of the final ack."""
-    for event in outcome.events:
-        sender.publish(event)
+    """Carry out ``outcome`` for ``incoming`` (taken from ``queue``), short of the final ack.
+
+    Raises ``PublishFailed`` only when the broker refuses a message and the
+    outcome has no fallback (the adapter then dead-letters the message itself).
+    """
+    try:
+        for event in outcome.events:
+            sender.publish(event)
+    except PublishFailed as e:
+        if outcome.if_not_published is None:
+            raise
+        _log.warning("the broker did not take an event: %s", e)
+        settle(outcome.if_not_published(str(e)), incoming, queue, n_retry_tiers, sender)
+        return
     if outcome.on_published is not None:
-        outcome.on_published()
+        try:
+            outcome.on_published()
+        except Exception:  # noqa: BLE001 - a missed mark costs a harmless duplicate (same message ids)
+            _log.warning("could not mark the events as published", exc_info=True)
     if outcome.action == "retry":
-        headers = {**incoming.headers, HEADER_ATTEMPT: outcome.next_attempt, HEADER_REASON: outcome.reason[:1000]}
+        headers = {**incoming.headers, **outcome.headers,
+                   HEADER_ATTEMPT: outcome.next_attempt, HEADER_REASON: outcome.reason[:1000]}
         tier = retry_tier(outcome.next_attempt, n_retry_tiers)
+        if outcome.retry_tier is not None:
+            tier = min(outcome.retry_tier, n_retry_tiers - 1)
         sender.send_to_queue(retry_queue(queue, tier), incoming.body, headers)
     elif outcome.action == "dead_letter":
         headers = {

@@ -1,17 +1,25 @@
 """RabbitMQ adapter: the only module that imports pika.
 
-* ``RabbitSender`` publishes events on the durable topic exchange with
-  publisher confirms and persistent delivery (the CLI's ``deliver`` and the
-  consumer both use it).
-* ``declare_topology`` declares the exchange, a service queue, its fixed-delay
-  retry queues and its dead-letter queue; declaring twice is harmless.
+* ``declare_topology`` declares the whole layout of ``shared.bus.topology``:
+  the exchange with its alternate exchange (anything no binding takes lands in
+  ``preimg.unroutable``), every service queue, one processor queue per
+  instrument, their retry and dead-letter queues. Everyone who publishes calls
+  it first, so nothing is published into a layout that does not exist yet;
+  declaring twice is harmless.
+* ``RabbitSender`` publishes with publisher confirms, persistent delivery and
+  ``mandatory``: a message the broker returns or nacks raises
+  ``PublishFailed``, never passes for a success.
 * ``RabbitConsumer`` consumes one queue with manual acks. The handler runs on
   a worker thread so the connection thread keeps heartbeats flowing during a
   long recipe; the worker hands the outcome back with
   ``connection.add_callback_threadsafe`` and the connection thread publishes
-  the events (confirmed), then acks. On SIGTERM the consumer stops taking new
-  messages, lets the message in hand finish (or hands it back unacked when the
-  grace period runs out) and closes.
+  the events (confirmed), then acks. After a lost connection it reconnects
+  with back-off, whatever the error (refused, reset, DNS, TLS), but only once
+  the handler of the lost connection has finished: one consumer never works
+  on two copies of a message. The lost message's result is in the ledger, so
+  the redelivered copy is answered from it. On SIGTERM the consumer stops
+  taking new messages, lets the message in hand finish (or hands it back
+  unacked when the grace period runs out) and closes.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import pika
@@ -28,12 +36,22 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.bus.port import settle
 from shared.bus.runner import Incoming, Outcome
-from shared.bus.topology import QueueSpec, dead_letter_queue, retry_queue
+from shared.bus.topology import (
+    HEADER_REPLAYS,
+    UNROUTABLE_QUEUE,
+    QueueSpec,
+    alternate_exchange,
+    dead_letter_queue,
+    retry_queue,
+    topology_specs,
+)
+from shared.errors import PublishFailed
 from shared.messages import Envelope
 
 _log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
+_PRECONDITION_FAILED = 406
 
 
 def connection_parameters(amqp_url: str, heartbeat_s: int, name: str) -> pika.URLParameters:
@@ -45,13 +63,65 @@ def connection_parameters(amqp_url: str, heartbeat_s: int, name: str) -> pika.UR
     return params
 
 
+def describe_broker(amqp_url: str) -> str:
+    """``host:port/vhost`` of an AMQP URL, without the credentials (for messages)."""
+    params = pika.URLParameters(amqp_url)
+    return f"{params.host}:{params.port}/{params.virtual_host}"
+
+
 def declare_topology(
-    channel: BlockingChannel, exchange: str, spec: QueueSpec | None, retry_delays_ms: tuple[int, ...]
+    connection: pika.BlockingConnection,
+    exchange: str,
+    instruments: Iterable[str] | None,
+    retry_delays_ms: tuple[int, ...],
+    extra: Iterable[QueueSpec] = (),
 ) -> None:
-    """Declare the exchange and, with ``spec``, one consuming queue with its retry and dead-letter queues."""
-    channel.exchange_declare(exchange=exchange, exchange_type="topic", durable=True)
-    if spec is None:
-        return
+    """Declare the exchange and, unless ``instruments`` is None, every queue of the layout.
+
+    ``extra`` adds queues (e.g. a consumer's own when its instrument has no
+    profile yet). An exchange declared earlier without the alternate exchange
+    is used as it is, with a warning: unroutable messages then come back to
+    their publisher (``mandatory``) instead of being collected.
+    """
+    channel = connection.channel()
+    try:
+        _declare_exchanges(connection, channel, exchange)
+        if instruments is None and not extra:
+            return
+        specs = {s.name: s for s in (*topology_specs(instruments or ()), *extra)}
+        for spec in specs.values():
+            _declare_queue(channel, exchange, spec, retry_delays_ms)
+    finally:
+        if channel.is_open:
+            channel.close()
+
+
+def _declare_exchanges(connection: pika.BlockingConnection, channel: BlockingChannel, exchange: str) -> None:
+    alternate = alternate_exchange(exchange)
+    channel.exchange_declare(exchange=alternate, exchange_type="fanout", durable=True)
+    channel.queue_declare(queue=UNROUTABLE_QUEUE, durable=True)
+    channel.queue_bind(queue=UNROUTABLE_QUEUE, exchange=alternate)
+    probe = connection.channel()  # the broker closes a channel whose declaration it refuses
+    try:
+        probe.exchange_declare(
+            exchange=exchange, exchange_type="topic", durable=True, arguments={"alternate-exchange": alternate}
+        )
+        probe.close()
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != _PRECONDITION_FAILED:
+            raise
+        channel.exchange_declare(exchange=exchange, passive=True)
+        _log.warning(
+            "exchange %r exists without the alternate exchange %r, so unroutable messages are returned to their "
+            "publisher instead of collected in %s; to add it, delete the exchange when the system is idle "
+            "(rabbitmqctl delete_exchange is not enough while bindings exist: `rabbitmqadmin delete exchange "
+            "name=%s`) and restart the services, or set a policy: rabbitmqctl set_policy --apply-to exchanges "
+            "preimg-ae '^%s$' '{\"alternate-exchange\":\"%s\"}'",
+            exchange, alternate, UNROUTABLE_QUEUE, exchange, exchange, alternate,
+        )
+
+
+def _declare_queue(channel: BlockingChannel, exchange: str, spec: QueueSpec, retry_delays_ms: tuple[int, ...]) -> None:
     dlq = dead_letter_queue(spec.name)
     channel.queue_declare(queue=dlq, durable=True)
     # A message the runner cannot settle (a bug) is nacked without requeue and lands in the DLQ.
@@ -84,7 +154,7 @@ def _properties(headers: Mapping[str, Any] | None, message_id: str | None = None
 
 
 class RabbitSender:
-    """Publishes with confirms on a channel it owns (created by ``open``)."""
+    """Publishes with confirms and ``mandatory`` on a channel it owns (created by ``open``)."""
 
     def __init__(self, channel: BlockingChannel, exchange: str):
         self._channel = channel
@@ -102,77 +172,143 @@ class RabbitSender:
     def publish_raw(
         self, routing_key: str, body: bytes, headers: Mapping[str, Any] | None = None, message_id: str | None = None
     ) -> None:
-        # With confirms on, basic_publish returns once the broker has the message (or raises).
-        self._channel.basic_publish(self._exchange, routing_key, body, _properties(headers, message_id))
+        self._publish(self._exchange, routing_key, body, _properties(headers, message_id),
+                      f"routing key {routing_key!r} on exchange {self._exchange!r}")
 
     def send_to_queue(self, queue: str, body: bytes, headers: Mapping[str, Any]) -> None:
-        self._channel.basic_publish("", queue, body, _properties(headers), mandatory=True)
+        self._publish("", queue, body, _properties(headers), f"queue {queue!r}")
+
+    def _publish(self, exchange: str, key: str, body: bytes, props: pika.BasicProperties, where: str) -> None:
+        # With confirms on, basic_publish returns once the broker has the message, or raises.
+        try:
+            self._channel.basic_publish(exchange, key, body, props, mandatory=True)
+        except pika.exceptions.UnroutableError as e:
+            raise PublishFailed(f"no queue took the message for {where}: the broker returned it") from e
+        except pika.exceptions.NackError as e:
+            raise PublishFailed(f"the broker refused (nacked) the message for {where}") from e
 
 
 class RabbitConsumer:
-    """Consumes one queue; ``process`` (the MessageRunner) does the work on a worker thread."""
+    """Consumes one queue; ``process`` (the MessageRunner) does the work on a worker thread.
+
+    Without ``process`` at construction the consumer connects and declares the
+    topology but takes no message until ``start_consuming(process)``: a
+    service declares its queues before its start-up checks pass.
+    """
 
     def __init__(
         self,
         amqp_url: str,
         exchange: str,
         spec: QueueSpec,
-        process: Callable[[Incoming], Outcome],
+        process: Callable[[Incoming], Outcome] | None,
         retry_delays_ms: tuple[int, ...],
+        instruments: Iterable[str] = (),
         heartbeat_s: int = 30,
         shutdown_grace_s: float = 60.0,
         name: str = "preimg",
+        reconnect_delay_s: float = 1.0,
+        reconnect_max_s: float = 30.0,
     ):
         self._amqp_url = amqp_url
         self._exchange = exchange
         self._spec = spec
-        self._process = process
         self._retry_delays_ms = tuple(retry_delays_ms)
+        self._instruments = tuple(instruments)
         self._heartbeat_s = heartbeat_s
         self._grace_s = shutdown_grace_s
         self._name = name
+        self._reconnect_delay_s = reconnect_delay_s
+        self._reconnect_max_s = reconnect_max_s
         self.connected = threading.Event()
-        self._in_flight = 0
+        self.consuming = threading.Event()
+        self._process = process
+        self._may_consume = threading.Event()
+        if process is not None:
+            self._may_consume.set()
         self._lock = threading.Lock()
+        self._handlers: set[threading.Thread] = set()
+        self._unsettled = 0  # deliveries of the current connection not yet acked or nacked
+        self.last_error = ""
+
+    def start_consuming(self, process: Callable[[Incoming], Outcome]) -> None:
+        self._process = process
+        self._may_consume.set()
 
     @property
     def busy(self) -> bool:
+        """A message is in hand: a handler runs, or a result waits to be settled."""
         with self._lock:
-            return self._in_flight > 0
+            self._handlers = {t for t in self._handlers if t.is_alive()}
+            return self._unsettled > 0 or bool(self._handlers)
 
-    def run(self, stop: threading.Event, reconnect_delay_s: float = 2.0) -> None:
-        """Consume until ``stop`` is set, reconnecting after broker failures."""
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set, reconnecting after any broker or network failure."""
+        delay = self._reconnect_delay_s
         while not stop.is_set():
+            if not self._wait_for_handlers(stop):
+                break
+            started = time.monotonic()
             try:
                 self._run_connection(stop)
-            except (pika.exceptions.AMQPConnectionError, pika.exceptions.AMQPChannelError, ConnectionError) as e:
+            except Exception as e:  # noqa: BLE001 - refused, reset, DNS, TLS, channel closed: all mean reconnect
                 self.connected.clear()
+                self.consuming.clear()
                 if stop.is_set():
                     break
-                if getattr(e, "reply_code", None) == 406:
+                if time.monotonic() - started > 60:
+                    delay = self._reconnect_delay_s  # it worked for a while: start the back-off again
+                self.last_error = f"{type(e).__name__}: {e}"
+                if getattr(e, "reply_code", None) == _PRECONDITION_FAILED:
                     _log.error(
                         "the broker refuses our topology (%s): a queue exists with other arguments, e.g. "
                         "after PREIMG_RETRY_DELAYS_MS changed; delete that queue (it holds only retries) "
                         "or restore the setting", e,
                     )
-                _log.warning("broker connection lost (%s: %s); reconnecting in %.0f s", type(e).__name__, e, reconnect_delay_s)
-                stop.wait(reconnect_delay_s)
+                _log.warning("broker %s unreachable or connection lost (%s); reconnecting in %.0f s",
+                             describe_broker(self._amqp_url), self.last_error, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, self._reconnect_max_s)
+
+    def _wait_for_handlers(self, stop: threading.Event) -> bool:
+        """Before consuming again, let the handler of a lost connection finish; False to stop."""
+        if not self.busy:
+            return True
+        _log.warning("a handler of the lost connection is still working: not consuming until it finishes "
+                     "(its result is recorded, the redelivered copy is answered from the record)")
+        deadline = None
+        while self.busy:
+            if stop.is_set():
+                deadline = deadline or time.monotonic() + self._grace_s
+                if time.monotonic() > deadline:
+                    _log.warning("grace period over with a handler still working")
+                    return False
+            time.sleep(0.2)
+        return not stop.is_set()
 
     def _run_connection(self, stop: threading.Event) -> None:
         connection = pika.BlockingConnection(
             connection_parameters(self._amqp_url, self._heartbeat_s, f"{self._name}:{self._spec.name}")
         )
         try:
+            declare_topology(connection, self._exchange, self._instruments, self._retry_delays_ms, extra=(self._spec,))
+            self.connected.set()
+            while not self._may_consume.is_set() and not stop.is_set():
+                connection.process_data_events(time_limit=0.2)
+            if stop.is_set():
+                return
             channel = connection.channel()
-            declare_topology(channel, self._exchange, self._spec, self._retry_delays_ms)
             channel.basic_qos(prefetch_count=self._spec.prefetch)
             sender = RabbitSender.open(connection, self._exchange)
-            on_message = self._make_on_message(connection, channel, sender)
-            consumer_tag = channel.basic_consume(self._spec.name, on_message, auto_ack=False)
-            self.connected.set()
+            consumer_tag = channel.basic_consume(self._spec.name, self._make_on_message(connection, channel, sender),
+                                                 auto_ack=False)
+            self.consuming.set()
+            self.last_error = ""
             _log.info("consuming %s", self._spec.name)
             while not stop.is_set():
                 connection.process_data_events(time_limit=0.2)
+                if not channel.is_open:
+                    raise ConnectionError(f"the channel consuming {self._spec.name} was closed")
             # Graceful stop: take nothing new, let the message in hand settle.
             channel.basic_cancel(consumer_tag)
             deadline = time.monotonic() + self._grace_s
@@ -182,15 +318,21 @@ class RabbitConsumer:
                 _log.warning("grace period over with a message in hand: handing it back to the broker unacked")
         finally:
             self.connected.clear()
+            self.consuming.clear()
+            with self._lock:
+                self._unsettled = 0  # what this connection held unacked is the broker's again
             if connection.is_open:
                 try:
                     connection.close()
-                except pika.exceptions.AMQPError:
+                except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
                     pass
 
     def _make_on_message(
         self, connection: pika.BlockingConnection, channel: BlockingChannel, sender: RabbitSender
     ) -> Callable[..., None]:
+        process = self._process
+        assert process is not None
+
         def on_message(ch: BlockingChannel, method: Any, properties: pika.BasicProperties, body: bytes) -> None:
             incoming = Incoming(
                 body=body,
@@ -199,54 +341,77 @@ class RabbitConsumer:
                 redelivered=bool(method.redelivered),
             )
             tag = method.delivery_tag
-            with self._lock:
-                self._in_flight += 1
 
             def work() -> None:
                 try:
-                    outcome: Outcome | None = self._process(incoming)
+                    outcome: Outcome | None = process(incoming)
                 except Exception:  # noqa: BLE001 - a runner bug must not kill the consumer
                     _log.exception("message runner failed; the message goes to the dead-letter queue")
                     outcome = None
-                connection.add_callback_threadsafe(lambda: finish(outcome))
+                try:
+                    connection.add_callback_threadsafe(lambda: finish(outcome))
+                except Exception as e:  # noqa: BLE001 - the connection is gone
+                    _log.warning("connection lost before the result could be settled (%s); the broker "
+                                 "redelivers the message and the recorded result answers it", e)
 
             def finish(outcome: Outcome | None) -> None:
                 try:
                     if outcome is None:
                         channel.basic_nack(tag, requeue=False)
-                    else:
+                        return
+                    try:
                         settle(outcome, incoming, self._spec.name, len(self._retry_delays_ms), sender)
-                        channel.basic_ack(tag)
-                except pika.exceptions.AMQPError:
-                    # Not acked: the broker redelivers it, and the ledger absorbs the repeat.
-                    _log.exception("could not settle message; it will be redelivered")
+                    except PublishFailed as e:
+                        _log.error("could not settle the message (%s); it goes to the dead-letter queue", e)
+                        channel.basic_nack(tag, requeue=False)
+                        return
+                    channel.basic_ack(tag)
                 finally:
                     with self._lock:
-                        self._in_flight -= 1
+                        self._unsettled = max(self._unsettled - 1, 0)
 
-            threading.Thread(target=work, name=f"handler-{self._spec.name}", daemon=True).start()
+            thread = threading.Thread(target=work, name=f"handler-{self._spec.name}", daemon=True)
+            with self._lock:
+                self._unsettled += 1
+                self._handlers.add(thread)
+            thread.start()
 
         return on_message
 
 
 class RabbitClient:
-    """A short-lived publishing connection for commands and tests (``preimg deliver``)."""
+    """A short-lived publishing connection for commands and tests (``preimg deliver``, ``preimg dlq``).
 
-    def __init__(self, amqp_url: str, exchange: str, heartbeat_s: int = 30):
+    With ``instruments`` it declares the whole layout first (what ``deliver``
+    and ``dlq replay`` need: nothing published may vanish); without, only the
+    exchanges.
+    """
+
+    def __init__(self, amqp_url: str, exchange: str, heartbeat_s: int = 30,
+                 instruments: Iterable[str] | None = None, retry_delays_ms: tuple[int, ...] = ()):
         self._amqp_url = amqp_url
         self._exchange = exchange
         self._heartbeat_s = heartbeat_s
+        self._instruments = None if instruments is None else tuple(instruments)
+        self._retry_delays_ms = tuple(retry_delays_ms)
         self._connection: pika.BlockingConnection | None = None
         self._sender: RabbitSender | None = None
 
     def __enter__(self) -> RabbitClient:
-        self._connection = pika.BlockingConnection(connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))
-        channel = self._connection.channel()
-        declare_topology(channel, self._exchange, None, ())
+        try:
+            self._connection = pika.BlockingConnection(
+                connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))
+        except Exception as e:  # noqa: BLE001 - refused, DNS, TLS, auth: one clear error for the command
+            raise BrokerUnavailable(f"cannot reach the broker at {describe_broker(self._amqp_url)}: "
+                                    f"{type(e).__name__}: {e}") from e
+        declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms)
         self._sender = RabbitSender.open(self._connection, self._exchange)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self._connection is not None and self._connection.is_open:
             self._connection.close()
 
@@ -261,7 +426,8 @@ class RabbitClient:
         return self._connection.channel()
 
     def declare(self, spec: QueueSpec, retry_delays_ms: tuple[int, ...]) -> None:
-        declare_topology(self.channel, self._exchange, spec, retry_delays_ms)
+        assert self._connection is not None
+        declare_topology(self._connection, self._exchange, None, retry_delays_ms, extra=(spec,))
 
     def bind_private_queue(self, binding_keys: tuple[str, ...]) -> tuple[BlockingChannel, str]:
         """An exclusive, auto-deleted queue bound to ``binding_keys`` (for waiting on completions)."""
@@ -298,8 +464,10 @@ class RabbitClient:
             method, props, body = channel.basic_get(dead_letter_queue(queue), auto_ack=False)
             if method is None:
                 break
-            headers = {k: v for k, v in (props.headers or {}).items() if not k.startswith("x-preimg-")
-                       and k != "x-death"}
+            old = props.headers or {}
+            headers = {k: v for k, v in old.items() if not k.startswith("x-preimg-") and k != "x-death"}
+            # Counted, so a failure after the replay is a new RunFailed (its id includes the count).
+            headers[HEADER_REPLAYS] = int(old.get(HEADER_REPLAYS, 0) or 0) + 1
             self.sender.send_to_queue(queue, body, headers)
             channel.basic_ack(method.delivery_tag)
             moved += 1
@@ -314,3 +482,7 @@ class RabbitClient:
             if method is None:
                 return out
             out.append((body, dict(props.headers or {})))
+
+
+class BrokerUnavailable(ConnectionError):
+    """The broker could not be reached or refused the login; the message says where and why."""

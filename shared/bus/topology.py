@@ -15,10 +15,18 @@ Layout (RabbitMQ, mirrored by the in-process bus)::
 
     <queue>.retry.<n>  fixed-delay retry queue n (TTL, dead-letters back to <queue>)
     <queue>.dlq        dead-letter queue; the reason is in the message headers
+
+    exchange "preimg.unroutable" (fanout, durable): the alternate exchange of
+      "preimg"; whatever no binding takes lands in queue "preimg.unroutable"
+
+Everyone who publishes declares the whole layout first (``topology_specs``), so
+a message published before its consumer ever ran waits in its queue instead of
+vanishing: a processor still waiting for its calibrations lets its queue fill.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 EXCHANGE = "preimg"
@@ -34,12 +42,29 @@ CONSUMED_STAGES: dict[str, tuple[str, ...]] = {
     "publisher": ("reports_ready", "run_failed"),
 }
 
+#: The queue collecting what no binding of the exchange takes (through its alternate exchange).
+UNROUTABLE_QUEUE = f"{QUEUE_PREFIX}.unroutable"
+
+#: The stage AOG publishes to; a resend of a finished delivery is answered with its terminal event.
+ENTRY_STAGE = "delivery"
+#: Stages whose events end a run for AOG.
+TERMINAL_STAGES = ("completed", "run_failed")
+
 #: Header names carried by retried and dead-lettered messages.
 HEADER_ATTEMPT = "x-preimg-attempt"
+#: Since when (epoch seconds) a message waits because another copy of its run holds the stage's lease.
+HEADER_LEASE_WAIT_SINCE = "x-preimg-lease-wait-since"
+#: How often an operator replayed the message from a dead-letter queue.
+HEADER_REPLAYS = "x-preimg-replays"
 HEADER_REASON = "x-preimg-reason"
 HEADER_ORIGINAL_KEY = "x-preimg-routing-key"
 HEADER_FAILED_AT = "x-preimg-failed-at"
 HEADER_QUEUE = "x-preimg-queue"
+
+
+def alternate_exchange(exchange: str) -> str:
+    """The fanout exchange receiving what ``exchange`` cannot route."""
+    return f"{exchange}.unroutable"
 
 
 def routing_key(stage: str, instrument: str) -> str:
@@ -87,6 +112,13 @@ class QueueSpec:
     @classmethod
     def for_service(cls, service: str, instrument: str | None = None) -> QueueSpec:
         return cls(queue_name(service, instrument), binding_keys(service, instrument), prefetch=1)
+
+
+def topology_specs(instruments: Iterable[str]) -> tuple[QueueSpec, ...]:
+    """Every consuming queue: the three shared services and one processor queue per instrument."""
+    specs = [QueueSpec.for_service(s) for s in SERVICES if s != "processor"]
+    specs += [QueueSpec.for_service("processor", i) for i in sorted(set(instruments))]
+    return tuple(specs)
 
 
 def topic_matches(pattern: str, key: str) -> bool:

@@ -19,7 +19,7 @@ from shared.bus.runner import MessageRunner
 from shared.bus.topology import HEADER_ATTEMPT, HEADER_REASON, QueueSpec, dead_letter_queue
 from shared.errors import IgnorableMessage, PermanentError, RetryableError
 from shared.ledger import FileLedger
-from shared.messages import DeliveryAnnounced, Envelope, RawDataReady, RunFailed, decode
+from shared.messages import DeliveredFile, DeliveryAnnounced, Envelope, RawDataReady, RunFailed, decode
 from shared.metrics import build_metrics
 
 RETRY_DELAYS_MS = (50, 100, 200)
@@ -28,8 +28,12 @@ SINK_KEYS = ("raw_ready.*", "run_failed.*")
 SPEC = QueueSpec.for_service("ingest")
 
 
+ONE_FILE = (DeliveredFile(name="a.fits", path="a.fits", size=2880, checksum="sha256:" + "0" * 64),)
+
+
 def delivery(delivery_id: str, run_id: str | None = None) -> DeliveryAnnounced:
-    return DeliveryAnnounced(run_id=run_id or f"run-{delivery_id}", delivery_id=delivery_id, instrument="HAWKI", files=())
+    return DeliveryAnnounced(run_id=run_id or f"run-{delivery_id}", delivery_id=delivery_id, instrument="HAWKI",
+                             files=ONE_FILE)
 
 
 class ScriptedHandler:
