@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
 from shared.bus.topology import QueueSpec, dead_letter_queue, queue_name
-from shared.files import file_digest
+from shared.files import file_digest, remove_stale_temp_files
 from shared.ledger import FileLedger
 from shared.messages import (
     DeliveredFile,
@@ -91,18 +91,20 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
 
 
 def remove_run_temp_files(settings: Settings, message: Envelope) -> None:
-    """Temporary files an interrupted write of this run left behind (the stage holds the run's lease)."""
-    from shared.files import remove_stale_temp_files
+    """Temporary files an interrupted write of this run left behind (the stage holds the run's lease).
 
-    for directory in vars(settings.run_dirs(message.instrument, message.run_id)).values():
-        for path in remove_stale_temp_files(directory):
+    Any age in the run's data directories, which no other stage writes while
+    this one holds the run; in its state directory only those older than a
+    minute, since the previous stage may still be marking its record published.
+    """
+    dirs = settings.run_dirs(message.instrument, message.run_id)
+    for directory in (dirs.raw, dirs.sci, dirs.logs, dirs.work, dirs.state):
+        for path in remove_stale_temp_files(directory, older_than_s=60.0 if directory == dirs.state else None):
             _log.info("removed a temporary file left by an interrupted write: %s", path)
 
 
 def sweep_temp_files(settings: Settings) -> int:
     """Temporary files older than ``settings.temp_max_age_s`` anywhere under the data root and QC dir."""
-    from shared.files import remove_stale_temp_files
-
     removed = 0
     for root in (settings.data_root.resolve(), settings.qc_local_dir()):
         found = remove_stale_temp_files(root, older_than_s=settings.temp_max_age_s)
