@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 from pydantic import ValidationError
 
-from shared.contracts import render
+from shared.contracts import json_schemas, render
 from shared.messages import (
     MESSAGE_TYPES,
     ABResult,
@@ -110,6 +110,17 @@ def test_a_delivery_lists_at_least_one_file():
     body = json.dumps({"type": "preimg.delivery_announced.v1", **COMMON, "files": []}).encode()
     with pytest.raises(MessageDecodeError, match="files: Tuple should have at least 1 item"):
         decode(body)
+
+
+@pytest.mark.parametrize("name, schema", json_schemas().items())
+def test_every_schema_names_its_dialect_and_id_and_requires_type(name, schema):
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"].endswith(name)
+    assert schema["required"][0] == "type"
+    with pytest.raises(jsonschema.ValidationError, match="'type' is a required property"):
+        payload = json.loads(next(m for m in examples() if m.type == name).to_json())
+        del payload["type"]
+        jsonschema.validate(payload, schema)
 
 
 def test_routing_keys_name_stage_and_instrument():
