@@ -9,7 +9,7 @@ DEMO_ROOT ?= preimg-data
 DEMO_INSTRUMENT ?= HAWKI
 SYSTEM_PACKAGES := esorex cpl-plugin-hawki cpl-plugin-vimos chromium
 
-.PHONY: help venv system-deps demo test test-fast bench contracts lint clean oca-rules
+.PHONY: help venv system-deps node-deps demo test test-fast bench contracts lint clean oca-rules
 
 help:
 	@echo "make demo   - install, make synthetic $(DEMO_INSTRUMENT) pre-imaging data, process it in one process"
@@ -33,6 +33,15 @@ system-deps:
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
+# node and npm run the contract checks (tests/contracts: ajv, the AsyncAPI parser). Only when node
+# is absent: a node from elsewhere (e.g. NodeSource, npm included) is kept.
+node-deps:
+	@if ! command -v node >/dev/null; then \
+	  echo "installing Debian packages: nodejs npm"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends nodejs npm; \
+	fi
+
 # ESO's rule files of eight pipelines (extracted from Debian packages, not committed).
 oca-rules:
 	@if [ -x scripts/fetch-oca-rules.sh ]; then scripts/fetch-oca-rules.sh .cache/oca-rules; fi
@@ -41,7 +50,7 @@ demo: system-deps venv
 	$(PREIMG) synth -i $(DEMO_INSTRUMENT) --out $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --cal-root $(DEMO_ROOT)/cal
 	$(PREIMG) run -i $(DEMO_INSTRUMENT) $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --data-root $(DEMO_ROOT)
 
-test: system-deps venv oca-rules
+test: system-deps node-deps venv oca-rules
 	$(PY) -m pytest
 
 test-fast: venv
