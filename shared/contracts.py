@@ -22,14 +22,20 @@ from typing import Any
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaMode, JsonSchemaValue
 from pydantic_core import CoreSchema
 
-from shared.bus.topology import EXCHANGE, SERVICES, binding_keys, queue_name, retry_tier
+from shared.bus.topology import (
+    EXCHANGE,
+    SERVICES,
+    UNROUTABLE_QUEUE,
+    alternate_exchange,
+    binding_keys,
+    queue_name,
+    retry_tier,
+)
 from shared.messages import MESSAGE_TYPES, type_name
 from shared.profiles import PROFILE_DIR, Profile
 from shared.settings import Settings
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-#: The alternate exchange of ``preimg`` and the queue that collects what it receives.
-UNROUTABLE = "preimg.unroutable"
 AMQP_BINDING_VERSION = "0.3.0"
 
 _DESCRIPTIONS = {
@@ -140,8 +146,8 @@ after it has acted on it.
   with the recorded terminal event again (same `message_id`). A `run_id` already used by another
   delivery is answered with a `RunFailed`.
 * **Unroutable messages** (a routing key no queue is bound to) are not lost: the exchange
-  `{EXCHANGE}` has the alternate exchange `{UNROUTABLE}` (fanout), which delivers them to the queue
-  `{UNROUTABLE}` for the operators.
+  `{EXCHANGE}` has the alternate exchange `{alternate_exchange(EXCHANGE)}` (fanout), which delivers them to
+  the queue `{UNROUTABLE_QUEUE}` for the operators.
 * **Checksums** in `DeliveredFile.checksum` are `sha256:` (64 hex digits) or `md5:` (32), the
   digits in either case; preimg stores and reports them in lower case.
 
