@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -52,11 +53,13 @@ def settle(outcome: Outcome, incoming: Incoming, queue: str, n_retry_tiers: int,
         for event in outcome.events:
             sender.publish(event)
     except PublishFailed as e:
-        if outcome.if_not_published is None:
-            raise
         _log.warning("the broker did not take an event: %s", e)
-        settle(outcome.if_not_published(str(e)), incoming, queue, n_retry_tiers, sender)
-        return
+        if outcome.if_not_published is not None:
+            settle(outcome.if_not_published(str(e)), incoming, queue, n_retry_tiers, sender)
+            return
+        if outcome.action != "dead_letter":
+            raise
+        outcome = replace(outcome, reason=f"{outcome.reason}; its RunFailed could not be published either: {e}")
     if outcome.on_published is not None:
         try:
             outcome.on_published()

@@ -324,8 +324,8 @@ class RabbitConsumer:
             if connection.is_open:
                 try:
                     connection.close()
-                except Exception:  # noqa: BLE001 - closing a broken connection may fail in any way
-                    pass
+                except Exception as e:  # noqa: BLE001 - closing a broken connection may fail in any way
+                    _log.debug("closing the connection: %s", e)
 
     def _make_on_message(
         self, connection: pika.BlockingConnection, channel: BlockingChannel, sender: RabbitSender
@@ -401,7 +401,7 @@ class RabbitClient:
         try:
             self._connection = pika.BlockingConnection(
                 connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))
-        except Exception as e:  # noqa: BLE001 - refused, DNS, TLS, auth: one clear error for the command
+        except Exception as e:  # refused, DNS, TLS, auth: one clear error for the command
             raise BrokerUnavailable(f"cannot reach the broker at {describe_broker(self._amqp_url)}: "
                                     f"{type(e).__name__}: {e}") from e
         declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms)

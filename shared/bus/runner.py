@@ -52,7 +52,13 @@ from shared.bus.topology import (
     HEADER_REPLAYS,
     TERMINAL_STAGES,
 )
-from shared.errors import IgnorableMessage, InvalidMessage, PermanentError, PublishFailed, RetryableError
+from shared.errors import (
+    IgnorableMessage,
+    InvalidMessage,
+    PermanentError,
+    PublishFailed,
+    RetryableError,
+)
 from shared.ledger import CorruptRecord, FileLedger, Lease, LeaseBusy, LeaseLost
 from shared.logs import log_context
 from shared.messages import (
@@ -327,7 +333,7 @@ class MessageRunner:
         if identity is None or identity.get("type") == type_name(RunFailed):
             return self._dead_letter(reason, "-", "-")
         with log_context(run_id=identity["run_id"], instrument=identity["instrument"], service=self.service):
-            outcome = self._dead_letter(reason, "-", identity["instrument"])
+            self._dead_letter(reason, "-", identity["instrument"])
             event = RunFailed(
                 message_id=derived_message_id(identity["run_id"], self.service, "invalid",
                                               hashlib.sha256(incoming.body).hexdigest(), str(incoming.replays)),

@@ -6,6 +6,12 @@ broker on a private virtual host.
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -15,16 +21,32 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from shared.bus.memory import InProcessBus
-from shared.bus.runner import MessageRunner
-from shared.bus.topology import HEADER_ATTEMPT, HEADER_REASON, QueueSpec, dead_letter_queue
-from shared.errors import IgnorableMessage, PermanentError, RetryableError
-from shared.ledger import FileLedger
-from shared.messages import DeliveredFile, DeliveryAnnounced, Envelope, RawDataReady, RunFailed, decode
+from shared.bus.runner import Incoming, MessageRunner
+from shared.bus.topology import (
+    HEADER_ATTEMPT,
+    HEADER_LEASE_WAIT_SINCE,
+    HEADER_REASON,
+    HEADER_REPLAYS,
+    UNROUTABLE_QUEUE,
+    QueueSpec,
+    dead_letter_queue,
+)
+from shared.errors import IgnorableMessage, PermanentError, PublishFailed, RetryableError
+from shared.ledger import FileLedger, LeaseBusy
+from shared.messages import (
+    DeliveredFile,
+    DeliveryAnnounced,
+    Envelope,
+    PreImagingCompleted,
+    RawDataReady,
+    RunFailed,
+    decode,
+)
 from shared.metrics import build_metrics
 
 RETRY_DELAYS_MS = (50, 100, 200)
 SINK = "test.sink"
-SINK_KEYS = ("raw_ready.*", "run_failed.*")
+SINK_KEYS = ("raw_ready.*", "run_failed.*", "completed.*")
 SPEC = QueueSpec.for_service("ingest")
 
 
@@ -80,6 +102,13 @@ class MemoryHarness:
     def dead_letters(self) -> list[tuple[bytes, dict]]:
         return [(m.body, dict(m.headers)) for m in self.bus.messages(dead_letter_queue(SPEC.name))]
 
+    def replay(self) -> None:
+        """What ``preimg dlq replay`` does: dead letters back onto the queue, replay counted."""
+        for m in self.bus.take(dead_letter_queue(SPEC.name)):
+            headers = {k: v for k, v in m.headers.items() if not k.startswith("x-preimg-")}
+            headers[HEADER_REPLAYS] = int(m.headers.get(HEADER_REPLAYS, 0)) + 1
+            self.bus.send_to_queue(SPEC.name, m.body, headers)
+
     def stop(self) -> None:
         pass
 
@@ -132,6 +161,13 @@ class RabbitHarness:
 
     def dead_letters(self) -> list[tuple[bytes, dict]]:
         return list(self._dead)
+
+    def replay(self) -> None:
+        """Put the collected dead letters back on the dead-letter queue, then ``preimg dlq replay``."""
+        for body, headers in self._dead:
+            self.client.sender.send_to_queue(dead_letter_queue(SPEC.name), body, headers)
+        self._dead.clear()
+        assert self.client.replay_dead_letters(SPEC.name) >= 1
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -305,3 +341,210 @@ def test_long_work_keeps_the_connection_alive(rabbitmq_url, tmp_path):
     finally:
         stop.set()
         thread.join(10)
+
+
+# --- every delivery gets exactly one answer ---------------------------------------------
+
+
+def test_invalid_message_with_readable_ids_is_answered_and_dead_lettered(harness, runner, handler):
+    good = json.loads(delivery("x").to_json())
+    bodies = {
+        "inv-extra": {**good, "priority": 3},
+        "inv-notype": {k: v for k, v in good.items() if k != "type"},
+        "inv-version": {**good, "type": "preimg.delivery_announced.v9"},
+        "inv-checksum": {**good, "files": [{**good["files"][0], "checksum": "crc32:1234"}]},
+    }
+    for run_id, body in bodies.items():
+        harness.publish_raw("delivery.HAWKI", json.dumps({**body, "run_id": run_id, "delivery_id": run_id}).encode())
+    harness.publish_raw("delivery.HAWKI", json.dumps({**good, "run_id": "no/such id", "extra": 1}).encode())
+    harness.wait(lambda: len(harness.sink()) >= 4 and len(harness.dead_letters()) >= 5)
+    by_run = {e.run_id: e for e in harness.sink()}
+    assert set(by_run) == set(bodies)  # the message without a usable run id is only dead-lettered
+    assert all(isinstance(e, RunFailed) and e.failed_stage == "ingest" for e in by_run.values())
+    assert "priority" in by_run["inv-extra"].reason
+    assert "unknown message type None" in by_run["inv-notype"].reason
+    assert "preimg.delivery_announced.v9" in by_run["inv-version"].reason
+    assert "files.0.checksum" in by_run["inv-checksum"].reason
+    assert handler.calls == {}
+
+
+def test_a_delivery_sent_again_after_its_run_failed_gets_the_same_failure_again(harness, runner, handler):
+    msg = delivery("permanent-resend")
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    harness.publish_raw("delivery.HAWKI", msg.model_copy(update={"message_id": "aog-resent-it"}).to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    first, again = harness.sink()
+    assert isinstance(first, RunFailed) and again.model_dump() == first.model_dump()
+    assert handler.calls == {"permanent-resend": 1}
+
+
+def test_a_delivery_sent_again_after_its_run_completed_gets_the_completion_again(harness, runner, handler, tmp_path):
+    msg = delivery("good-finished")
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    completed = PreImagingCompleted(**msg.follow_up("completed"), status="ok", package_dir="/p",
+                                    package_url="file:///p", manifest=())
+    FileLedger(tmp_path / "state").record_terminal(completed)  # what the publisher records at the end
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    assert isinstance(harness.sink()[0], RawDataReady)
+    assert harness.sink()[1].model_dump() == completed.model_dump()
+    assert handler.calls == {"good-finished": 1}
+
+
+def test_a_delivery_sent_again_while_its_run_is_in_progress_is_absorbed(harness, runner, handler):
+    msg = delivery("good-busy")
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.publish_raw("delivery.HAWKI", delivery("good-after").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    assert [e.delivery_id for e in harness.sink()] == ["good-busy", "good-after"]
+
+
+def test_two_failures_of_one_run_are_two_messages(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("crash-twice").to_json())
+    harness.wait(lambda: len(harness.dead_letters()) >= 1 and len(harness.sink()) >= 1)
+    harness.replay()  # the operator replays before mending the fault: it fails again
+    harness.wait(lambda: len(harness.dead_letters()) >= 1 and len(harness.sink()) >= 2)
+    first, second = harness.sink()
+    assert isinstance(first, RunFailed) and isinstance(second, RunFailed)
+    assert first.message_id != second.message_id
+    assert handler.calls == {"crash-twice": 8}
+
+
+def test_a_corrupt_state_record_fails_the_run_naming_the_file(harness, runner, handler, tmp_path):
+    record = tmp_path / "state" / "HAWKI" / "run-good-corrupt" / "delivery.json"
+    record.parent.mkdir(parents=True)
+    record.write_text('{"stage": "delivery", "events": [')
+    harness.publish_raw("delivery.HAWKI", delivery("good-corrupt").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    [event] = harness.sink()
+    assert isinstance(event, RunFailed) and str(record) in event.reason and "corrupt" in event.reason
+    assert handler.calls == {}
+    assert record.read_text() == '{"stage": "delivery", "events": ['  # the evidence is kept
+
+
+class DiskFullOnce(FileLedger):
+    """A ledger whose first write fails as on a full disk."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.failures = 1
+
+    def record(self, *args, **kwargs):
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return super().record(*args, **kwargs)
+
+
+def test_a_full_disk_while_recording_is_retried_with_the_reason(harness, handler, tmp_path):
+    r = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, DiskFullOnce(tmp_path / "state"),
+                      build_metrics(CollectorRegistry()), max_attempts=4)
+    harness.start(r)
+    harness.publish_raw("delivery.HAWKI", delivery("good-full").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    [event] = harness.sink()
+    assert isinstance(event, RawDataReady)
+    assert handler.calls == {"good-full": 2} and harness.dead_letters() == []
+
+
+def test_an_event_nobody_can_route_is_retried_then_dead_lettered_with_the_reason(tmp_path):
+    bus = InProcessBus(RETRY_DELAYS_MS)
+    bus.declare(SPEC)  # nothing bound to raw_ready.* or run_failed.*, and no alternate exchange
+    handler = ScriptedHandler()
+    runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, FileLedger(tmp_path / "state"),
+                           build_metrics(CollectorRegistry()), max_attempts=3)
+    bus.subscribe(SPEC.name, runner.process)
+    bus.publish_raw("delivery.HAWKI", delivery("good-lost").to_json())
+    bus.drain(timeout_s=10)
+    [dead] = bus.messages(dead_letter_queue(SPEC.name))
+    reason = dead.headers[HEADER_REASON]
+    assert "gave up after 3 attempts" in reason and "no queue is bound to routing key 'raw_ready.HAWKI'" in reason
+    assert "RunFailed could not be published either" in reason
+    assert handler.calls == {"good-lost": 1}  # the retries re-emit the recorded result; the work ran once
+
+
+def test_the_alternate_exchange_collects_what_no_binding_takes_on_both_buses(rabbitmq_url):
+    from shared.bus.rabbitmq import RabbitClient, RabbitSender
+
+    bus = InProcessBus(RETRY_DELAYS_MS)
+    bus.declare(SPEC)
+    with pytest.raises(PublishFailed, match="completed.HAWKI"):
+        bus.publish_raw("completed.HAWKI", b"{}")
+    bus.declare_topology(["HAWKI"])
+    bus.publish_raw("completed.HAWKI", b"{}")
+    assert [m.routing_key for m in bus.messages(UNROUTABLE_QUEUE)] == ["completed.HAWKI"]
+
+    with RabbitClient(rabbitmq_url, "preimg", instruments=["HAWKI"], retry_delays_ms=RETRY_DELAYS_MS) as client:
+        client.sender.publish_raw("completed.HAWKI", b"{}")  # AOG has bound no queue yet
+        assert [b for b, _ in client.get_all(UNROUTABLE_QUEUE)] == [b"{}"]
+        # Without an alternate exchange the broker returns the message: an error, not a success.
+        client.channel.exchange_declare("legacy", exchange_type="topic")
+        sender = RabbitSender.open(client._connection, "legacy")
+        with pytest.raises(PublishFailed, match="returned"):
+            sender.publish_raw("completed.HAWKI", b"{}")
+
+
+def test_an_exchange_declared_without_the_alternate_exchange_still_works(rabbitmq_url, caplog):
+    import pika
+
+    from shared.bus.rabbitmq import RabbitClient
+
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    connection.channel().exchange_declare("preimg", exchange_type="topic", durable=True)  # an older preimg
+    connection.close()
+    with RabbitClient(rabbitmq_url, "preimg", instruments=["HAWKI"], retry_delays_ms=RETRY_DELAYS_MS) as client:
+        client.sender.publish(delivery("good-legacy"))
+        with pytest.raises(PublishFailed):
+            client.sender.publish_raw("completed.HAWKI", b"{}")
+    assert "exists without the alternate exchange" in caplog.text
+
+
+# --- one copy of a run per stage at a time -------------------------------------------------
+
+
+def test_a_second_copy_waits_for_the_lease_without_spending_an_attempt(tmp_path):
+    ledger = FileLedger(tmp_path / "state")
+    handler = ScriptedHandler()
+    now = [1000.0]
+    runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger,
+                           build_metrics(CollectorRegistry()), max_attempts=4, lease_wait_limit_s=60,
+                           clock=lambda: now[0])
+    msg = delivery("good-lease")
+    with ledger.lease("delivery", "HAWKI", msg.run_id):  # another copy is working on the run
+        waiting = runner.process(Incoming(msg.to_json(), "delivery.HAWKI", {HEADER_ATTEMPT: 2}))
+        assert (waiting.action, waiting.label, waiting.next_attempt) == ("retry", "lease_busy", 2)
+        assert "lease busy" in waiting.reason and f"pid {os.getpid()}" in waiting.reason
+        now[0] += 61  # held past the limit: from now on the waits count as failed attempts
+        late = runner.process(Incoming(msg.to_json(), "delivery.HAWKI", {HEADER_ATTEMPT: 2, **waiting.headers}))
+        assert (late.action, late.next_attempt) == ("retry", 3) and "held the run for over 60 s" in late.reason
+    assert handler.calls == {}
+    done = runner.process(Incoming(msg.to_json(), "delivery.HAWKI", {HEADER_ATTEMPT: 2, **waiting.headers}))
+    assert done.action == "ack" and handler.calls == {"good-lease": 1}
+    history = ledger.lease_history("delivery", "HAWKI", msg.run_id)
+    assert [h["token"] for h in history] == [1, 2] and waiting.headers[HEADER_LEASE_WAIT_SINCE] == 1000.0
+    assert ledger.lookup("delivery", "HAWKI", msg.run_id).lease_token == 2
+
+
+def test_a_lease_dies_with_its_holder(tmp_path):
+    ledger = FileLedger(tmp_path / "state")
+    script = (
+        "import time; from pathlib import Path; from shared.ledger import FileLedger\n"
+        f"with FileLedger(Path({str(tmp_path / 'state')!r})).lease('raw_ready', 'HAWKI', 'run-1'):\n"
+        "    print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LeaseBusy, match="held"), ledger.lease("raw_ready", "HAWKI", "run-1"):
+            pass
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(10)
+        with ledger.lease("raw_ready", "HAWKI", "run-1") as lease:
+            assert lease.token == 2  # a new token: anything the dead holder meant to write is fenced off
+    finally:
+        holder.kill()
