@@ -10,8 +10,8 @@ are never read or touched; only the shared epmd daemon is used.
 Measured on the dev VM (2 vCPU, RabbitMQ 3.10.8, Erlang 25, load average 4-7 from other
 test runs; wall clock until an AMQP handshake as guest succeeds):
 
-* start() of a fresh node: median 6.0 s (5.6-6.4 s over 4 runs; 10.5 s seen once under load),
-  about half of it RabbitMQ collecting boot steps from every bundled plugin's modules;
+* start() of a fresh node: median 6.0 s (5.6-6.4 s over 4 runs; 7-11.5 s in pytest set-ups
+  while other suites ran), half of it RabbitMQ collecting boot steps from all bundled plugins;
 * restart() (stop_app + start_app): median 3.2 s (2.2-4.1 s over 12 runs);
 * stop(): ~2 s; start() again after stop() (same data, name and ports): median 5.4 s.
 

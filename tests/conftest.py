@@ -89,7 +89,7 @@ def _private_broker(tmp_path_factory: pytest.TempPathFactory):
 def private_broker(tmp_path_factory: pytest.TempPathFactory):
     """A running private RabbitMQ node (own name, ports and data) that the test may restart(),
     stop_app()/start_app() or stop()/start(); always stopped afterwards. ~6 s to start (up to
-    10 s on a loaded machine). The machine's broker on 5672 is not touched."""
+    12 s on a loaded machine). The machine's broker on 5672 is not touched."""
     yield from _private_broker(tmp_path_factory)
 
 
