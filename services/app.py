@@ -85,12 +85,12 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         ledger=FileLedger(settings.data_root.resolve() / "state"),
         metrics=metrics,
         max_attempts=settings.max_attempts,
-        prepare=functools.partial(remove_run_temp_files, settings),
+        prepare=functools.partial(remove_run_temp_files, settings, service),
         lease_wait_limit_s=settings.lease_wait_limit_s,
     )
 
 
-def remove_run_temp_files(settings: Settings, message: Envelope) -> None:
+def remove_run_temp_files(settings: Settings, service: str, message: Envelope) -> None:
     """Temporary files an interrupted write of this run left behind (the stage holds the run's lease).
 
     Any age in the run's data directories, which no other stage writes while
@@ -101,6 +101,11 @@ def remove_run_temp_files(settings: Settings, message: Envelope) -> None:
     for directory in (dirs.raw, dirs.sci, dirs.logs, dirs.work, dirs.state):
         for path in remove_stale_temp_files(directory, older_than_s=60.0 if directory == dirs.state else None):
             _log.info("removed a temporary file left by an interrupted write: %s", path)
+    if service == "publisher":
+        from services.publisher.service import remove_package_temp_files
+
+        for path in remove_package_temp_files(settings, message.instrument, message.run_id):
+            _log.info("removed a temporary file left by an interrupted upload: %s", path)
 
 
 def sweep_temp_files(settings: Settings) -> int:

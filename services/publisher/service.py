@@ -13,6 +13,7 @@ import jinja2
 from services.publisher.handlers import PublisherPorts
 from services.publisher.mailer import SmtpMailer
 from services.publisher.qcserver import LocalQcServer, QcServer, S3QcServer
+from shared.files import remove_stale_temp_files
 from shared.logs import current_context
 from shared.profiles import load_profile
 from shared.settings import Settings
@@ -105,3 +106,24 @@ def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -
         load_profile=load_profile,
         count_notification_failure=count_notification_failure,
     )
+
+
+def remove_package_temp_files(settings: Settings, instrument: str, run_id: str) -> list[Path]:
+    """Temporary files an interrupted write left in the run's package and monitor row (local QC server).
+
+    Called while the publisher holds the run; the shared monitor page itself
+    is left to the periodic sweep (another run's publish may be writing it).
+    """
+    if settings.qc_mode != "local":
+        return []
+    from services.publisher.handlers import package_prefix, qc_base
+    from services.publisher.monitor import rows_prefix
+
+    base = qc_base(load_profile(instrument))
+    root = settings.qc_local_dir()
+    removed = remove_stale_temp_files(root / package_prefix(base, run_id))
+    rows = root / rows_prefix(base)
+    for path in rows.glob(f".{run_id}.json.*.tmp"):
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
