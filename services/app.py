@@ -141,7 +141,7 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
     registry = CollectorRegistry()
     metrics = build_metrics(registry)
     stop = stop or threading.Event()
-    state: dict[str, Any] = {"detail": "start-up checks not run yet"}
+    state: dict[str, Any] = {"detail": "start-up checks not run yet", "checks_ok": False}
     consumer = RabbitConsumer(
         amqp_url=settings.amqp_url,
         exchange=settings.exchange,
@@ -169,11 +169,11 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
         return alive, "consumer running" if alive else "consumer stopped"
 
     def ready() -> tuple[bool, str]:
-        if not consumer.connected.is_set():
-            return False, f"not connected to the broker ({consumer.last_error or 'connecting'})"
-        if not consumer.consuming.is_set():
-            return False, state["detail"]
-        return True, "consuming"
+        if consumer.consuming.is_set():
+            return True, "consuming"
+        broker = ("connected to the broker, its queues declared" if consumer.connected.is_set()
+                  else f"not connected to the broker ({consumer.last_error or 'connecting'})")
+        return False, broker if state["checks_ok"] else f"{state['detail']}; {broker}"
 
     http = ServiceHttpServer(settings.http_host, settings.http_port, registry, live, ready)
     http.start()
@@ -191,6 +191,7 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
     while not stop.is_set() and worker.is_alive():
         ok, state["detail"] = startup_checks(service, settings, instrument)
         if ok:
+            state["checks_ok"] = True
             consumer.start_consuming(build_runner(service, settings, metrics, instrument).process)
             break
         _log.error("start-up checks failed; not consuming, checking again in %.0f s: %s",
