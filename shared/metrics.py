@@ -26,6 +26,7 @@ class Metrics:
     ab_outcomes: Counter
     notification_failures: Counter
     upload_retries: Counter
+    publish_failures: Counter
 
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
@@ -93,6 +94,12 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "preimg_qc_upload_retries",
             "Retried uploads to the QC server",
             ["instrument"],
+            registry=registry,
+        ),
+        publish_failures=Counter(
+            "preimg_publish_failures",
+            "Events the broker did not take (returned as unroutable, or nacked); the message is retried",
+            ["stage", "instrument"],
             registry=registry,
         ),
     )

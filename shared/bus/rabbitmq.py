@@ -404,7 +404,15 @@ class RabbitClient:
         except Exception as e:  # refused, DNS, TLS, auth: one clear error for the command
             raise BrokerUnavailable(f"cannot reach the broker at {describe_broker(self._amqp_url)}: "
                                     f"{type(e).__name__}: {e}") from e
-        declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms)
+        try:
+            declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms)
+        except pika.exceptions.ChannelClosedByBroker as e:
+            self.close()
+            if e.reply_code != _PRECONDITION_FAILED:
+                raise
+            raise BrokerUnavailable(
+                f"the broker at {describe_broker(self._amqp_url)} holds a queue declared with other arguments "
+                f"({e.reply_text}); give this command the services' PREIMG_RETRY_DELAYS_MS") from e
         self._sender = RabbitSender.open(self._connection, self._exchange)
         return self
 
@@ -485,4 +493,4 @@ class RabbitClient:
 
 
 class BrokerUnavailable(ConnectionError):
-    """The broker could not be reached or refused the login; the message says where and why."""
+    """The broker could not be reached, refused the login or our topology; the message says where and why."""

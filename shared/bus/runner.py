@@ -266,8 +266,12 @@ class MessageRunner:
             events=events,
             label=label,
             on_published=self._marker(message.stage, message.instrument, message.run_id),
-            if_not_published=lambda reason: self._retry_or_give_up(message, incoming, PublishFailed(reason)),
+            if_not_published=lambda reason: self._not_published(message, incoming, reason),
         )
+
+    def _not_published(self, message: Envelope, incoming: Incoming, reason: str) -> Outcome:
+        self._metrics.publish_failures.labels(message.stage, message.instrument).inc()
+        return self._retry_or_give_up(message, incoming, PublishFailed(reason))
 
     def _failed(self, message: Envelope, incoming: Incoming, error: PermanentError, record_it: bool = True,
                 lease: Lease | None = None) -> Outcome:

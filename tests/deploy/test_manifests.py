@@ -60,6 +60,8 @@ REQUIRED_ALERTS = {
     "PreimgConsumersAbsent",
     "PreimgServiceDown",
     "PreimgNotificationFailures",
+    "PreimgUnroutableMessages",
+    "PreimgPublishFailures",
 }
 #: RabbitMQ prometheus-plugin series the dashboard and alerts may use.
 RABBITMQ_METRICS = {
