@@ -134,6 +134,10 @@ after it has acted on it.
   or `failed`) or a `RunFailed`. Delivery is at least once, so the same answer can arrive more
   than once; the copies carry the same `message_id`. **Suppress duplicates by `message_id`.**
   Two different failures never share a `message_id`.
+* **After an operator's replay**: a `RunFailed` of a stage that gave up on a transient fault
+  (`details.attempts` is set) may be followed, once the operators mended the fault and replayed
+  the dead letter, by the run's real answer: a `PreImagingCompleted`, or another `RunFailed` with a
+  `message_id` of its own. For one `run_id` the latest answer counts, and a resend returns it.
 * **Invalid message with readable ids**: a message that fails validation (a bad field, a missing
   or unknown `type`) but carries a readable `delivery_id`, `run_id` and `instrument` (matching
   their patterns) is answered with a `RunFailed` whose reason names the field (e.g. `files: Tuple
