@@ -22,10 +22,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry
 
+from services import housekeeping
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
 from shared.bus.topology import QueueSpec, dead_letter_queue, queue_name
-from shared.files import file_digest, remove_stale_temp_files
+from shared.files import file_digest
 from shared.ledger import FileLedger
 from shared.messages import (
     DeliveredFile,
@@ -85,38 +86,9 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         ledger=FileLedger(settings.data_root.resolve() / "state"),
         metrics=metrics,
         max_attempts=settings.max_attempts,
-        prepare=functools.partial(remove_run_temp_files, settings, service),
+        prepare=functools.partial(housekeeping.remove_run_temp_files, settings, service),
         lease_wait_limit_s=settings.lease_wait_limit_s,
     )
-
-
-def remove_run_temp_files(settings: Settings, service: str, message: Envelope) -> None:
-    """Temporary files an interrupted write of this run left behind (the stage holds the run's lease).
-
-    Any age in the run's data directories, which no other stage writes while
-    this one holds the run; in its state directory only those older than a
-    minute, since the previous stage may still be marking its record published.
-    """
-    dirs = settings.run_dirs(message.instrument, message.run_id)
-    for directory in (dirs.raw, dirs.sci, dirs.logs, dirs.work, dirs.state):
-        for path in remove_stale_temp_files(directory, older_than_s=60.0 if directory == dirs.state else None):
-            _log.info("removed a temporary file left by an interrupted write: %s", path)
-    if service == "publisher":
-        from services.publisher.service import remove_package_temp_files
-
-        for path in remove_package_temp_files(settings, message.instrument, message.run_id):
-            _log.info("removed a temporary file left by an interrupted upload: %s", path)
-
-
-def sweep_temp_files(settings: Settings) -> int:
-    """Temporary files older than ``settings.temp_max_age_s`` anywhere under the data root and QC dir."""
-    removed = 0
-    for root in (settings.data_root.resolve(), settings.qc_local_dir()):
-        found = remove_stale_temp_files(root, older_than_s=settings.temp_max_age_s)
-        removed += len(found)
-        for path in found:
-            _log.info("removed a stale temporary file: %s", path)
-    return removed
 
 
 # ----------------------------------------------------------------------------
@@ -201,7 +173,8 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
     while worker.is_alive():
         if time.monotonic() >= next_sweep and not stop.is_set():
             try:
-                sweep_temp_files(settings)
+                for path in housekeeping.sweep(settings, settings.temp_max_age_s):
+                    _log.info("removed a stale temporary file: %s", path)
             except OSError as e:
                 _log.warning("sweeping stale temporary files failed: %s", e)
             next_sweep = time.monotonic() + settings.temp_sweep_interval_s
