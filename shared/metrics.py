@@ -35,7 +35,7 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
         messages=Counter(
             "preimg_messages",
             "Messages handled, by stage, instrument and outcome "
-            "(ok, replayed, failed, retried, dead_lettered, ignored)",
+            "(ok, replayed, failed, retried, lease_busy, dead_lettered, ignored)",
             ["stage", "instrument", "outcome"],
             registry=registry,
         ),
