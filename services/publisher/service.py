@@ -15,7 +15,7 @@ from services.publisher.mailer import SmtpMailer
 from services.publisher.qcserver import LocalQcServer, QcServer, S3QcServer
 from shared.files import remove_stale_temp_files
 from shared.logs import current_context
-from shared.profiles import load_profile
+from shared.profiles import ProfileError, load_profile
 from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -119,7 +119,10 @@ def remove_package_temp_files(settings: Settings, instrument: str, run_id: str) 
     from services.publisher.handlers import package_prefix, qc_base
     from services.publisher.monitor import rows_prefix
 
-    base = qc_base(load_profile(instrument))
+    try:
+        base = qc_base(load_profile(instrument))
+    except ProfileError:  # no package or monitor row exists for an instrument preimg does not know
+        return []
     root = settings.qc_local_dir()
     removed = remove_stale_temp_files(root / package_prefix(base, run_id))
     rows = root / rows_prefix(base)
