@@ -117,8 +117,8 @@ class AbExecutor:
         calibrations = tuple(
             CalibrationUsed(tag=tag, path=str(p), **_calib_info(p)) for tag, paths in ab.calibs.items() for p in paths
         )
-        common = dict(name=ab.name, action=ab.action, recipe=ab.recipe, raw=tuple(str(p) for p, _ in ab.raw),
-                      calibrations=calibrations, missing=tuple(ab.missing), started_at=started)
+        common = {"name": ab.name, "action": ab.action, "recipe": ab.recipe, "raw": tuple(str(p) for p, _ in ab.raw),
+                  "calibrations": calibrations, "missing": tuple(ab.missing), "started_at": started}
         if not ab.complete:
             ab_path = self._write_ab(ab, dirs.logs, "NOT_PROCESSED")
             reason = "INCOMPLETE: " + "; ".join(f"{tag}: {why}" for tag, why in ab.missing.items())

@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import pika
 import pika.exceptions
@@ -397,7 +397,7 @@ class RabbitClient:
         self._connection: pika.BlockingConnection | None = None
         self._sender: RabbitSender | None = None
 
-    def __enter__(self) -> RabbitClient:
+    def __enter__(self) -> Self:
         try:
             self._connection = pika.BlockingConnection(
                 connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))

@@ -87,8 +87,8 @@ class Cluster:
             args = ["serve", name]
         svc = self.services.get(name) or ServiceProcess(name, args, free_port(), self.root / f"{name}.log")
         env = {**self.env(), "PREIMG_HTTP_PORT": str(svc.port)}
-        log = open(svc.log, "ab")
-        svc.proc = subprocess.Popen(PREIMG + args, env=env, stdout=log, stderr=log, cwd=REPO)
+        with open(svc.log, "ab") as log:  # the child keeps its own copy of the descriptor
+            svc.proc = subprocess.Popen(PREIMG + args, env=env, stdout=log, stderr=log, cwd=REPO)
         self.services[name] = svc
         return svc
 

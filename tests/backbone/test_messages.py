@@ -29,7 +29,7 @@ from shared.messages import (
 )
 
 NOW = datetime(2026, 11, 20, 3, 4, 5, tzinfo=UTC)
-COMMON = dict(run_id="HAWKI_20261120T030405_abc123", delivery_id="aog-77", instrument="HAWKI", test=True)
+COMMON = {"run_id": "HAWKI_20261120T030405_abc123", "delivery_id": "aog-77", "instrument": "HAWKI", "test": True}
 
 
 def examples():

@@ -7,6 +7,7 @@ bound to completions and failures, read after each restart as AOG would.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import threading
@@ -75,7 +76,7 @@ def temp_files(root: Path) -> list[Path]:
 def assert_no_overlap(history: list[dict]) -> None:
     spans = sorted((datetime.fromisoformat(h["acquired_at"]), datetime.fromisoformat(h["released_at"]))
                    for h in history)
-    for (_, end), (start, _) in zip(spans, spans[1:]):
+    for (_, end), (start, _) in itertools.pairwise(spans):
         assert end <= start, f"two copies worked on the run at once: {history}"
 
 

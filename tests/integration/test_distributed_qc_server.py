@@ -92,7 +92,7 @@ def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rab
         assert failed["type"] == "preimg.run_failed.v1" and "gave up after 2 attempts" in failed["reason"], failed
 
         listed = subprocess.run(PREIMG + ["dlq", "list", "preimg.publisher"], env=cluster.env(), cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, check=False)
         entries = {e["type"]: e for e in map(json.loads, listed.stdout.splitlines())}
         # The publisher could not record the failed row either (same bucket): both wait in its DLQ.
         assert set(entries) == {"preimg.reports_ready.v1", "preimg.run_failed.v1"}, listed.stdout
@@ -101,7 +101,7 @@ def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rab
 
         s3.create_bucket(bucket)  # the operator mends the fault, then replays
         replay = subprocess.run(PREIMG + ["dlq", "replay", "preimg.publisher"], env=cluster.env(), cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, check=False)
         assert json.loads(replay.stdout) == {"queue": "preimg.publisher", "replayed": 2}, replay.stderr
         events = watcher.collect(until=2, timeout=30)
         assert [(e["type"], e.get("status")) for e in events[1:]] == [("preimg.completed.v1", "ok")], cluster.logs()
