@@ -54,15 +54,19 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
     if service == "ingest":
         from services.ingest.handlers import handle_delivery
         from services.ingest.service import build_ports as ingest_ports
+        from services.reporter.service import report_keywords
 
-        handlers = {DeliveryAnnounced: functools.partial(handle_delivery, ports=ingest_ports(settings))}
+        handlers = {DeliveryAnnounced: functools.partial(
+            handle_delivery, ports=ingest_ports(settings, report_keys=report_keywords("raw")))}
     elif service == "processor":
         if not instrument:
             raise ValueError("the processor serves one instrument: give --instrument")
         from services.processor.handlers import handle_raw_ready
         from services.processor.service import build_ports as processor_ports
+        from services.reporter.service import report_keywords
 
-        handlers = {RawDataReady: functools.partial(handle_raw_ready, ports=processor_ports(settings, instrument, metrics))}
+        ports = processor_ports(settings, instrument, metrics, report_keys=report_keywords("products"))
+        handlers = {RawDataReady: functools.partial(handle_raw_ready, ports=ports)}
     elif service == "reporter":
         from services.reporter.handlers import handle_products_ready
         from services.reporter.service import build_ports as reporter_ports

@@ -29,9 +29,18 @@ SUMMARY_KEYS = (
 
 
 class FrameInspector:
-    """Reads and classifies raw frames, per instrument; rules are loaded on first use."""
+    """Reads and classifies raw frames, per instrument; rules are loaded on first use.
 
-    def __init__(self) -> None:
+    Parameters
+    ----------
+    extra_keys
+        Dotted keywords later stages need besides the summary and the rule
+        keywords (the USERREPORT's columns): read in the same pass, so no
+        later stage opens a raw frame for its header.
+    """
+
+    def __init__(self, extra_keys: tuple[str, ...] = ()) -> None:
+        self._extra_keys = tuple(extra_keys)
         self._per_instrument: dict[str, tuple[HeaderReader, CompiledClassifier | None]] = {}
         self._lock = threading.Lock()
 
@@ -44,7 +53,7 @@ class FrameInspector:
                     rules = profile_rules(profile)
                 except FileNotFoundError:
                     rules = None  # classified by DPR; `preimg check` and the processor report the gap
-                keys = header_keys(SUMMARY_KEYS)
+                keys = header_keys((*SUMMARY_KEYS, *self._extra_keys))
                 classifier = None
                 if rules is not None:
                     keys += rule_header_keys(rules)
@@ -60,7 +69,7 @@ class FrameInspector:
         except FitsHeaderError as e:
             raise ValueError(f"{path.name}: not a readable FITS file ({e.problem})") from e
 
-    def classify(self, instrument: str, headers: Mapping[str, Any]) -> dict[str, str]:
+    def classify(self, instrument: str, headers: Mapping[str, Any]) -> dict[str, Any]:
         """The instrument's OCA classification; by the DPR keys when it has no rule file."""
         _, classifier = self._tools(instrument)
         if classifier is None:
@@ -68,7 +77,7 @@ class FrameInspector:
         result = classifier.classify_record(Path(str(headers.get("ARCFILE", "-"))), normalise_record(dict(headers)))
         if result.errors:
             raise ValueError("; ".join(result.errors))
-        return {k: str(v) for k, v in result.values.items()}
+        return dict(result.values)
 
 
 def classify_by_dpr(headers: Mapping[str, Any]) -> dict[str, str]:

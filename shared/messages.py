@@ -151,8 +151,10 @@ class RawFrame(_Model):
     headers: dict[str, Any] = Field(
         default_factory=dict, description="Header values the rules and reports use"
     )
-    classification: dict[str, str] = Field(
-        default_factory=dict, description='OCA classification, e.g. {"DO.CATG": "OBJECT"}'
+    classification: dict[str, str | bool | int | float] = Field(
+        default_factory=dict,
+        description='OCA classification: the values the rules assigned, as assigned, e.g. {"DO.CATG": "OBJECT"}; '
+        "the processor builds its Association Blocks from these and the headers without reading the frame again",
     )
     problem: str = Field(
         "", description="Why the frame's header could not be read or classified (empty when fine)"
@@ -177,7 +179,12 @@ class Product(_Model):
     pro_catg: str
     ab: str
     qc: dict[str, Any] = Field(default_factory=dict)
-    checksum: str = ""
+    header: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Primary-header values of the keywords the USERREPORT tabulates (dotted names); "
+        "read once by the processor, so the reporter opens no FITS file",
+    )
+    checksum: str = Field("", description="sha256:<hex> of the file, computed once by the processor")
 
 
 class CalibrationUsed(_Model):

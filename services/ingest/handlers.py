@@ -33,7 +33,7 @@ _log = logging.getLogger(__name__)
 #: (instrument, path) -> header values by dotted name; raises for an unreadable header.
 HeaderReader = Callable[[str, Path], Mapping[str, Any]]
 #: (instrument, header values) -> classification, e.g. {"DO.CATG": "OBJECT"}.
-Classifier = Callable[[str, Mapping[str, Any]], Mapping[str, str]]
+Classifier = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
 
 @dataclass(frozen=True)

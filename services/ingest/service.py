@@ -8,8 +8,9 @@ from shared.profiles import available_instruments
 from shared.settings import Settings
 
 
-def build_ports(settings: Settings) -> IngestPorts:
-    inspector = FrameInspector()
+def build_ports(settings: Settings, report_keys: tuple[str, ...] = ()) -> IngestPorts:
+    """Ingest's ports; ``report_keys`` are read from every raw header too (see FrameInspector)."""
+    inspector = FrameInspector(extra_keys=report_keys)
     return IngestPorts(
         delivery_dir=settings.delivery_dir(),
         run_dirs=settings.run_dirs,

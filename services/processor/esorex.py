@@ -51,6 +51,8 @@ from typing import Any
 from shared.errors import RetryableError
 from shared.files import write_atomic
 from shared.fitsheader import FitsHeaderError, card_value, iter_header_texts, parse_value
+from shared.oca.abfiles import format_sof
+from shared.oca.keywords import header_key
 
 _log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ class Product:
     path: Path
     pro_catg: str
     qc: dict[str, Any] = field(default_factory=dict)
+    header: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -231,9 +234,8 @@ def find_esorex(esorex: str | os.PathLike[str] | None = None) -> Path | None:
 
 
 def write_sof(entries: Iterable[tuple[str | os.PathLike[str], str]], path: Path) -> Path:
-    """Write a set-of-frames file: one ``<absolute path> <TAG>`` per line."""
-    lines = [f"{Path(p).resolve()} {tag}" for p, tag in entries]
-    path.write_text("\n".join(lines) + "\n")
+    """Write a set-of-frames file with the OCA engine's writer (``shared.oca.abfiles.format_sof``)."""
+    path.write_text(format_sof(entries))
     return path
 
 
@@ -318,20 +320,27 @@ def main_error(errors: Sequence[str]) -> str:
     return (specific or list(errors) or [""])[0]
 
 
-def read_product(path: Path) -> Product:
-    """PRO.CATG and QC keywords of one product file.
+def read_product(path: Path, keywords: Sequence[str] = ()) -> Product:
+    """PRO.CATG, QC keywords and the primary-header ``keywords`` (dotted) of one product file.
 
     Only the header blocks are read (``shared.fitsheader``), not the data: on a
     delivery this runs for every product, and astropy would parse every card.
-    A product the recipe left half-written (it died while saving) still yields
-    a Product; the keywords that could be read are returned.
+    This is the one read of a product's header: the reports take what they
+    need from the message. A product the recipe left half-written (it died
+    while saving) still yields a Product; the keywords that could be read are
+    returned.
     """
     pro_catg = ""
     qc: dict[str, Any] = {}
+    header: dict[str, Any] = {}
     try:
         for index, text in enumerate(iter_header_texts(path)):
             if index == 0:
                 pro_catg = str(card_value(text, "ESO PRO CATG", path) or "")
+                for keyword in keywords:
+                    value = card_value(text, header_key(keyword), path)
+                    if value is not None:
+                        header[keyword] = value
                 prefix = ""
             else:
                 prefix = f"{card_value(text, 'EXTNAME', path) or f'HDU{index}'}:"
@@ -339,7 +348,7 @@ def read_product(path: Path) -> Product:
                 qc[f"{prefix}{key}"] = parse_value(value_text, path, key)
     except (OSError, FitsHeaderError) as e:  # truncated or corrupt product
         _log.warning("cannot read product %s: %s", path, e)
-    return Product(path=path, pro_catg=pro_catg, qc=qc)
+    return Product(path=path, pro_catg=pro_catg, qc=qc, header=header)
 
 
 def _qc_cards(text: str) -> Iterator[tuple[str, str]]:
@@ -352,7 +361,7 @@ def _qc_cards(text: str) -> Iterator[tuple[str, str]]:
                 yield " ".join(key.split()), value
 
 
-def read_products(workdir: Path) -> list[Product]:
+def read_products(workdir: Path, keywords: Sequence[str] = ()) -> list[Product]:
     """The products listed in ``<workdir>/products.json``, or found in ``products/``.
 
     esorex writes ``products.json`` only when the recipe returns; after a
@@ -370,7 +379,7 @@ def read_products(workdir: Path) -> list[Product]:
     if not paths:
         out = workdir / "products"
         paths = sorted(out.glob("*.fits")) if out.is_dir() else []
-    return [read_product(p) for p in paths if p.is_file()]
+    return [read_product(p, keywords) for p in paths if p.is_file()]
 
 
 def _wait_exit(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
@@ -688,6 +697,7 @@ def run_recipe(
     expected: Iterable[str] | None = None,
     esorex: str | os.PathLike[str] | None = None,
     env: Mapping[str, str] | None = None,
+    header_keywords: Sequence[str] = (),
 ) -> RecipeResult:
     """Run one recipe on one SOF in a fresh working directory.
 
@@ -713,6 +723,8 @@ def run_recipe(
         The esorex executable (default: ``esorex`` on :data:`DEFAULT_PATH`).
     env : mapping, optional
         Extra environment variables for the recipe.
+    header_keywords : sequence of str
+        Dotted primary-header keywords read from every product (``Product.header``).
 
     Returns
     -------
@@ -728,9 +740,10 @@ def run_recipe(
     sof_path = workdir / "input.sof"
     if isinstance(sof, (str, os.PathLike)):
         shutil.copyfile(sof, sof_path)
+        sof_entries = read_sof(sof_path)
     else:
-        write_sof(sof, sof_path)
-    sof_entries = read_sof(sof_path)
+        sof_entries = [(Path(p), tag) for p, tag in sof]
+        write_sof(sof_entries, sof_path)
 
     exe = find_esorex(esorex)
     if exe is None:
@@ -779,7 +792,7 @@ def run_recipe(
     if log_file.is_file():
         texts.append(log_file.read_text(errors="replace"))
     errors = error_lines(*texts)
-    products = read_products(workdir)
+    products = read_products(workdir, header_keywords)
     status, reason = judge(
         recipe, rc, errors, products, timed_out=timed_out, timeout_s=timeout_s,
         expected=expected, n_exposures=count_exposures(recipe, sof_entries),

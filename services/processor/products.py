@@ -48,25 +48,19 @@ def _natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
-def first_date_obs(raw_files: Iterable[Path]) -> str:
-    """The earliest DATE-OBS among raw frames (string as in the header).
+def first_date_obs(dates: Iterable[object]) -> str:
+    """The earliest DATE-OBS of an AB's raw frames (strings as in the headers ingest read).
 
     Raises
     ------
     ValueError
         No raw frame carries DATE-OBS.
     """
-    from shared.fitsheader import read_keywords
-
-    dates = []
-    for path in raw_files:
-        value = read_keywords(path, ("DATE-OBS",)).get("DATE-OBS")
-        if value:
-            dates.append(str(value).strip())
-    if not dates:
+    found = [str(d).strip() for d in dates if d not in (None, "")]
+    if not found:
         raise ValueError("no DATE-OBS in the raw frames: cannot name the products")
     # ISO timestamps of the same format sort chronologically as strings.
-    return min(dates)
+    return min(found)
 
 
 def product_name(instrument: str, date_obs: str, pro_catg: str, index: int) -> str:
@@ -86,25 +80,14 @@ def plan_names(products: Sequence[Product], instrument: str, date_obs: str) -> l
     return planned
 
 
-def rename_products(products: Sequence[Product], instrument: str, date_obs: str) -> list[Product]:
-    """renameProducts: rename the products in place (same directory) by the scheme.
+def move_products(products: Sequence[Product], sci_dir: Path, instrument: str | None = None,
+                  date_obs: str | None = None) -> list[Product]:
+    """renameProducts + moveProducts: each product file renamed into the science directory, once.
 
-    Returns
-    -------
-    list of Product
-        The same products with their new paths, in naming order.
-    """
-    renamed = []
-    for product, name in plan_names(products, instrument, date_obs):
-        target = product.path.with_name(name)
-        if target != product.path:
-            product.path.rename(target)
-        renamed.append(replace(product, path=target))
-    return renamed
-
-
-def move_products(products: Sequence[Product], sci_dir: Path) -> list[Product]:
-    """moveProducts (products): move product files into the run's science directory.
+    With ``instrument`` and ``date_obs`` the files get the names of the scheme
+    (see the module docstring); without, they keep their names. The working
+    directory lies on the same file system as the science directory, so this
+    is a rename, not a copy.
 
     Raises
     ------
@@ -112,39 +95,44 @@ def move_products(products: Sequence[Product], sci_dir: Path) -> list[Product]:
         A file of that name is already there; nothing is overwritten.
     """
     sci_dir.mkdir(parents=True, exist_ok=True)
+    if instrument is not None and date_obs is not None:
+        planned = plan_names(products, instrument, date_obs)
+    else:
+        planned = [(product, product.path.name) for product in products]
     moved = []
-    for product in products:
-        target = sci_dir / product.path.name
+    for product, name in planned:
+        target = sci_dir / name
         if target.exists():
             raise FileExistsError(f"{target} exists already; refusing to overwrite a product")
-        shutil.move(str(product.path), target)
+        shutil.move(str(product.path), target)  # os.rename on one file system
         moved.append(replace(product, path=target))
     _log.info("moved %d products to %s", len(moved), sci_dir)
     return moved
 
 
-def move_logs(workdir: Path, log_dir: Path, ab_name: str, ab_file: Path | None = None) -> dict[str, Path]:
-    """moveProducts (logs): the AB, esorex log, SOF and captured output into the log directory.
+def move_logs(workdir: Path, log_dir: Path, ab_name: str) -> dict[str, Path]:
+    """moveProducts (logs): the esorex log, SOF and captured output into the log directory.
 
-    Missing pieces (a recipe that never started has no log) are skipped.
+    Moved, not copied: the working directory is discarded afterwards. Missing
+    pieces (a recipe that never started has no log) are skipped. The AB file
+    is written straight into the log directory by the processor.
 
     Returns
     -------
     dict
-        ``{"ab": ..., "rblog": ..., "sof": ..., "out": ...}`` for the files written.
+        ``{"rblog": ..., "sof": ..., "out": ...}`` for the files moved.
     """
     log_dir.mkdir(parents=True, exist_ok=True)
     sources = {
-        "ab": ab_file,
         "rblog": workdir / "esorex.log",
         "sof": workdir / "input.sof",
         "out": workdir / "esorex.out",
     }
     written = {}
     for kind, src in sources.items():
-        if src is None or not Path(src).is_file():
+        if not src.is_file():
             continue
         target = log_dir / f"{ab_name}.{kind}"
-        shutil.copyfile(src, target)
+        shutil.move(str(src), target)
         written[kind] = target
     return written

@@ -1,11 +1,12 @@
 """Processor's composition: the instrument profile, createAB (OCA rules) and processAB (esorex).
 
-``AbPlanner.plan`` is createAB: it reads the rule-relevant header keywords of
-the run's raw frames and of the static calibrations (``$DFO_CAL_DIR/<INSTR>/
-2099-99-99`` and ``gen``), classifies, organises and associates them, and
-returns the run's ABs (plus a note for every frame whose header could not be
-read). ``AbExecutor.execute`` is processAB + renameProducts + moveProducts +
-updateAB for one AB.
+``AbPlanner.plan`` is createAB: it rebuilds the run's raw-frame records from
+the headers and classification ingest put in ``RawDataReady`` (no raw frame
+is opened again), takes the static calibrations (``$DFO_CAL_DIR/<INSTR>/
+2099-99-99`` and ``gen``) from a pool read once per process, organises and
+associates, and returns the run's ABs (plus a note for every frame whose
+header could not be read). ``AbExecutor.execute`` is processAB +
+renameProducts + moveProducts + updateAB for one AB.
 """
 
 from __future__ import annotations
@@ -19,19 +20,22 @@ from pathlib import Path
 
 from services.processor.esorex import kill_leftover_recipes, run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts
-from services.processor.products import first_date_obs, move_logs, move_products, rename_products
+from services.processor.products import first_date_obs, move_logs, move_products
 from shared.errors import PermanentError
 from shared.files import file_digest, write_atomic
-from shared.fitsheader import FitsHeaderError, read_keywords
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
 from shared.oca import (
     AssociationBlock,
+    CalibPool,
+    FileRecord,
     HeaderReader,
     RuleSet,
     build_abs,
-    calib_pool_from_files,
+    classified_records,
     fits_files,
+    header_keys,
+    make_records,
     profile_rules,
     rule_header_keys,
 )
@@ -53,22 +57,93 @@ class UnreadableFrame:
     problem: str
 
 
-def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: Profile | None = None) -> ProcessorPorts:
+@dataclass(frozen=True)
+class PlannedAB:
+    """An AB with what processing it needs from the headers already read.
+
+    ``date_obs`` is the earliest DATE-OBS of its raw frames (from the message;
+    "" when none has one); ``calibrations`` describe the chosen calibration
+    files from the calibration pool's headers.
+    """
+
+    ab: AssociationBlock
+    date_obs: str
+    calibrations: tuple[CalibrationUsed, ...]
+
+    @property
+    def name(self) -> str:
+        return self.ab.name
+
+
+def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: Profile | None = None,
+                report_keys: tuple[str, ...] = ()) -> ProcessorPorts:
+    """The processor's ports; ``report_keys`` are read from every product's header (the USERREPORT's)."""
     profile = profile or load_profile(instrument)
     planner = AbPlanner(profile, settings.cal_dir() / instrument)
-    executor = AbExecutor(profile, metrics)
+    executor = AbExecutor(profile, metrics, report_keys)
     return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute,
                           before_start=lambda dirs: kill_leftover_recipes(dirs.work))
 
 
+class CalibrationPool:
+    """The instrument's static calibrations, classified once and re-read only where files changed.
+
+    Every run of the instrument associates against the same files
+    (``$DFO_CAL_DIR/<INSTR>/2099-99-99`` and ``gen``); their headers are read
+    on first use and again only for files whose size or modification time
+    changed (a scan of the directories, no inotify). Removed files drop out.
+    """
+
+    #: Keywords kept besides the rules' own: PRO.CATG and the date for list_mcalib.
+    REPORT_KEYS = ("PRO.CATG", "DATE-OBS", "DATE")
+
+    def __init__(self, cal_dir: Path):
+        self._cal_dir = cal_dir
+        self._stamps: dict[Path, tuple[int, int]] = {}
+        self._records: dict[Path, FileRecord] = {}
+        self._pool = CalibPool()
+
+    def current(self, rules: RuleSet, reader: HeaderReader) -> CalibPool:
+        files = fits_files([self._cal_dir / sub for sub in CAL_SUBDIRS if (self._cal_dir / sub).is_dir()])
+        stamps = {}
+        for path in files:
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                continue
+            stamps[path] = (info.st_size, info.st_mtime_ns)
+        if stamps == self._stamps:
+            return self._pool
+        changed = [p for p, stamp in stamps.items() if self._stamps.get(p) != stamp]
+        headers, bad = reader.read_many(changed)
+        for path, error in bad.items():
+            _log.warning("calibration %s left out: %s", path, error)
+        records = {p: r for p, r in self._records.items() if p in stamps and p not in changed}
+        records.update({r.path: r for r in make_records(rules, headers)})
+        self._records, self._stamps = records, stamps
+        self._pool = CalibPool(records.values())
+        _log.info("calibration pool: %d files (%d read now)", len(records), len(changed))
+        return self._pool
+
+    def describe(self, path: Path, tag: str) -> CalibrationUsed:
+        header = self._records[path].header if path in self._records else {}
+        date = header.get("DATE-OBS") or header.get("DATE") or ""
+        return CalibrationUsed(tag=tag, path=str(path), pro_catg=str(header.get("PRO.CATG", "") or ""),
+                               date=str(date))
+
+
 class AbPlanner:
-    """createAB for one instrument; the rules are loaded on first use and kept."""
+    """createAB for one instrument: the rules are loaded on first use and kept, so is the calibration pool.
+
+    The raw frames are not read again: ingest read and classified their
+    headers, and the records are rebuilt from ``RawDataReady.frames``.
+    """
 
     def __init__(self, profile: Profile, cal_dir: Path):
         self._profile = profile
-        self._cal_dir = cal_dir
         self._rules: RuleSet | None = None
         self._reader: HeaderReader | None = None
+        self._calibrations = CalibrationPool(cal_dir)
         self._lock = threading.Lock()
 
     def rules(self) -> RuleSet:
@@ -81,44 +156,53 @@ class AbPlanner:
                 if rules is None:
                     raise PermanentError(f"{self._profile.instrument}: the profile names no OCA rule file")
                 self._rules = rules
-                self._reader = HeaderReader(rule_header_keys(self._rules))
+                keys = set(rule_header_keys(rules)) | set(header_keys(CalibrationPool.REPORT_KEYS))
+                self._reader = HeaderReader(sorted(keys))
             return self._rules
 
-    def plan(self, msg: RawDataReady, dirs: RunDirs) -> list[AssociationBlock | UnreadableFrame]:
+    def plan(self, msg: RawDataReady, dirs: RunDirs) -> list[PlannedAB | UnreadableFrame]:
         rules = self.rules()
         assert self._reader is not None
-        raw_headers, bad = self._reader.read_many([f.path for f in msg.frames])
-        calib_files = fits_files([self._cal_dir / sub for sub in CAL_SUBDIRS if (self._cal_dir / sub).is_dir()])
-        pool = calib_pool_from_files(rules, self._reader, calib_files)
-        abs_ = build_abs(rules, raw_headers, pool, actions=self._profile.science_actions or None)
+        readable = [f for f in msg.frames if f.headers]
+        unreadable = [f for f in msg.frames if not f.headers]
+        records = classified_records((f.path, f.headers, f.classification) for f in readable)
+        with self._lock:
+            pool = self._calibrations.current(rules, self._reader)
+        abs_ = build_abs(rules, records, pool, actions=self._profile.science_actions or None)
         _log.info("createAB: %d raw frames, %d calibrations -> %d ABs (%d complete)",
-                  len(raw_headers), len(pool), len(abs_), sum(ab.complete for ab in abs_))
-        used = {Path(p).resolve() for ab in abs_ for p, _ in ab.raw}
-        unused = [f for f in msg.frames if Path(f.path).resolve() not in used and Path(f.path) not in bad]
+                  len(records), len(pool), len(abs_), sum(ab.complete for ab in abs_))
+        used = {str(p) for ab in abs_ for p, _ in ab.raw}
+        unused = [f for f in readable if f.path not in used]
         if unused:
             _log.info("frames in no SCIENCE AB: %s", ", ".join(f.name for f in unused))
-        return [*abs_, *(UnreadableFrame(p.name, p, str(e)) for p, e in bad.items())]
+        date_obs = {f.path: f.headers.get("DATE-OBS") for f in readable}
+        planned: list[PlannedAB | UnreadableFrame] = []
+        for ab in abs_:
+            dates = [str(date_obs[str(p)]).strip() for p, _ in ab.raw if date_obs.get(str(p))]
+            calibrations = tuple(self._calibrations.describe(p, tag) for tag, paths in ab.calibs.items()
+                                 for p in paths)
+            planned.append(PlannedAB(ab, min(dates) if dates else "", calibrations))
+        planned += [UnreadableFrame(f.name, Path(f.path), f.problem or "header unreadable") for f in unreadable]
+        return planned
 
 
 class AbExecutor:
     """processAB + renameProducts + moveProducts + updateAB for one AB."""
 
-    def __init__(self, profile: Profile, metrics: Metrics):
+    def __init__(self, profile: Profile, metrics: Metrics, report_keys: tuple[str, ...] = ()):
         self._profile = profile
         self._metrics = metrics
+        self._report_keys = tuple(report_keys)
 
-    def execute(self, item: AssociationBlock | UnreadableFrame, dirs: RunDirs) -> ABOutcome:
+    def execute(self, item: PlannedAB | UnreadableFrame, dirs: RunDirs) -> ABOutcome:
         started = _now()
         if isinstance(item, UnreadableFrame):
             return self._finish(ABResult(name=item.name, status="FAILED", raw=(str(item.path),),
                                          reason=f"frame {item.name} not processed: {item.problem}",
                                          started_at=started, finished_at=started))
-        ab = item
-        calibrations = tuple(
-            CalibrationUsed(tag=tag, path=str(p), **_calib_info(p)) for tag, paths in ab.calibs.items() for p in paths
-        )
+        ab = item.ab
         common = {"name": ab.name, "action": ab.action, "recipe": ab.recipe, "raw": tuple(str(p) for p, _ in ab.raw),
-                  "calibrations": calibrations, "missing": tuple(ab.missing), "started_at": started}
+                  "calibrations": item.calibrations, "missing": tuple(ab.missing), "started_at": started}
         if not ab.complete:
             ab_path = self._write_ab(ab, dirs.logs, "NOT_PROCESSED")
             reason = "INCOMPLETE: " + "; ".join(f"{tag}: {why}" for tag, why in ab.missing.items())
@@ -131,31 +215,32 @@ class AbExecutor:
         options = (*ab.recipe_options, *self._profile.recipe_options.get(ab.recipe, ()))
         result = run_recipe(
             ab.recipe,
-            [(p, tag) for p, tag in ab.raw] + [(p, tag) for tag, paths in ab.calibs.items() for p in paths],
+            ab.sof_entries(),
             workdir,
             recipe_dir=self._profile.resolve_recipe_dir(),
             options=options,
             timeout_s=self._profile.recipe_timeout_s,
+            header_keywords=self._report_keys,
         )
         self._metrics.recipe_duration.labels(self._profile.instrument, ab.recipe, result.status).observe(result.duration_s)
         products: list[Product] = []
         reason = result.reason
         if result.ok:
             try:
-                date_obs = first_date_obs([Path(p) for p, _ in ab.raw])
-                renamed = rename_products(result.products, self._profile.instrument, date_obs)
-                for moved in move_products(renamed, dirs.sci):
+                date_obs = first_date_obs([item.date_obs])
+                for moved in move_products(result.products, dirs.sci, self._profile.instrument, date_obs):
                     products.append(Product(path=str(moved.path), pro_catg=moved.pro_catg, ab=ab.name,
-                                            qc=dict(moved.qc), checksum="sha256:" + file_digest(moved.path)))
+                                            qc=dict(moved.qc), header=dict(moved.header),
+                                            checksum="sha256:" + file_digest(moved.path)))
             except (OSError, ValueError) as e:
                 reason = f"products could not be renamed and moved: {e}"
         status = "SUCCESSFUL" if result.ok and not reason else "FAILED"
-        ab_path = self._write_ab(ab, dirs.work / "ab", status)
-        logs = move_logs(workdir, dirs.logs, ab.name, ab_path)
+        ab_path = self._write_ab(ab, dirs.logs, status)
+        logs = move_logs(workdir, dirs.logs, ab.name)
         shutil.rmtree(workdir, ignore_errors=True)  # partial products of a failed recipe are discarded
         return self._finish(
             ABResult(**common, status=status, reason=reason, finished_at=_now(), duration_s=round(result.duration_s, 3),
-                     log_path=str(logs.get("rblog") or logs.get("out") or ""), ab_path=str(logs.get("ab", ""))),
+                     log_path=str(logs.get("rblog") or logs.get("out") or ""), ab_path=str(ab_path)),
             products,
         )
 
@@ -168,15 +253,6 @@ class AbExecutor:
         path = directory / f"{ab.name}.ab"
         write_atomic(path, format_ab(ab, process_status=status).encode())
         return path
-
-
-def _calib_info(path: Path) -> dict[str, str]:
-    """PRO.CATG and date of a calibration file, for the reports and list_mcalib."""
-    try:
-        header = read_keywords(path, ("ESO PRO CATG", "DATE-OBS", "DATE"))
-    except FitsHeaderError:
-        return {}
-    return {"pro_catg": str(header.get("ESO PRO CATG", "")), "date": str(header.get("DATE-OBS", header.get("DATE", "")))}
 
 
 def _now() -> datetime:

@@ -30,13 +30,9 @@ import jinja2
 from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
 from shared.files import write_atomic
-from shared.messages import ABResult, Envelope, ProductsReady, ReportsReady
+from shared.messages import ABResult, Envelope, Product, ProductsReady, ReportsReady
 
 _log = logging.getLogger(__name__)
-
-#: Header reader: the primary header of a FITS file as {keyword: value}, or None
-#: when the file cannot be read.
-HeaderReader = Callable[[Path], "dict[str, Any] | None"]
 
 OK_STATUSES = ("SUCCESSFUL",)
 FAILED_STATUSES = ("FAILED", "INCOMPLETE")
@@ -55,8 +51,6 @@ class ReporterPorts:
         jinja2 environment loading ``services/reporter/templates``.
     clock
         Returns the current time (aware, UTC); fixed in golden-file tests.
-    read_header
-        Reads the primary header of a FITS file (products, calibrations).
     report_specs
         Returns the parsed fitsreport configuration (read on each call, so an
         operator's edit takes effect on the next run).
@@ -64,7 +58,6 @@ class ReporterPorts:
 
     templates: jinja2.Environment
     clock: Callable[[], datetime]
-    read_header: HeaderReader
     report_specs: Callable[[], tuple[ReportSpec, ...]]
 
 
@@ -123,18 +116,14 @@ def _raw_files(msg: ProductsReady) -> list[dict[str, Any]]:
 
 
 def _product_files(
-    msg: ProductsReady, raw_by_name: Mapping[str, Mapping[str, Any]], read_header: HeaderReader
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Header dictionaries of the products, and notes on products that could not be read."""
+    msg: ProductsReady, raw_by_name: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Header dictionaries of the products, from what the processor read of them."""
     raw_of_ab = {ab.name: ab.raw for ab in msg.abs}
-    files, notes = [], []
+    files = []
     for product in msg.products:
         path = Path(product.path)
-        header = read_header(path)
-        if header is None:
-            notes.append(f"product {path.name}: file missing or not readable as FITS ({path})")
-            header = {}
-        headers = normalise_headers(header)
+        headers = normalise_headers(product.header)
         headers.update(normalise_headers(product.qc))
         for raw_name in raw_of_ab.get(product.ab, ()):
             raw = raw_by_name.get(Path(raw_name).name)
@@ -148,26 +137,29 @@ def _product_files(
         headers["@catg"] = product.pro_catg or headers.get("PRO.CATG", "")
         headers["@ab"] = product.ab
         files.append(headers)
-    return files, notes
+    return files
 
 
-def _calibrations(abs_: tuple[ABResult, ...], read_header: HeaderReader) -> list[dict[str, Any]]:
-    """Every calibration file used, once, with PRO.CATG and date (from the header if needed)."""
+def _product_note(product: Product) -> str:
+    """Why a product shows up in the notes: gone since the processor moved it, or a header without PRO.CATG."""
+    path = Path(product.path)
+    if not path.is_file():
+        return f"product {path.name}: file missing ({path})"
+    return f"product {path.name}: its header could not be read (no PRO.CATG)"
+
+
+def _calibrations(abs_: tuple[ABResult, ...]) -> list[dict[str, Any]]:
+    """Every calibration file used, once, with PRO.CATG and date as the processor read them."""
     by_path: dict[str, dict[str, Any]] = {}
     for ab in abs_:
         for cal in ab.calibrations:
             entry = by_path.get(cal.path)
             if entry is None:
-                pro_catg, date = cal.pro_catg, cal.date
-                if not pro_catg or not date:
-                    header = normalise_headers(read_header(Path(cal.path)) or {})
-                    pro_catg = pro_catg or str(header.get("PRO.CATG", "") or "")
-                    date = date or str(header.get("DATE-OBS", "") or header.get("DATE", "") or "")
                 entry = {
                     "name": Path(cal.path).name,
                     "path": cal.path,
-                    "pro_catg": pro_catg or "-",
-                    "date": date or "-",
+                    "pro_catg": cal.pro_catg or "-",
+                    "date": cal.date or "-",
                     "tags": [],
                     "abs": [],
                 }
@@ -228,7 +220,8 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
     msg
         The processor's result: raw frames with headers, ABs, products.
     ports
-        Templates, clock, FITS header reader, fitsreport configuration.
+        Templates, clock, fitsreport configuration. No FITS file is opened: the
+        header values come in the message.
 
     Returns
     -------
@@ -244,8 +237,9 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
     names = report_names(msg)
     raw_files = _raw_files(msg)
     raw_by_name = {f["@file"]: f for f in raw_files}
-    product_files, notes = _product_files(msg, raw_by_name, ports.read_header)
-    calibrations = _calibrations(msg.abs, ports.read_header)
+    product_files = _product_files(msg, raw_by_name)
+    notes = [_product_note(p) for p in msg.products if not p.pro_catg or not Path(p.path).is_file()]
+    calibrations = _calibrations(msg.abs)
     tables = build_tables(ports.report_specs(), raw_files, product_files)
     ab_rows = _ab_rows(msg)
     abs_ok = sum(1 for ab in msg.abs if ab.status in OK_STATUSES)

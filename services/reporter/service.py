@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import jinja2
 
@@ -24,27 +23,19 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def read_primary_header(path: Path) -> dict[str, Any] | None:
-    """The primary header of a FITS file as {keyword: value}; None if it cannot be read.
+def report_keywords(source: str, config_path: Path = FITSREPORT_CONFIG) -> tuple[str, ...]:
+    """Header keywords (dotted) the USERREPORT tabulates for ``source`` (``raw`` or ``products``).
 
-    COMMENT/HISTORY cards are left out; HIERARCH keywords keep astropy's
-    spelling (``ESO OBS ID``), which the reporter normalises to ``OBS.ID``.
+    Ingest and the processor read these with the rest of a header, once, and
+    pass them on in the messages: the reporter itself opens no FITS file.
+    Keywords added to the configuration reach the messages after those
+    services restart.
     """
-    from astropy.io import fits  # astropy is slow to import; only when a header is read
-
-    try:
-        header = fits.getheader(path, 0)
-    except (OSError, ValueError) as e:
-        _log.warning("cannot read the FITS header of %s: %s", path, e)
-        return None
-    values: dict[str, Any] = {}
-    for card in header.cards:
-        if card.keyword in ("", "COMMENT", "HISTORY"):
-            continue
-        value = card.value
-        if isinstance(value, (bool, int, float, str)):
-            values[card.keyword] = value
-    return values
+    keywords: set[str] = set()
+    for spec in parse_config(config_path):
+        if spec.source == source:
+            keywords |= {c.keyword for c in spec.columns} | {spec.group, spec.sort}
+    return tuple(sorted(k for k in keywords if k and not k.startswith("@")))
 
 
 def _is_html(name: str | None) -> bool:
@@ -74,6 +65,5 @@ def build_ports(settings: Settings, config_path: Path = FITSREPORT_CONFIG) -> Re
     return ReporterPorts(
         templates=build_templates(),
         clock=utc_now,
-        read_header=read_primary_header,
         report_specs=lambda: parse_config(config_path),
     )

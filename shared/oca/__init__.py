@@ -27,6 +27,7 @@ from shared.oca.associate import (
     FileRecord,
     Group,
     build_abs,
+    classified_records,
     make_records,
     organise,
 )
@@ -46,8 +47,8 @@ from shared.oca.printer import format_rules
 __all__ = [
     "AssociationBlock", "CalibPool", "Classification", "CompiledClassifier", "FileRecord",
     "FitsHeaderError", "Group", "HeaderReader", "OcaSyntaxError", "OcaTypeError", "RuleSet",
-    "apply_overlay", "build_abs", "calib_pool_from_files", "classify", "fits_card_name",
-    "format_ab", "format_rules", "header_key", "load_rules", "make_records", "organise",
+    "apply_overlay", "build_abs", "calib_pool_from_files", "classified_records", "classify", "fits_card_name",
+    "format_ab", "format_rules", "header_key", "header_keys", "load_rules", "make_records", "organise",
     "parse_file", "parse_rules", "profile_rules", "read_ab", "read_headers", "rule_header_keys",
     "rule_keywords", "write_ab", "write_sof",
 ]

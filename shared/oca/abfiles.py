@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,11 +96,19 @@ def write_ab(ab: AssociationBlock, directory: str | Path, config_version: str = 
     return path
 
 
+def format_sof(entries: Iterable[tuple[str | os.PathLike[str], str]]) -> str:
+    """An esorex set-of-frames file: ``<absolute path> <TAG>`` per line.
+
+    The one SOF writer: the processor, ``preimg explain`` and the tests all use it.
+    """
+    return "".join(f"{Path(p).absolute()} {tag}\n" for p, tag in entries)
+
+
 def write_sof(ab: AssociationBlock, path: str | Path) -> Path:
-    """Write the esorex SOF (``abs-path TAG`` per line) of an AB."""
+    """Write the esorex SOF of an AB (raw files first, then calibrations)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(ab.sof_lines()) + "\n")
+    path.write_text(format_sof(ab.sof_entries()))
     return path
 
 

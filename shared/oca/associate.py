@@ -156,6 +156,25 @@ def make_records(
     return records
 
 
+def classified_records(
+    entries: Iterable[tuple[str | Path, Mapping[str, Any], Mapping[str, Any]]],
+) -> list[FileRecord]:
+    """Records of files classified before (path, dotted header, classification): no rule runs again.
+
+    What ingest read and classified reaches the processor in the message;
+    this rebuilds the records :func:`make_records` would have made from it.
+    """
+    records = []
+    for path, header, assigned in entries:
+        dotted = dict(header)
+        values = normalise_record(dotted)
+        assigned_values = normalise_record(assigned)
+        values.update(assigned_values)
+        dotted.update(assigned)
+        records.append(FileRecord(Path(path), dotted, values, Classification(Path(path), assigned_values)))
+    return records
+
+
 def index_key(value: Any) -> Any:
     """Hash key under which values equal by OCA ``==`` fall together."""
     if type(value) is bool:
@@ -265,12 +284,9 @@ class AssociationBlock:
     def completeness(self) -> str:
         return "COMPLETE" if self.complete else "INCOMPLETE"
 
-    def sof_lines(self) -> list[str]:
-        """``abs-path TAG`` lines for esorex, raw files first."""
-        lines = [f"{Path(p).absolute()} {tag}" for p, tag in self.raw]
-        for tag, paths in self.calibs.items():
-            lines += [f"{Path(p).absolute()} {tag}" for p in paths]
-        return lines
+    def sof_entries(self) -> list[tuple[Path, str]]:
+        """(path, tag) of every file esorex reads, raw files first."""
+        return [*self.raw, *((p, tag) for tag, paths in self.calibs.items() for p in paths)]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from services.processor import esorex, products, synth
+from shared.fitsheader import read_keywords
 
 pytestmark = pytest.mark.esorex
 
@@ -86,9 +87,8 @@ def test_products_are_renamed_and_moved(hawki_cal, hawki_raw, hawki_recipe_dir, 
     )
     assert result.ok, result.reason
 
-    date_obs = products.first_date_obs(hawki_raw)
-    renamed = products.rename_products(result.products, "HAWKI", date_obs)
-    moved = products.move_products(renamed, tmp_path / "sci")
+    date_obs = products.first_date_obs(read_keywords(p, ("DATE-OBS",))["DATE-OBS"] for p in hawki_raw)
+    moved = products.move_products(result.products, tmp_path / "sci", "HAWKI", date_obs)
     logs = products.move_logs(result.workdir, tmp_path / "logs", "HAWKI.2026-11-20T01:02:03.456.ab_sci")
 
     names = sorted(p.path.name for p in moved)
@@ -98,6 +98,7 @@ def test_products_are_renamed_and_moved(hawki_cal, hawki_raw, hawki_recipe_dir, 
     assert all(p.path.parent == tmp_path / "sci" and p.path.is_file() for p in moved)
     assert len(set(names)) == len(moved) == len(result.products)
     assert set(logs) == {"rblog", "sof", "out"}
+    assert not (result.workdir / "esorex.log").exists()  # moved, not copied
     assert "hawki_science_process" in logs["rblog"].read_text()
 
 

@@ -101,7 +101,7 @@ def test_missing_product_file_is_noted_not_fatal(tmp_path, ports):
     msg = products_ready(tmp_path)
     Path(msg.products[0].path).unlink()
     [event] = handle_products_ready(msg, ports)
-    assert "file missing or not readable as FITS" in Path(event.report).read_text()
+    assert "file missing" in Path(event.report).read_text()
 
 
 def test_replay_rewrites_the_same_files(tmp_path, ports):
