@@ -23,8 +23,11 @@ The run's last answer to AOG (a PreImagingCompleted or RunFailed) is kept in
 ``terminal.json``, so a delivery sent again after its run finished can be
 answered with it.
 
-Records live in ``<data_root>/state/<INSTR>/<run_id>/`` and are written
-atomically (temporary file, fsync, rename, fsync of the directory).
+Records live in ``<data_root>/state/<INSTR>/<run_id>/<stage>.json`` and are
+written atomically (temporary file, fsync, rename, fsync of the directory),
+each event serialised once; that the events were published is a separate
+marker ``<stage>.published`` naming the input message, so the record is never
+rewritten.
 """
 
 from __future__ import annotations
@@ -127,13 +130,14 @@ class FileLedger:
             return None
         try:
             raw = json.loads(body)
+            published = self._published_at(stage, instrument, run_id, raw["input_message_id"])
             return StageRecord(
                 stage=raw["stage"],
                 input_message_id=raw["input_message_id"],
                 delivery_id=raw["delivery_id"],
                 events=tuple(decode(json.dumps(e).encode()) for e in raw["events"]),
                 recorded_at=raw["recorded_at"],
-                published_at=raw.get("published_at"),
+                published_at=published or raw.get("published_at"),
                 lease_token=raw.get("lease_token"),
             )
         except (ValueError, KeyError, TypeError, MessageDecodeError) as e:
@@ -151,26 +155,38 @@ class FileLedger:
             recorded_at=_now(),
             lease_token=lease.token if lease else None,
         )
-        self._write(source.instrument, source.run_id, rec)
-        return rec
-
-    def mark_published(self, stage: str, instrument: str, run_id: str) -> None:
-        rec = self.lookup(stage, instrument, run_id)
-        if rec is None or rec.published_at:
-            return
-        self._write(instrument, run_id, StageRecord(**{**rec.__dict__, "published_at": _now()}))
-
-    def _write(self, instrument: str, run_id: str, rec: StageRecord) -> None:
-        doc: dict[str, Any] = {
+        # A new record (another failure of the run) is not published yet, whatever its predecessor was.
+        self._marker(stage, source.instrument, source.run_id).unlink(missing_ok=True)
+        meta = {
             "stage": rec.stage,
             "input_message_id": rec.input_message_id,
             "delivery_id": rec.delivery_id,
-            "events": [json.loads(e.model_dump_json()) for e in rec.events],
             "recorded_at": rec.recorded_at,
-            "published_at": rec.published_at,
             "lease_token": rec.lease_token,
         }
-        write_atomic(self._path(rec.stage, instrument, run_id), json.dumps(doc, indent=1).encode())
+        # Each event is serialised once, straight into the record.
+        body = json.dumps(meta)[:-1] + ', "events": [' + ", ".join(e.to_json().decode() for e in events) + "]}"
+        write_atomic(self._path(stage, source.instrument, source.run_id), body.encode())
+        return rec
+
+    def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
+        """Note that the events recorded for ``input_message_id`` were confirmed; the record is not rewritten."""
+        marker = {"input_message_id": input_message_id, "published_at": _now()}
+        write_atomic(self._marker(stage, instrument, run_id), json.dumps(marker).encode())
+
+    def _marker(self, stage: str, instrument: str, run_id: str) -> Path:
+        return self.run_dir(instrument, run_id) / f"{stage}.published"
+
+    def _published_at(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> str | None:
+        try:
+            marker = json.loads(self._marker(stage, instrument, run_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None  # a marker cut short: not published as far as we know; re-emitting is harmless
+        if not isinstance(marker, dict) or marker.get("input_message_id") != input_message_id:
+            return None
+        return str(marker.get("published_at") or "") or None
 
     # --- the run's answer to AOG -------------------------------------------------------
 

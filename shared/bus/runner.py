@@ -215,7 +215,8 @@ class MessageRunner:
                 _log.info("duplicate of a finished message: absorbed")
                 return Outcome("ack", label="replayed")
             _log.info("redelivered before its events were confirmed: re-emitting the recorded events")
-            return self._emit(message, incoming, record.events, label="replayed")
+            return self._emit(message, incoming, record.events, label="replayed",
+                              recorded_for=record.input_message_id)
 
         if self._prepare is not None:
             try:
@@ -259,13 +260,17 @@ class MessageRunner:
                 self._ledger.record_terminal(event)
 
     def _emit(self, message: Envelope, incoming: Incoming, events: tuple[Envelope, ...],
-              label: str = "ok") -> Outcome:
-        """Publish recorded events and ack; if the broker does not take them, retry the message."""
+              label: str = "ok", recorded_for: str | None = None) -> Outcome:
+        """Publish recorded events and ack; if the broker does not take them, retry the message.
+
+        ``recorded_for`` is the input message id the record was made for (a
+        resend may carry another id).
+        """
         return Outcome(
             "ack",
             events=events,
             label=label,
-            on_published=self._marker(message.stage, message.instrument, message.run_id),
+            on_published=self._marker(message, recorded_for or message.message_id),
             if_not_published=lambda reason: self._not_published(message, incoming, reason),
         )
 
@@ -372,8 +377,9 @@ class MessageRunner:
             details={k: v for k, v in details.items() if _jsonable(v)},
         )
 
-    def _marker(self, stage: str, instrument: str, run_id: str) -> Callable[[], None]:
-        return lambda: self._ledger.mark_published(stage, instrument, run_id)
+    def _marker(self, message: Envelope, input_message_id: str) -> Callable[[], None]:
+        return lambda: self._ledger.mark_published(message.stage, message.instrument, message.run_id,
+                                                   input_message_id)
 
     def _count(self, stage: str, instrument: str, outcome: str) -> None:
         self._metrics.messages.labels(stage, instrument, outcome).inc()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from services.app import describe_files
 from services.processor import synth
 from shared.bus.rabbitmq import RabbitClient
+from shared.ledger import FileLedger
 from shared.messages import DeliveryAnnounced
 from tests.backbone.cluster import Cluster, CompletionWatcher
 
@@ -76,8 +76,8 @@ def test_processor_killed_mid_recipe_completes_once_after_restart(rabbitmq_url, 
         assert len(names) == 12 and len(set(names)) == 12  # one set of products, not two
         manifest = [m["name"] for m in events[0]["manifest"] if m["name"].endswith(".fits")]
         assert sorted(Path(m).name for m in manifest) == names
-        state = json.loads((tmp_path / "data" / "state" / "HAWKI" / "crash-1" / "raw_ready.json").read_text())
-        assert state["published_at"] and len(state["events"]) == 1
+        record = FileLedger(tmp_path / "data" / "state").lookup("raw_ready", "HAWKI", "crash-1")
+        assert record.published_at and len(record.events) == 1
     finally:
         watcher.close()
         cluster.stop()
