@@ -73,8 +73,12 @@ def read_header_text(path: str | os.PathLike) -> str:
     return text
 
 
-def iter_header_texts(path: str | os.PathLike) -> Iterator[str]:
+def iter_header_texts(path: str | os.PathLike, digest: Any = None) -> Iterator[str]:
     """The headers of every HDU of a FITS file, primary first, skipping the data between them.
+
+    With ``digest`` (a ``hashlib`` object) every byte of the file is fed to it
+    in order, in the same pass: the data between the headers is read instead
+    of skipped, so a product's checksum costs no second read of the file.
 
     Raises
     ------
@@ -82,20 +86,56 @@ def iter_header_texts(path: str | os.PathLike) -> Iterator[str]:
         As :func:`read_header_text`, for any of the headers, or when the file
         ends before the data an HDU declares (after yielding the headers before it).
     """
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
+    with open(path, "rb") as raw:
+        size = os.fstat(raw.fileno()).st_size
+        fh = raw if digest is None else _HashingReader(raw, digest)
         start, n = 0, 0
         while start < size:
             fh.seek(start)
             text = _read_header(fh, path, extension=n > 0)
             if text is None:
-                return
+                break
             yield text
             n += 1
             start += -(-len(text) // BLOCK_SIZE) * BLOCK_SIZE + _data_bytes(text, path)
             if start > size:
                 raise FitsHeaderError(path, f"truncated: the data of HDU {n - 1} ends at byte {start}, "
                                             f"after the end of the file ({size} bytes)")
+        if digest is not None:
+            fh.seek(size)  # whatever follows the last HDU belongs to the file's checksum too
+
+
+class _HashingReader:
+    """A file read forwards through a digest: every byte up to the furthest position read, once.
+
+    A forward seek reads (and hashes) the bytes it passes; a backward seek
+    (headers are read ahead in whole chunks) re-reads bytes already hashed.
+    """
+
+    def __init__(self, fh: Any, digest: Any):
+        self._fh, self._digest, self._hashed = fh, digest, 0
+
+    def tell(self) -> int:
+        return self._fh.tell()
+
+    def read(self, n: int) -> bytes:
+        pos = self._fh.tell()
+        data = self._fh.read(n)
+        if pos + len(data) > self._hashed:
+            self._digest.update(data[self._hashed - pos:] if pos < self._hashed else data)
+            self._hashed = pos + len(data)
+        return data
+
+    def seek(self, target: int) -> None:
+        if target > self._hashed:
+            self._fh.seek(self._hashed)
+            while self._hashed < target:
+                chunk = self._fh.read(min(1 << 20, target - self._hashed))
+                if not chunk:
+                    break
+                self._digest.update(chunk)
+                self._hashed += len(chunk)
+        self._fh.seek(target)
 
 
 def _data_bytes(text: str, path: str | os.PathLike) -> int:

@@ -34,6 +34,7 @@ the directory.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -49,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import RetryableError
-from shared.files import write_atomic
+from shared.files import file_digest, write_atomic
 from shared.fitsheader import FitsHeaderError, card_value, iter_header_texts, parse_value
 from shared.oca.abfiles import format_sof
 from shared.oca.keywords import header_key
@@ -143,6 +144,7 @@ class Product:
     pro_catg: str
     qc: dict[str, Any] = field(default_factory=dict)
     header: dict[str, Any] = field(default_factory=dict)
+    checksum: str = ""
 
 
 @dataclass(frozen=True)
@@ -325,16 +327,18 @@ def read_product(path: Path, keywords: Sequence[str] = ()) -> Product:
 
     Only the header blocks are read (``shared.fitsheader``), not the data: on a
     delivery this runs for every product, and astropy would parse every card.
-    This is the one read of a product's header: the reports take what they
-    need from the message. A product the recipe left half-written (it died
-    while saving) still yields a Product; the keywords that could be read are
-    returned.
+    This is the one read of a product: the reports take what they need from
+    the message, and the file's SHA-256 (``checksum``, ``sha256:<hex>``) is
+    computed in the same pass, for the manifest and the upload. A product the
+    recipe left half-written (it died while saving) still yields a Product;
+    the keywords that could be read are returned.
     """
     pro_catg = ""
     qc: dict[str, Any] = {}
     header: dict[str, Any] = {}
+    digest = hashlib.sha256()
     try:
-        for index, text in enumerate(iter_header_texts(path)):
+        for index, text in enumerate(iter_header_texts(path, digest)):
             if index == 0:
                 pro_catg = str(card_value(text, "ESO PRO CATG", path) or "")
                 for keyword in keywords:
@@ -348,7 +352,9 @@ def read_product(path: Path, keywords: Sequence[str] = ()) -> Product:
                 qc[f"{prefix}{key}"] = parse_value(value_text, path, key)
     except (OSError, FitsHeaderError) as e:  # truncated or corrupt product
         _log.warning("cannot read product %s: %s", path, e)
-    return Product(path=path, pro_catg=pro_catg, qc=qc, header=header)
+        return Product(path=path, pro_catg=pro_catg, qc=qc, header=header,
+                       checksum=f"sha256:{file_digest(path)}" if path.is_file() else "")
+    return Product(path=path, pro_catg=pro_catg, qc=qc, header=header, checksum=f"sha256:{digest.hexdigest()}")
 
 
 def _qc_cards(text: str) -> Iterator[tuple[str, str]]:

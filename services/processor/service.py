@@ -22,7 +22,7 @@ from services.processor.esorex import kill_leftover_recipes, run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts
 from services.processor.products import first_date_obs, move_logs, move_products
 from shared.errors import PermanentError
-from shared.files import file_digest, write_atomic
+from shared.files import write_atomic
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
 from shared.oca import (
@@ -231,7 +231,7 @@ class AbExecutor:
                 for moved in move_products(result.products, dirs.sci, self._profile.instrument, date_obs):
                     products.append(Product(path=str(moved.path), pro_catg=moved.pro_catg, ab=ab.name,
                                             qc=dict(moved.qc), header=dict(moved.header),
-                                            checksum="sha256:" + file_digest(moved.path)))
+                                            checksum=moved.checksum))
             except (OSError, ValueError) as e:
                 reason = f"products could not be renamed and moved: {e}"
         status = "SUCCESSFUL" if result.ok and not reason else "FAILED"

@@ -9,6 +9,7 @@ import pytest
 from astropy.io import fits
 
 from services.processor.esorex import read_product
+from shared.files import file_digest
 from shared.fitsheader import FitsHeaderError, iter_header_texts
 
 
@@ -22,6 +23,7 @@ def astropy_product(path: Path) -> tuple[str, dict]:
     return pro_catg, qc
 
 
+@pytest.mark.filterwarnings("ignore:Unexpected extra padding")
 def test_equal_to_astropy_on_a_synthetic_mef(tmp_path):
     path = tmp_path / "p.fits"
     phu = fits.PrimaryHDU()
@@ -35,9 +37,13 @@ def test_equal_to_astropy_on_a_synthetic_mef(tmp_path):
     unnamed = fits.ImageHDU(np.ones((3, 1000), dtype=np.int16))
     unnamed.header["HIERARCH ESO QC FLAG"] = True
     fits.HDUList([phu, image, table, unnamed]).writeto(path)
-    product = read_product(path)
+    with open(path, "ab") as fh:
+        fh.write(b"\0" * 100)  # bytes after the last HDU belong to the file's checksum too
+    product = read_product(path, keywords=("PRO.CATG", "OBJECT"))
     assert (product.pro_catg, product.qc) == astropy_product(path)
     assert product.qc["HDU2:QC NOTE"] == "it's fine" and product.qc["HDU3:QC FLAG"] is True
+    assert product.header == {"PRO.CATG": "JITTERED_IMAGE_SCI"}  # OBJECT is not in the header
+    assert product.checksum == f"sha256:{file_digest(path)}"  # computed in the same pass
 
 
 def test_equal_to_astropy_on_real_products(cache_dir: Path):
@@ -45,8 +51,10 @@ def test_equal_to_astropy_on_real_products(cache_dir: Path):
     if not masters:
         pytest.skip("no calibration set built yet (tests/integration builds it)")
     for path in masters:
-        product = read_product(path)
+        product = read_product(path, keywords=("DATE-OBS", "INSTRUME"))
         assert (product.pro_catg, product.qc) == astropy_product(path), path.name
+        assert product.checksum == f"sha256:{file_digest(path)}", path.name
+        assert product.header == {k: v for k, v in fits.getheader(path).items() if k in ("DATE-OBS", "INSTRUME")}
 
 
 def test_truncated_product_keeps_what_could_be_read(tmp_path):
@@ -59,4 +67,5 @@ def test_truncated_product_keeps_what_could_be_read(tmp_path):
         fh.truncate(2880 * 3 + 100)  # inside the first extension's data
     with pytest.raises(FitsHeaderError, match="truncated: the data of HDU 1"):
         list(iter_header_texts(path))
-    assert read_product(path).pro_catg == "MASTER_DARK"
+    product = read_product(path)
+    assert product.pro_catg == "MASTER_DARK" and product.checksum == f"sha256:{file_digest(path)}"
