@@ -28,12 +28,22 @@ def is_temp_name(name: str) -> bool:
     return len(name) > len(prefix) + len(suffix) and name.startswith(prefix) and name.endswith(suffix)
 
 
-def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644, *, durable: bool = True,
+                 sync_dir: bool = True) -> None:
     """Write ``data`` (bytes, text, or the content of another file) to ``path`` atomically.
 
     Temporary file in the same directory, fsync, rename over ``path``, fsync
     of the directory: readers see the old file or the new one, and after a
     crash the new one is either complete or absent.
+
+    Parameters
+    ----------
+    durable
+        False for a file whose loss in a crash is harmless (a marker that only
+        saves a duplicate): still atomic for readers, but not fsynced.
+    sync_dir
+        False when the caller writes several files into one directory and
+        calls :func:`fsync_dir` once afterwards.
     """
     fd, tmp = _temp_beside(path)
     try:
@@ -45,13 +55,15 @@ def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644) -> Non
             else:
                 out.write(data.encode("utf-8") if isinstance(data, str) else data)
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         os.chmod(tmp, mode)  # mkstemp makes 0600; other stages and the QC web server read these
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable and sync_dir:
+        fsync_dir(path.parent)
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:

@@ -172,7 +172,8 @@ class FileLedger:
     def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
         """Note that the events recorded for ``input_message_id`` were confirmed; the record is not rewritten."""
         marker = {"input_message_id": input_message_id, "published_at": _now()}
-        write_atomic(self._marker(stage, instrument, run_id), json.dumps(marker).encode())
+        # Not fsynced: a marker lost in a crash costs one re-emission of events consumers already dedupe.
+        write_atomic(self._marker(stage, instrument, run_id), json.dumps(marker).encode(), durable=False)
 
     def _marker(self, stage: str, instrument: str, run_id: str) -> Path:
         return self.run_dir(instrument, run_id) / f"{stage}.published"
@@ -225,8 +226,7 @@ class FileLedger:
             holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": _now()}
             body = json.dumps(holder).encode()
             os.ftruncate(fd, 0)
-            os.pwrite(fd, body, 0)
-            os.fsync(fd)
+            os.pwrite(fd, body, 0)  # not fsynced: the lock, not the file, excludes; the token is for the record
             lease = Lease(path, token, fd)
             try:
                 yield lease

@@ -29,7 +29,7 @@ import jinja2
 
 from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
-from shared.files import write_atomic
+from shared.files import fsync_dir, write_atomic
 from shared.messages import ABResult, Envelope, Product, ProductsReady, ReportsReady
 
 _log = logging.getLogger(__name__)
@@ -281,7 +281,8 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
             if ".html" not in template:
                 # Padded last columns leave trailing blanks; diff and mail tools flag them.
                 text = "\n".join(line.rstrip() for line in text.split("\n"))
-            write_atomic(path, text)
+            write_atomic(path, text, sync_dir=False)
+        fsync_dir(names.report.parent)  # once for the five reports
     except OSError as e:
         raise RetryableError(f"cannot write the reports into {msg.log_dir}: {e}") from e
     _log.info("reports written for %s run %s: %s", msg.instrument, msg.run_id, summary)
