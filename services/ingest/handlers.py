@@ -8,6 +8,7 @@ processed at once and a crash never leaves a half-staged run behind.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.errors import PermanentError
-from shared.files import file_digest, fsync_dir
+from shared.files import CHUNK, file_digest, fsync_dir
 from shared.messages import (
     DeliveredFile,
     DeliveryAnnounced,
@@ -108,8 +109,8 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
     try:
         for f, src in sources:
             target = tmp / f.name
-            _link_or_copy(src, target)
-            problem = _verify(f, target)
+            algorithm = f.checksum.split(":", 1)[0]
+            problem = _verify(f, target, copied_digest=_link_or_copy(src, target, algorithm))
             if problem:
                 problems.append(problem)
         if problems:
@@ -128,22 +129,30 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
     return [dest / f.name for f, _ in sources]
 
 
-def _link_or_copy(src: Path, target: Path) -> None:
+def _link_or_copy(src: Path, target: Path, algorithm: str) -> str | None:
+    """Hard-link ``src`` (no byte read), or copy it hashing the bytes on the way: the digest then."""
     try:
         os.link(src, target)
+        return None
     except OSError:
-        shutil.copyfile(src, target)
-        with open(target, "rb+") as fh:
-            os.fsync(fh.fileno())
+        pass
+    digest = hashlib.new(algorithm)
+    with open(src, "rb") as source, open(target, "wb") as out:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
 
 
-def _verify(f: DeliveredFile, path: Path) -> str:
+def _verify(f: DeliveredFile, path: Path, copied_digest: str | None = None) -> str:
     size = path.stat().st_size
     if size != f.size:
         kind = "truncated" if size < f.size else "larger than announced"
         return f"{f.name} is {kind}: {size} bytes on disk, {f.size} announced"
     algorithm, expected = f.checksum.split(":", 1)
-    actual = file_digest(path, algorithm)
+    actual = copied_digest or file_digest(path, algorithm)
     if actual != expected:
         return f"{f.name}: {algorithm} checksum mismatch (announced {expected}, file has {actual})"
     return ""

@@ -14,6 +14,7 @@ from services.app import describe_files
 from services.ingest.handlers import handle_delivery
 from services.ingest.service import build_ports
 from shared.errors import PermanentError
+from shared.files import file_digest
 from shared.messages import DeliveredFile, DeliveryAnnounced, RawDataReady
 from shared.settings import Settings
 
@@ -114,6 +115,27 @@ def test_truncated_file_and_checksum_mismatch_are_reported_together(settings, ar
     assert "short.fits is truncated: 2880 bytes on disk, 5760 announced" in reason
     assert "wrong.fits: sha256 checksum mismatch" in reason
     assert "good.fits" not in reason
+
+
+def test_a_delivery_on_another_file_system_is_copied_and_hashed_in_one_pass(settings, area, monkeypatch):
+    good, wrong = write_frame(area / "good.fits"), write_frame(area / "wrong.fits")
+    entries = describe_files([good, wrong], area)
+    with open(wrong, "r+b") as fh:  # corrupted in transit, after AOG computed its checksum
+        fh.seek(3000)
+        fh.write(b"\x01")
+
+    def cross_device(src, dst):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)  # as when the delivery area is another volume
+    read = []
+    monkeypatch.setattr("services.ingest.handlers.file_digest", lambda *a: read.append(a) or file_digest(*a))
+    with pytest.raises(PermanentError, match="wrong.fits: sha256 checksum mismatch"):
+        handle_delivery(announce(entries), build_ports(settings))
+    [event] = handle_delivery(announce(entries[:1], run_id="run-2"), build_ports(settings))
+    staged = Path(event.raw_dir) / "good.fits"
+    assert staged.read_bytes() == good.read_bytes() and staged.stat().st_ino != good.stat().st_ino
+    assert read == []  # the copy was hashed while it was written: no second read
 
 
 def test_empty_file_list_and_unknown_instrument(settings, area):
