@@ -60,6 +60,13 @@ class Settings(BaseSettings):
     s3_backoff_s: float = Field(0.5, ge=0, description="First back-off between S3 tries; doubles")
     s3_backoff_max_s: float = Field(8.0, ge=0, description="Longest back-off between two S3 tries")
     s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of one S3 request")
+    s3_multipart_threshold_mb: int = Field(
+        64, ge=1, description="Files of at least this many MiB are uploaded in parts (multipart upload)"
+    )
+    s3_multipart_chunk_mb: int = Field(
+        16, ge=5, description="Size of one part of a multipart upload in MiB (S3's minimum is 5)"
+    )
+    s3_max_concurrency: int = Field(4, ge=1, description="Parts of one file uploaded at the same time")
     monitor_max_rows: int = Field(
         200, ge=1, description="Most recent executions shown on preimgMonitor.html"
     )
