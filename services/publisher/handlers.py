@@ -7,9 +7,12 @@ directory) with a SHA-256 per file, and a completion event tells AOG where.
 Order matters, because the event is the promise that the package is there:
 
 1. fetch the PI README from the QC server (missing: a note in the REPORT);
-2. upload README, REPORT, USERREPORT, list_mcalib, products and logs, each
-   skipped when the server already holds the same SHA-256 (a replay), then
-   ``SHA256SUMS``; an S3 outage raises RetryableError here and nothing below runs;
+2. upload README, REPORT, USERREPORT, list_mcalib, products and logs, then
+   ``SHA256SUMS``; an S3 outage raises RetryableError here and nothing below runs.
+   Each file is read once: a SHA-256 the message carries (the processor's, for
+   products) is trusted, and the file is skipped when the server already holds
+   it with that SHA-256 and size (a replay); other files are hashed while read
+   for the upload;
 3. write the run's monitor row and rebuild ``preimgMonitor.html``;
 4. e-mail the operator when EMAIL_NOTE is on, once per run (recorded in the
    run's state directory); an SMTP failure is logged and counted, not fatal;
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -57,6 +61,7 @@ NOTIFIED_FILE = "publisher.notified.json"
 EXECUTED_FILE = "EXECUTED"
 CHECKSUM_FILE = "SHA256SUMS"
 REPORT_PREFIXES = ("REPORT_", "USERREPORT_", "list_mcalib_")
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -151,15 +156,47 @@ def render_monitor(templates: jinja2.Environment, instrument: str, now: datetime
     return render
 
 
+@dataclass(frozen=True)
+class PackageFile:
+    """A file of the run and where it goes in the package.
+
+    ``sha256`` is its hex digest when known without reading the file (computed
+    upstream while the bytes were written); None: hashed while uploaded.
+    """
+
+    path: Path
+    name: str
+    sha256: str | None = None
+
+
+def known_checksums(msg: ReportsReady) -> dict[str, str]:
+    """Hex SHA-256 by path for the files whose digest the message carries.
+
+    ``ReportsReady.checksums`` (path -> ``sha256:<hex>``, the processor's
+    ``Product.checksum``) is read when the message has it; older messages do
+    not, and their files are hashed while uploaded. Other algorithms (an
+    ``md5:`` AOG announced for a raw frame packaged as is) are not what the QC
+    server records, so those files are hashed too.
+    """
+    # getattr: the field is not in every ReportsReady yet (see docs/publisher.md).
+    given: dict[str, str] = getattr(msg, "checksums", None) or {}
+    known = {}
+    for path, checksum in given.items():
+        algorithm, _, digest = checksum.lower().partition(":")
+        if algorithm == "sha256" and _HEX_SHA256.match(digest):
+            known[str(Path(path))] = digest
+    return known
+
+
 def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
-                  base: str) -> tuple[Path | None, str]:
+                  base: str) -> tuple[PackageFile | None, str]:
     """Copy the PI README into the log dir; when it is missing, say so in the REPORT."""
     key = f"{base}/{profile.readme_name}"
     data = ports.qc.get(key)
     if data is not None:
         local = Path(msg.log_dir) / profile.readme_name
         write_atomic(local, data)
-        return local, ""
+        return PackageFile(local, local.name, sha256_of(data)), ""
     note = (
         f"{README_NOTE_MARKER} {profile.readme_name} was not found on the QC server "
         f"({ports.qc.url(key)}). The package was delivered without it. The QC scientist "
@@ -173,16 +210,19 @@ def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
     return None, note
 
 
-def _collect(msg: ReportsReady, readme: Path | None) -> list[tuple[Path, str]]:
-    """(local file, name in the package) for every file of the run, each once."""
+def _collect(msg: ReportsReady, readme: PackageFile | None) -> list[PackageFile]:
+    """Every file of the run, each once, with its name in the package and its known SHA-256."""
+    known = known_checksums(msg)
     paths = [msg.report, msg.userreport, msg.list_mcalib, *msg.files]
-    files: dict[str, Path] = {}
+    files: dict[str, PackageFile] = {}
     for text in paths:
         path = Path(text)
-        files.setdefault(package_name(path, msg), path)
+        name = package_name(path, msg)
+        if name not in files:
+            files[name] = PackageFile(path, name, known.get(str(path)))
     if readme is not None:
         files[readme.name] = readme
-    missing = [str(p) for p in files.values() if not p.is_file()]
+    missing = [str(f.path) for f in files.values() if not f.path.is_file()]
     if missing:
         # The reporter listed them; if they are gone, retrying will not bring them back.
         raise PermanentError(
@@ -190,26 +230,35 @@ def _collect(msg: ReportsReady, readme: Path | None) -> list[tuple[Path, str]]:
             f"{', '.join(missing[:5])}; re-run the processing of this delivery",
             missing=missing,
         )
-    return [(path, name) for name, path in files.items()]
+    return list(files.values())
 
 
 def upload_package(msg: ReportsReady, ports: PublisherPorts, base: str,
-                   files: list[tuple[Path, str]]) -> tuple[ManifestEntry, ...]:
-    """Upload every file (skipping those already there with the same SHA-256) and SHA256SUMS."""
+                   files: list[PackageFile]) -> tuple[ManifestEntry, ...]:
+    """Upload every file, then SHA256SUMS; each file is read at most once.
+
+    A file with a known SHA-256 is skipped when the server already holds it
+    with that SHA-256 and size (a replay: nothing is read); otherwise it is
+    uploaded with the digest, which the server checks. A file without one is
+    uploaded and hashed from the bytes read for the upload.
+    """
     prefix = package_prefix(base, msg.run_id)
     manifest = []
-    for path, name in sorted(files, key=lambda f: f[1]):
-        digest = sha256_of(path)
-        size = path.stat().st_size
-        key = prefix + name
-        there = ports.qc.head(key)
-        if there is None or there.sha256 != digest or there.size != size:
-            ports.qc.put(key, path, sha256=digest, content_type=_content_type(path.name))
-        manifest.append(ManifestEntry(name=name, size=size, checksum=f"sha256:{digest}",
+    for file in sorted(files, key=lambda f: f.name):
+        size = file.path.stat().st_size
+        key = prefix + file.name
+        content_type = _content_type(file.path.name)
+        digest = file.sha256
+        if digest is None:
+            digest = ports.qc.put(key, file.path, content_type=content_type)
+        else:
+            there = ports.qc.head(key)
+            if there is None or there.sha256 != digest or there.size != size:
+                ports.qc.put(key, file.path, content_type=content_type, sha256=digest)
+        manifest.append(ManifestEntry(name=file.name, size=size, checksum=f"sha256:{digest}",
                                       url=ports.qc.url(key)))
     sums = "".join(f"{m.checksum.split(':', 1)[1]}  {m.name}\n" for m in manifest).encode()
-    ports.qc.put(prefix + CHECKSUM_FILE, sums, sha256=sha256_of(sums),
-                 content_type=_content_type(CHECKSUM_FILE))
+    ports.qc.put(prefix + CHECKSUM_FILE, sums, content_type=_content_type(CHECKSUM_FILE))
     return tuple(manifest)
 
 

@@ -31,7 +31,6 @@ from pydantic import BaseModel, ConfigDict
 
 from services.publisher.qcserver import QcServer
 from shared.errors import RetryableError
-from shared.files import sha256_of
 
 _log = logging.getLogger(__name__)
 
@@ -110,7 +109,7 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
     for _ in range(MAX_ROUNDS):
         rows = _read_rows(qc, sorted(listing))
         page = render(rows).encode()
-        qc.put(page_key(base), page, sha256=sha256_of(page), content_type="text/html; charset=utf-8")
+        qc.put(page_key(base), page, content_type="text/html; charset=utf-8")
         after = qc.list(prefix)
         if after == listing:
             return len(rows)
@@ -125,8 +124,7 @@ def record_row(
 ) -> None:
     """Write (or overwrite) the run's row and bring the page up to date."""
     data = row.model_dump_json(indent=1).encode()
-    qc.put(row_key(base, row.run_id), data, sha256=sha256_of(data),
-           content_type="application/json")
+    qc.put(row_key(base, row.run_id), data, content_type="application/json")
     count = rebuild_page(qc, base, render)
     _log.info("monitor %s updated with run %s (%d rows)", page_key(base), row.run_id, count)
 

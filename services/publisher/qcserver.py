@@ -7,32 +7,43 @@ embedded default (:class:`LocalQcServer`). Both store objects under logical keys
 such as ``PREIMG/HAWKI/preimgMonitor.html``; the S3 adapter puts its configured
 prefix in front.
 
-Every object carries its SHA-256 (S3 user metadata ``sha256``; computed from
-the file for the local directory), so a replay can skip what is already there
-and a reader can verify what it fetched.
+Every object carries its SHA-256, recorded when it is written and never
+recomputed by reading the object back: S3 user metadata ``sha256`` (S3 itself
+checks the bytes against ``ChecksumSHA256``), the extended attribute
+``user.preimg.sha256`` of a file in the local directory. The digest is the
+caller's when it has one (the processor computed it while moving a product);
+otherwise it is computed from the bytes read for the upload. Either way a
+file is read once, so a replay can skip what is already there without
+reading anything.
 """
 
 from __future__ import annotations
 
 import base64
+import contextvars
+import hashlib
 import logging
 import os
-import time
+import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from shared.errors import RetryableError
-from shared.files import sha256_of, write_atomic
+from shared.files import CHUNK, _temp_beside, fsync_dir
 
 _log = logging.getLogger(__name__)
 
+MIB = 1024 * 1024
+_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
 class ObjectInfo:
     size: int
+    #: Hex SHA-256 recorded when the object was written; "" when none was recorded.
     sha256: str
     etag: str
 
@@ -44,10 +55,17 @@ class QcServer(Protocol):
         """The object's bytes, or None when it does not exist."""
 
     def head(self, key: str) -> ObjectInfo | None:
-        """Size, SHA-256 and ETag of the object, or None when it does not exist."""
+        """Size, recorded SHA-256 and ETag of the object (nothing is read), or None."""
 
-    def put(self, key: str, body: bytes | Path, *, sha256: str, content_type: str) -> None:
-        """Store ``body`` (bytes, or a file to stream) under ``key``, replacing any object."""
+    def put(self, key: str, body: bytes | Path, *, content_type: str,
+            sha256: str | None = None) -> str:
+        """Store ``body`` (bytes, or a file to stream) under ``key``, replacing any object.
+
+        ``sha256`` is the body's hex digest when the caller knows it: it is
+        trusted (the file is not read to hash it) and stored with the object.
+        None: it is computed from the bytes read for the upload. Returns the
+        hex SHA-256 recorded with the object.
+        """
 
     def list(self, prefix: str) -> dict[str, str]:
         """Every key under ``prefix`` with its ETag (changes whenever the object changes)."""
@@ -71,11 +89,80 @@ def _safe_key(key: str) -> str:
 # ---------------------------------------------------------------------------
 
 
+#: Extended attribute holding an object's hex SHA-256 in the local QC directory.
+SHA256_XATTR = "user.preimg.sha256"
+
+
+def _write_object(target: Path, body: bytes | Path, sha256: str | None) -> str:
+    """Write ``body`` to ``target`` atomically with its SHA-256 attached; return the digest.
+
+    Like :func:`shared.files.write_atomic` (temporary file of the same name
+    pattern, fsync, rename, fsync of the directory), and the digest is set on
+    the temporary file before the rename, so the object and its SHA-256 appear
+    together. A file is read once: hashed while copied when ``sha256`` is None.
+    """
+    fd, tmp = _temp_beside(target)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if isinstance(body, Path):
+                digest = hashlib.sha256() if sha256 is None else None
+                with body.open("rb") as source:
+                    size = os.fstat(source.fileno()).st_size
+                    copied = 0
+                    for chunk in iter(lambda: source.read(CHUNK), b""):
+                        out.write(chunk)
+                        copied += len(chunk)
+                        if digest is not None:
+                            digest.update(chunk)
+                if copied != size:
+                    raise RetryableError(f"{body} changed while it was copied ({size} bytes, "
+                                         f"{copied} read); will copy it again")
+                sha256 = sha256 or digest.hexdigest()  # type: ignore[union-attr]
+            else:
+                out.write(body)
+                sha256 = sha256 or hashlib.sha256(body).hexdigest()
+            out.flush()
+            os.fsync(out.fileno())
+            _set_sha256(out.fileno(), sha256)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the QC web server reads these
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(target.parent)
+    return sha256
+
+
+def _set_sha256(fd: int, sha256: str) -> None:
+    setxattr = getattr(os, "setxattr", None)  # Linux only
+    if setxattr is None:
+        return
+    try:
+        setxattr(fd, SHA256_XATTR, sha256.encode("ascii"))
+    except OSError as e:
+        # A file system without user attributes: the object is fine, its digest is
+        # unknown to head(), so a replay copies the file again.
+        _log.debug("cannot set %s (%s): replays will copy again", SHA256_XATTR, e)
+
+
+def _get_sha256(fd: int) -> str:
+    getxattr = getattr(os, "getxattr", None)
+    if getxattr is None:
+        return ""
+    try:
+        value = getxattr(fd, SHA256_XATTR).decode("ascii", "replace")
+    except OSError:
+        return ""  # not recorded (an older object, or no user attributes here)
+    return value if _HEX_SHA256.match(value) else ""
+
+
 class LocalQcServer:
     """A directory laid out like the bucket: ``<root>/<key>``.
 
     Writes go through a temp file, fsync and rename, so a reader (or a second
-    publisher) sees the old or the new object, never half of one.
+    publisher) sees the old or the new object, never half of one. Each file
+    carries its SHA-256 in the extended attribute ``user.preimg.sha256``, set
+    before the rename, which :meth:`head` reads instead of hashing the file.
     """
 
     def __init__(self, root: Path, public_url: str = ""):
@@ -94,23 +181,29 @@ class LocalQcServer:
             raise RetryableError(f"cannot read {key} from the QC directory {self.root}: {e}") from e
 
     def head(self, key: str) -> ObjectInfo | None:
-        path = self._path(key)
         try:
-            stat = path.stat()
-            return ObjectInfo(stat.st_size, sha256_of(path), self._etag(stat))
+            # One descriptor for the size and the attribute: both describe the same file
+            # even if a writer renames a new one over it meanwhile. Nothing is read.
+            fd = os.open(self._path(key), os.O_RDONLY)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise RetryableError(f"cannot stat {key} in the QC directory {self.root}: {e}") from e
+        try:
+            stat = os.fstat(fd)
+            return ObjectInfo(stat.st_size, _get_sha256(fd), self._etag(stat))
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _etag(stat: os.stat_result) -> str:
         # Every write is a rename of a new file: a new inode, so the tag changes.
         return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
 
-    def put(self, key: str, body: bytes | Path, *, sha256: str, content_type: str) -> None:
+    def put(self, key: str, body: bytes | Path, *, content_type: str,
+            sha256: str | None = None) -> str:
         try:
-            write_atomic(self._path(key), body)
+            return _write_object(self._path(key), body, sha256)
         except OSError as e:
             raise RetryableError(f"cannot write {key} into the QC directory {self.root}: {e}") from e
 
@@ -163,15 +256,65 @@ RETRYABLE_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
     "503", "500", "502", "504",
 }
+#: The server computed another SHA-256 than the one sent with the bytes.
+CHECKSUM_MISMATCH_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"}
+
+
+def _b64(sha256: str) -> str:
+    """Hex digest -> the base64 form S3's ``ChecksumSHA256`` uses."""
+    return base64.b64encode(bytes.fromhex(sha256)).decode()
+
+
+class _ForwardReader:
+    """A file as a stream: read once, in order, optionally hashed on the way.
+
+    It has no ``seek``, so s3transfer reads it part by part into memory and
+    uploads the parts from there: botocore's checksum of each part (and, over
+    plain http, its payload signature) is computed from those buffers, never by
+    reading the file again, whatever the transport.
+    """
+
+    def __init__(self, stream: IO[bytes], hashing: bool):
+        self._stream = stream
+        self._digest = hashlib.sha256() if hashing else None
+        self.size = 0
+
+    def read(self, amount: int = -1) -> bytes:
+        data = self._stream.read(amount)
+        if self._digest is not None:
+            self._digest.update(data)
+        self.size += len(data)
+        return data
+
+    def hexdigest(self) -> str:
+        assert self._digest is not None
+        return self._digest.hexdigest()
+
+
+class _ContextThreadPool(ThreadPoolExecutor):
+    """s3transfer's worker threads run in the caller's context (run_id, instrument for logs and metrics)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
 
 
 class S3QcServer:
     """An S3-compatible bucket (AWS, MinIO, moto) reached through boto3.
 
-    Each request is tried ``attempts`` times with exponential back-off on
-    connection errors and 5xx answers; then :class:`RetryableError` sends the
+    Each request is tried ``attempts`` times by botocore (standard retry mode:
+    connection errors, timeouts, 5xx, throttling; exponential back-off with
+    jitter), each part of a multipart upload on its own; every retry is logged
+    and reported to ``on_retry``. Then :class:`RetryableError` sends the
     message back to the broker for a later try. The boto3 client is made on
     first use, so constructing the adapter does no I/O.
+
+    Files smaller than ``multipart_threshold`` are read once into memory and
+    sent with one PutObject carrying ``ChecksumSHA256``: the server checks the
+    bytes against the whole-file SHA-256 and stores it. Larger files go through
+    boto3's managed transfer (parts of ``multipart_chunksize``, up to
+    ``max_concurrency`` at once), each part with its SHA-256 checked by the
+    server; the whole-file SHA-256 is stored as user metadata and the object's
+    size is checked with a HEAD afterwards.
     """
 
     def __init__(
@@ -184,12 +327,12 @@ class S3QcServer:
         secret_access_key: str | None = None,
         region: str = "us-east-1",
         attempts: int = 5,
-        backoff_s: float = 0.5,
-        backoff_max_s: float = 8.0,
         timeout_s: float = 10.0,
+        multipart_threshold: int = 64 * MIB,
+        multipart_chunksize: int = 16 * MIB,
+        max_concurrency: int = 4,
         public_url: str = "",
         on_retry: Callable[[str], None] | None = None,
-        sleep: Callable[[float], None] = time.sleep,
     ):
         self.endpoint_url = endpoint_url
         self.bucket = bucket
@@ -198,12 +341,12 @@ class S3QcServer:
         self.secret_access_key = secret_access_key
         self.region = region
         self.attempts = attempts
-        self.backoff_s = backoff_s
-        self.backoff_max_s = backoff_max_s
         self.timeout_s = timeout_s
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
+        self.max_concurrency = max_concurrency
         self.public_url = public_url
         self.on_retry = on_retry
-        self.sleep = sleep
         self._client: Any = None
 
     # -- plumbing -------------------------------------------------------------
@@ -216,22 +359,49 @@ class S3QcServer:
             # A session per adapter: boto3's default session is not thread-safe,
             # and two publishers in one process must not share it.
             session = boto3.session.Session()
-            self._client = session.client(
+            client = session.client(
                 "s3",
                 endpoint_url=self.endpoint_url,
                 aws_access_key_id=self.access_key_id,
                 aws_secret_access_key=self.secret_access_key,
                 region_name=self.region,
                 config=Config(
-                    # Our own loop retries (with the metric and the RetryableError); botocore's
-                    # silent retries would multiply the waits.
-                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    # total_max_attempts counts the first try; botocore's max_attempts would not.
+                    retries={"mode": "standard", "total_max_attempts": self.attempts},
                     connect_timeout=self.timeout_s,
                     read_timeout=self.timeout_s,
+                    max_pool_connections=max(10, self.max_concurrency),
                     s3={"addressing_style": "path"},
                 ),
             )
+            client.meta.events.register("needs-retry.s3", self._note_failure)
+            client.meta.events.register("request-created.s3", self._count_retry)
+            self._client = client
         return self._client
+
+    @staticmethod
+    def _note_failure(request_dict: dict[str, Any], response: Any = None,
+                      caught_exception: Exception | None = None, **_: Any) -> None:
+        """Remember why an attempt failed, for the log line of the retry (decides nothing)."""
+        if caught_exception is not None:
+            reason = str(caught_exception)
+        elif response is not None:
+            status = response[1].get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            reason = f"HTTP {status} {response[1].get('Error', {}).get('Code', '')}".strip()
+        else:
+            return
+        request_dict["context"]["preimg_failure"] = reason
+
+    def _count_retry(self, request: Any, operation_name: str = "", **_: Any) -> None:
+        """Every attempt after the first is a retry: log it and count it."""
+        context = getattr(request, "context", {}) or {}
+        attempt = context.get("retries", {}).get("attempt", 1)
+        if attempt > 1:
+            _log.warning("S3 %s at %s bucket %s: attempt %d/%d after: %s", operation_name,
+                         self.endpoint_url or "AWS", self.bucket, attempt, self.attempts,
+                         context.get("preimg_failure", "?"))
+            if self.on_retry is not None:
+                self.on_retry(operation_name)
 
     def _key(self, key: str) -> str:
         return self.prefix + _safe_key(key)
@@ -258,28 +428,19 @@ class S3QcServer:
             "Connection" in type(error).__name__
 
     def _call(self, what: str, request: Callable[[], Any]) -> Any:
-        delay = self.backoff_s
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return request()
-            except Exception as e:
-                if not self._is_transient(e):
-                    refused = self._refused(what, e)
-                    if refused is e:
-                        raise
-                    raise refused from e
-                if attempt == self.attempts:
-                    raise RetryableError(
-                        f"S3 {what} at {self.endpoint_url or 'AWS'} bucket {self.bucket} failed "
-                        f"{self.attempts} times, last: {e}"
-                    ) from e
-                _log.warning("S3 %s failed (attempt %d/%d), retrying in %.1f s: %s",
-                             what, attempt, self.attempts, delay, e)
-                if self.on_retry is not None:
-                    self.on_retry(what)
-                self.sleep(delay)
-                delay = min(delay * 2, self.backoff_max_s)
-        raise AssertionError("unreachable")
+        """One request (botocore retries it); its failure as the runner understands it."""
+        try:
+            return request()
+        except Exception as e:
+            if self._is_transient(e):
+                raise RetryableError(
+                    f"S3 {what} at {self.endpoint_url or 'AWS'} bucket {self.bucket} failed "
+                    f"(up to {self.attempts} attempts), last: {e}"
+                ) from e
+            refused = self._refused(what, e)
+            if refused is e:
+                raise
+            raise refused from e
 
     def _refused(self, what: str, error: Exception) -> Exception:
         """An S3 answer that is not transient: a configuration problem an operator must fix.
@@ -291,6 +452,11 @@ class S3QcServer:
 
         if isinstance(error, ClientError):
             code = error.response.get("Error", {}).get("Code", "")
+            if code in CHECKSUM_MISMATCH_CODES:
+                return RetryableError(
+                    f"S3 {what}: the server received bytes whose SHA-256 is not the one sent with "
+                    f"them ({code}): damaged in transit, or the file changed after it was hashed"
+                )
             return RetryableError(
                 f"S3 {what} refused by {self.endpoint_url or 'AWS'} (bucket {self.bucket}): {code}: "
                 f"{error}; check PREIMG_S3_BUCKET, PREIMG_S3_PREFIX and the credentials"
@@ -338,26 +504,74 @@ class S3QcServer:
 
         return self._call(f"head {key}", request)
 
-    def put(self, key: str, body: bytes | Path, *, sha256: str, content_type: str) -> None:
-        checksum = base64.b64encode(bytes.fromhex(sha256)).decode()
+    def put(self, key: str, body: bytes | Path, *, content_type: str,
+            sha256: str | None = None) -> str:
+        if isinstance(body, bytes):
+            return self._put_object(key, body, content_type, sha256)
+        size = body.stat().st_size
+        if size < self.multipart_threshold:
+            # One read; the digest, when not given, is computed from these bytes, and a
+            # retried request resends them without reading the file again.
+            return self._put_object(key, body.read_bytes(), content_type, sha256)
+        return self._upload(key, body, size, content_type, sha256)
 
-        def request() -> None:
-            # A file is reopened on every attempt: a failed try may have consumed it.
-            if isinstance(body, Path):
-                with body.open("rb") as stream:
-                    self._put(key, stream, sha256, checksum, content_type)
-            else:
-                self._put(key, body, sha256, checksum, content_type)
+    def _put_object(self, key: str, data: bytes, content_type: str, sha256: str | None) -> str:
+        digest = sha256 or hashlib.sha256(data).hexdigest()
+        checksum = _b64(digest)
+        # ChecksumSHA256 makes the server verify the bytes it stored against the digest
+        # (AWS, MinIO; moto only records it); the metadata copy is what head() reads back.
+        answer = self._call(f"put {key}", lambda: self._s3().put_object(
+            Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
+            ChecksumAlgorithm="SHA256", ChecksumSHA256=checksum, Metadata={"sha256": digest},
+        ))
+        stored = answer.get("ChecksumSHA256")
+        if stored is None:  # a server that ignores checksums: at least the size must be right
+            self._verify(key, len(data), digest)
+        elif stored != checksum:
+            raise RetryableError(f"S3 put {key}: the server recorded SHA-256 {stored}, "
+                                 f"{checksum} was sent; will upload again")
+        return digest
 
-        self._call(f"put {key}", request)
+    def _upload(self, key: str, path: Path, size: int, content_type: str,
+                sha256: str | None) -> str:
+        """A large file through boto3's managed transfer (multipart, parts in parallel)."""
+        extra: dict[str, Any] = {"ContentType": content_type, "ChecksumAlgorithm": "SHA256"}
+        if sha256 is not None:
+            extra["Metadata"] = {"sha256": sha256}
+        # Without a digest, the file is hashed as it streams by. The object then cannot
+        # carry the digest as metadata (it is known only at the end), so head() reports
+        # none and a replay uploads it again; the manifest and SHA256SUMS have it.
+        with path.open("rb") as stream:
+            reader = _ForwardReader(stream, hashing=sha256 is None)
+            self._call(f"upload {key}", lambda: self._transfer(key, reader, extra))
+        if reader.size != size:
+            raise RetryableError(f"{path} changed while it was uploaded ({size} bytes, "
+                                 f"{reader.size} read); will upload it again")
+        self._verify(key, size, sha256)
+        return sha256 or reader.hexdigest()
 
-    def _put(self, key: str, body: Any, sha256: str, checksum: str, content_type: str) -> None:
-        # ChecksumSHA256 makes the server verify the bytes it stored against our
-        # digest; the metadata copy is what head() reads back.
-        self._s3().put_object(
-            Bucket=self.bucket, Key=self._key(key), Body=body, ContentType=content_type,
-            ChecksumSHA256=checksum, Metadata={"sha256": sha256},
+    def _transfer(self, key: str, source: _ForwardReader, extra: dict[str, Any]) -> None:
+        from boto3.s3.transfer import TransferConfig
+        from s3transfer.manager import TransferManager
+
+        config = TransferConfig(
+            multipart_threshold=self.multipart_threshold,
+            multipart_chunksize=self.multipart_chunksize,
+            max_concurrency=self.max_concurrency,
         )
+        # The stream is read into part-sized buffers: those being sent and one read ahead.
+        config.max_in_memory_upload_chunks = self.max_concurrency + 1
+        with TransferManager(self._s3(), config, executor_cls=_ContextThreadPool) as manager:
+            manager.upload(source, self.bucket, self._key(key), extra_args=extra).result()
+
+    def _verify(self, key: str, size: int, sha256: str | None) -> None:
+        """The object the server holds now has the size (and recorded SHA-256) just sent."""
+        info = self.head(key)
+        if info is None or info.size != size or (sha256 is not None and info.sha256 != sha256):
+            held = "nothing" if info is None else f"{info.size} bytes, sha256 {info.sha256 or 'none'}"
+            sent = f"{size} bytes" + (f", sha256 {sha256}" if sha256 else "")
+            raise RetryableError(f"S3 upload of {key} not verified: the server holds {held}, "
+                                 f"{sent} were sent; will upload again")
 
     def list(self, prefix: str) -> dict[str, str]:
         def request() -> dict[str, str]:

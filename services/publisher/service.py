@@ -12,7 +12,7 @@ import jinja2
 
 from services.publisher.handlers import PublisherPorts
 from services.publisher.mailer import SmtpMailer
-from services.publisher.qcserver import LocalQcServer, QcServer, S3QcServer
+from services.publisher.qcserver import MIB, LocalQcServer, QcServer, S3QcServer
 from shared.files import remove_stale_temp_files
 from shared.logs import current_context
 from shared.profiles import ProfileError, load_profile
@@ -64,9 +64,10 @@ def build_qc_server(settings: Settings, on_retry: Callable[[str], None] | None =
             secret_access_key=secret.get_secret_value() if secret is not None else None,
             region=settings.s3_region,
             attempts=settings.s3_max_attempts,
-            backoff_s=settings.s3_backoff_s,
-            backoff_max_s=settings.s3_backoff_max_s,
             timeout_s=settings.s3_timeout_s,
+            multipart_threshold=settings.s3_multipart_threshold_mb * MIB,
+            multipart_chunksize=settings.s3_multipart_chunk_mb * MIB,
+            max_concurrency=settings.s3_max_concurrency,
             public_url=settings.qc_public_url,
             on_retry=on_retry,
         )

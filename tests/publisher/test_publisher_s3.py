@@ -273,30 +273,3 @@ def test_s3_refusal_is_retryable_with_a_readable_reason(tmp_path, s3_server):
     settings = s3_settings(tmp_path, s3_server, "no-such-bucket")
     with pytest.raises(RetryableError, match="NoSuchBucket"):
         handle_reports_ready(reports_ready(tmp_path), ports_for(settings))
-
-
-def test_transient_and_permanent_s3_errors_are_told_apart():
-    from botocore.exceptions import ClientError, EndpointConnectionError
-
-    from services.publisher.qcserver import S3QcServer
-
-    def client_error(status: int, code: str) -> ClientError:
-        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                           "PutObject")
-
-    assert S3QcServer._is_transient(EndpointConnectionError(endpoint_url="http://x"))
-    assert S3QcServer._is_transient(client_error(503, "SlowDown"))
-    assert S3QcServer._is_transient(client_error(500, "InternalError"))
-    assert not S3QcServer._is_transient(client_error(403, "AccessDenied"))
-    assert not S3QcServer._is_transient(client_error(404, "NoSuchBucket"))
-
-    attempts = []
-    server = S3QcServer(endpoint_url="http://x", bucket="b", attempts=3, backoff_s=0.01,
-                        sleep=attempts.append)
-
-    def always_503():
-        raise client_error(503, "ServiceUnavailable")
-
-    with pytest.raises(RetryableError, match="failed 3 times"):
-        server._call("put k", always_503)
-    assert attempts == [0.01, 0.02], "exponential back-off between the tries"
