@@ -3,19 +3,44 @@
 One TOML file per instrument lives beside this module (``hawki.toml``,
 ``vimos.toml``, ``fors2.toml``). ``load_profile`` validates it; a profile that
 does not validate stops a service at start-up with the file and field named.
+
+The shipped profiles are the operational ones: the recipes run with the
+pipeline's default parameters. Settings that only test data need (e.g. the
+smaller background cells of small synthetic HAWK-I windows) live in a
+**profile overlay** beside that data, a TOML file naming its instrument and
+the fields it changes::
+
+    instrument = "HAWKI"
+    [recipe_options]
+    hawki_science_process = ["--psm_nbsize=32", "--stk_cat_nbsize=32"]
+
+Overlays are applied only when asked for: ``load_profile(..., overlays=[...])``
+or the environment variable ``PREIMG_PROFILE_OVERLAY`` (paths separated by
+``:``), read at each call. An overlay for another instrument is skipped, so
+one list can serve several instruments. Tables (``recipe_options``) are merged
+key by key, other fields replaced. ``Profile.overlays`` names the files applied.
 """
 
 from __future__ import annotations
 
 import glob
+import logging
+import os
 import tomllib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.messages import describe_validation_error
 
+_log = logging.getLogger(__name__)
+
 PROFILE_DIR = Path(__file__).parent
+#: Environment variable naming profile overlays (``os.pathsep``-separated TOML files).
+OVERLAY_ENV = "PREIMG_PROFILE_OVERLAY"
+_announced: set[tuple[str, str]] = set()
 
 
 class ProfileError(ValueError):
@@ -46,6 +71,8 @@ class Profile(BaseModel):
     #: PRO.CATG values the calibration directories must hold although the rules
     #: do not name them (e.g. the local catalogues the CASU recipes need, ESOREX.md §4.8).
     required_calibrations: tuple[str, ...] = ()
+    #: Overlay files merged over the shipped profile, in order (empty for operational runs).
+    overlays: tuple[str, ...] = ()
 
     def resolve_rules(self) -> Path | None:
         """The rule file the profile names, or None when no package provides it."""
@@ -68,17 +95,74 @@ def available_instruments() -> list[str]:
     return sorted(p.stem.upper() for p in PROFILE_DIR.glob("*.toml"))
 
 
-def load_profile(instrument: str, directory: Path | None = None) -> Profile:
+def overlay_paths(overlays: Iterable[str | Path] | None = None) -> list[Path]:
+    """The overlay files asked for: ``overlays``, else those of ``$PREIMG_PROFILE_OVERLAY``."""
+    if overlays is None:
+        overlays = [p for p in os.environ.get(OVERLAY_ENV, "").split(os.pathsep) if p.strip()]
+    return [Path(p) for p in overlays]
+
+
+def _read_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ProfileError(f"{what} {path} cannot be read: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from e
+
+
+def _merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_profile(instrument: str, directory: Path | None = None,
+                 overlays: Iterable[str | Path] | None = None) -> Profile:
+    """The validated profile of ``instrument``, with the overlays that name it merged in.
+
+    Parameters
+    ----------
+    instrument : str
+        HAWKI, VIMOS, FORS2 (case-insensitive).
+    directory : Path, optional
+        Where the profiles are (default: beside this module).
+    overlays : iterable of path, optional
+        Overlay files; default ``$PREIMG_PROFILE_OVERLAY`` (none when unset).
+
+    Raises
+    ------
+    ProfileError
+        Unknown instrument, unreadable or invalid profile or overlay (the file is named).
+    """
     directory = directory or PROFILE_DIR
     path = directory / f"{instrument.lower()}.toml"
     if not path.is_file():
         known = ", ".join(available_instruments()) or "none"
         raise ProfileError(f"unknown instrument {instrument!r}: no profile {path} (known: {known})")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ProfileError(f"{path}: not valid TOML: {e}") from e
+    data = _read_toml(path, "profile")
+    applied: list[str] = []
+    for overlay in overlay_paths(overlays):
+        extra = _read_toml(overlay, f"profile overlay (${OVERLAY_ENV})")
+        target = extra.pop("instrument", None)
+        if not isinstance(target, str):
+            raise ProfileError(f"{overlay}: a profile overlay names its instrument (instrument = \"HAWKI\")")
+        if target.upper() != str(data.get("instrument", instrument)).upper():
+            continue
+        if "overlays" in extra:
+            raise ProfileError(f"{overlay}: 'overlays' is not a setting an overlay can change")
+        data = _merge(data, extra)
+        applied.append(str(overlay))
+        if (str(overlay), target.upper()) not in _announced:
+            _announced.add((str(overlay), target.upper()))
+            _log.info("profile %s: overlay %s applied (%s)", target.upper(), overlay, ", ".join(sorted(extra)) or "nothing")
+    data["overlays"] = tuple(applied)
     try:
         return Profile.model_validate(data)
     except ValidationError as e:
-        raise ProfileError(f"{path}: {describe_validation_error(e)}") from e
+        where = " + ".join([str(path), *applied])
+        raise ProfileError(f"{where}: {describe_validation_error(e)}") from e
