@@ -247,6 +247,11 @@ class ReportsReady(Envelope):
     files: tuple[str, ...] = Field(
         default=(), description="Every file of the package (products, logs, reports)"
     )
+    checksums: dict[str, Checksum] = Field(
+        default_factory=dict,
+        description="sha256:<hex> of files listed in `files`, keyed by the same path string, where an earlier "
+        "stage computed it while reading the file (the processor's Product.checksum): the publisher trusts it",
+    )
     objects: tuple[str, ...] = Field(
         default=(), description="OBJECT values of the raw frames (FITS header text, not escaped)"
     )

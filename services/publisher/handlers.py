@@ -173,15 +173,12 @@ def known_checksums(msg: ReportsReady) -> dict[str, str]:
     """Hex SHA-256 by path for the files whose digest the message carries.
 
     ``ReportsReady.checksums`` (path -> ``sha256:<hex>``, the processor's
-    ``Product.checksum``) is read when the message has it; older messages do
-    not, and their files are hashed while uploaded. Other algorithms (an
-    ``md5:`` AOG announced for a raw frame packaged as is) are not what the QC
-    server records, so those files are hashed too.
+    ``Product.checksum``); files it does not name are hashed while uploaded.
+    Other algorithms (an ``md5:`` AOG announced for a raw frame packaged as
+    is) are not what the QC server records, so those files are hashed too.
     """
-    # getattr: the field is not in every ReportsReady yet (see docs/publisher.md).
-    given: dict[str, str] = getattr(msg, "checksums", None) or {}
     known = {}
-    for path, checksum in given.items():
+    for path, checksum in msg.checksums.items():
         algorithm, _, digest = checksum.lower().partition(":")
         if algorithm == "sha256" and _HEX_SHA256.match(digest):
             known[str(Path(path))] = digest

@@ -306,6 +306,7 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
             delivered_at=msg.delivered_at,
             summary=summary,
             files=tuple(dict.fromkeys(files)),
+            checksums={p.path: p.checksum for p in msg.products if p.checksum},
             objects=objects,
             prog_ids=prog_ids,
         )

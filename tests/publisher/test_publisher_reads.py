@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from pydantic import Field
 
 from services.publisher.handlers import handle_reports_ready
 from services.publisher.qcserver import SHA256_XATTR, LocalQcServer, S3QcServer
@@ -32,15 +31,9 @@ BASE = "PREIMG/HAWKI"
 MIB = 1024 * 1024
 
 
-class ReportsReadyWithChecksums(ReportsReady):
-    """ReportsReady carrying the known SHA-256s (path -> ``sha256:<hex>``), as the reporter is
-    to send them (issue 10): the processor's ``Product.checksum`` for each product."""
-
-    checksums: dict[str, str] = Field(default_factory=dict)
-
-
 def with_checksums(msg: ReportsReady, checksums: dict[str, str]) -> ReportsReady:
-    return ReportsReadyWithChecksums(**{**msg.model_dump(), "checksums": checksums})
+    """The message as the reporter sends it: the processor's ``Product.checksum`` of each product."""
+    return msg.model_copy(update={"checksums": checksums})
 
 
 # ---------------------------------------------------------------------------
