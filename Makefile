@@ -7,6 +7,8 @@ PREIMG := $(VENV)/bin/preimg
 STAMP := $(VENV)/.installed
 DEMO_ROOT ?= preimg-data
 DEMO_INSTRUMENT ?= HAWKI
+# HAWK-I window per chip (64..2048; empty: synth's default, 128)
+DEMO_SIZE ?=
 SYSTEM_PACKAGES := esorex cpl-plugin-hawki cpl-plugin-vimos chromium
 
 .PHONY: help venv system-deps node-deps demo test test-fast bench contracts lint clean oca-rules
@@ -46,8 +48,11 @@ node-deps:
 oca-rules:
 	@if [ -x scripts/fetch-oca-rules.sh ]; then scripts/fetch-oca-rules.sh .cache/oca-rules; fi
 
+# Options only the synthetic data need (small windows) come from the overlay synth writes beside them.
 demo: system-deps venv
-	$(PREIMG) synth -i $(DEMO_INSTRUMENT) --out $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --cal-root $(DEMO_ROOT)/cal
+	$(PREIMG) synth -i $(DEMO_INSTRUMENT) --out $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --cal-root $(DEMO_ROOT)/cal $(if $(DEMO_SIZE),--size $(DEMO_SIZE))
+	overlay=$(abspath $(DEMO_ROOT))/cal/$(DEMO_INSTRUMENT)/profile-overlay.toml; \
+	if [ -f "$$overlay" ]; then export PREIMG_PROFILE_OVERLAY="$$overlay"; fi; \
 	$(PREIMG) run -i $(DEMO_INSTRUMENT) $(DEMO_ROOT)/incoming/$(DEMO_INSTRUMENT) --data-root $(DEMO_ROOT)
 
 test: system-deps node-deps venv oca-rules

@@ -1,6 +1,6 @@
 """``preimg synth`` and ``preimg check``: registered into the ``preimg`` command.
 
-    preimg synth -i INSTR --out DIR [--cal-root CALROOT] [--frames N] [--size N] [--start ISO] [--force]
+    preimg synth -i INSTR --out DIR [--cal-root CALROOT] [--frames N] [--size N] [--start ISO] [--force] [--no-cal]
     preimg check -i INSTR [--cal-root DIR] [--json]
 """
 
@@ -29,9 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     synth.add_argument("--out", required=True, type=Path, help="directory for the raw frames")
     synth.add_argument("--cal-root", type=Path, help="calibration root, $DFO_CAL_DIR (default: OUT/../cal)")
     synth.add_argument("--frames", type=int, help="exposures (default: HAWKI 3, VIMOS 1, FORS2 2)")
-    synth.add_argument("--size", type=int, default=128,
-                       help="HAWK-I window per chip in pixels (default 128; 64 needs "
-                       "--psm_nbsize=32 --stk_cat_nbsize=32)")
+    synth.add_argument("--size", type=int,
+                       help="HAWKI only: window per chip in pixels, 64 to 2048 (the whole chip); default 128. "
+                       "Below 116 the science recipe needs smaller background cells: they go into "
+                       "CALROOT/HAWKI/profile-overlay.toml, to be named in PREIMG_PROFILE_OVERLAY. "
+                       "VIMOS and FORS2 frames always have the detector's size")
     synth.add_argument("--start", help="UTC time of the first exposure, ISO 8601 (default 2026-11-20T01:02:03.456)")
     synth.add_argument("--force", action="store_true", help="rebuild the calibration set even if up to date")
     synth.add_argument("--no-cal", action="store_true", help="raw frames only")
@@ -65,9 +67,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"preimg synth: bad --start: {e}", file=sys.stderr)
         return 2
     try:
+        synth.check_size(args.instrument, args.size)  # refused before anything is written
         raw = synth.make_raw_frames(args.instrument, args.out, n_frames=args.frames, size=args.size, start=start)
         print(f"{len(raw)} raw frames in {args.out}")
-        if args.no_cal or args.instrument not in synth.DEFAULT_SETUPS:
+        if args.instrument not in synth.DEFAULT_SETUPS:
+            return 0
+        if args.no_cal:
+            options = synth.synthetic_recipe_options(args.instrument, args.size)
+            if options:
+                print("note: these frames need recipe options beyond the profile's: "
+                      + "; ".join(f"{r} {' '.join(o)}" for r, o in options.items())
+                      + f" (the calibration set's {synth.OVERLAY_NAME}, through PREIMG_PROFILE_OVERLAY)")
             return 0
         cal_root = args.cal_root or args.out.resolve().parent / "cal"
         cal = synth.make_calibrations(args.instrument, cal_root, size=args.size, force=args.force)
@@ -80,6 +90,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     print(f"calibrations {'built' if cal.built else 'up to date'} in {cal.root}")
     for tag, path in sorted(cal.files.items()):
         print(f"  {tag:<32} {path}")
+    if cal.profile_overlay is not None:
+        print(f"these frames need recipe options beyond the profile's: {cal.profile_overlay}")
+        print(f"  export PREIMG_PROFILE_OVERLAY={cal.profile_overlay}")
     return 0
 
 

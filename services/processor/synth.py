@@ -11,9 +11,11 @@ What is made, and why it looks the way it does, follows the measurements in
 
   - HAWK-I: PHU without data + 4 IMAGE extensions, each the lower-left
     ``size``² window of a 2048² chip with the hard-coded chip geometry of
-    ``hawki_wcsfit_multi`` (§3.1). 128² by default, which the science recipe
-    processes with its default options; 64² needs
-    ``--psm_nbsize=32 --stk_cat_nbsize=32``.
+    ``hawki_wcsfit_multi`` (§3.1). 128² by default; 64² to 2048² (the whole
+    chip) are accepted (:func:`check_size`). From 116² up the science recipe
+    runs with its default options; smaller windows need smaller background
+    cells, which go into a profile overlay beside the calibration set
+    (:func:`synthetic_recipe_options`), never into the shipped profile.
   - VIMOS: one single-HDU file per quadrant, 4 per exposure, at the real raw
     size 2148×2440 (50 px pre- and overscan, §4.1), 16-bit with BZERO.
   - FORS2: two single-HDU chip files per exposure; no pipeline runs on them.
@@ -24,7 +26,13 @@ What is made, and why it looks the way it does, follows the measurements in
   calibrations, then stamped with the keywords the OCA association compares.
   The static tables are written in the formats of §3.4. A manifest
   (``synth-manifest.json``, with :data:`SYNTH_VERSION`) makes the build
-  cacheable: an up-to-date set is reused.
+  cacheable: an up-to-date set is reused. One set per ``<cal_root>/<INSTR>``:
+  a set of another size replaces it, so keep sets of different sizes under
+  different calibration roots.
+
+* **The profile overlay** ``<cal_root>/<INSTR>/profile-overlay.toml``, only
+  when the data need recipe options the operational profile does not have
+  (``PREIMG_PROFILE_OVERLAY`` points the services at it; ``shared.profiles``).
 
 The star field is deterministic per instrument: the raw frames and the local
 catalogue are drawn from the same list, so the recipes find their standards.
@@ -75,6 +83,19 @@ HAWKI_FIELD = (150.1163, -25.3341)  # RA, Dec (deg) of the synthetic target
 #: Master flats need ≥1791² per chip: median window [768:1791] (§1, §3.3).
 HAWKI_FLAT_SIZE = 1792
 HAWKI_DEFAULT_SIZE = 128
+#: Below 64² per chip the science recipe's WCS fit falls apart (measured with 32-px cells:
+#: 48² 0.10" rms, 40² 2.2" rms, 32² too few standards for the fit).
+HAWKI_MIN_SIZE = 64
+#: hawki_science_process's sky and catalogue background cells (--psm_nbsize, --stk_cat_nbsize):
+#: 128 px by default. The recipe dies of SIGFPE unless the window is at least 0.9 cell wide
+#: (measured with 128: 116² runs, 115² does not; ESOREX.md §1: 64² runs with 65, not with 127).
+HAWKI_DEFAULT_NBSIZE = 128
+HAWKI_MIN_DEFAULT_SIZE = math.ceil(0.9 * HAWKI_DEFAULT_NBSIZE)  # 116
+#: Cells for windows below that (64² to 115² all ran clean with 32).
+HAWKI_SMALL_NBSIZE = 32
+#: A full chip gets about as many stars as a high-latitude J-band field; denser synthetic
+#: fields only slow the recipe down (2048²: 381 s of recipe time at ~16,000 stars per chip).
+HAWKI_MAX_STARS_PER_CHIP = 600
 HAWKI_GAIN = 1.7  # e-/ADU
 HAWKI_RON = 5.0  # ADU
 HAWKI_DARK_LEVEL = 50.0
@@ -145,6 +166,9 @@ DEFAULT_SETUPS: dict[str, tuple[Setup, ...]] = {
     "VIMOS": (Setup("R", "", dit=30.0, ndit=1, ncorrs=""),),
 }
 
+#: The profile overlay written beside a calibration set whose data need recipe options.
+OVERLAY_NAME = "profile-overlay.toml"
+
 
 @dataclass(frozen=True)
 class CalibrationSet:
@@ -159,12 +183,16 @@ class CalibrationSet:
         SOF tag -> path, for every file the science recipe needs.
     built : bool
         True when this call ran the recipes, False when a cached set was reused.
+    profile_overlay : Path or None
+        The profile overlay with the recipe options these data need
+        (``PREIMG_PROFILE_OVERLAY``), None when the shipped profile does.
     """
 
     instrument: str
     root: Path
     files: dict[str, Path]
     built: bool = False
+    profile_overlay: Path | None = None
 
     @property
     def dated_dir(self) -> Path:
@@ -185,6 +213,62 @@ class SynthResult:
 
 class SynthError(RuntimeError):
     """A calibration recipe failed while building the synthetic set."""
+
+
+def check_size(instrument: str, size: int | None) -> int | None:
+    """The window size to synthesise, or a ValueError saying why the recipes cannot take ``size``.
+
+    Parameters
+    ----------
+    instrument : str
+    size : int or None
+        HAWK-I pixels per chip (None: :data:`HAWKI_DEFAULT_SIZE`). VIMOS and
+        FORS2 frames always have their real size: only None is accepted.
+
+    Returns
+    -------
+    int or None
+        The HAWK-I window size; None for the other instruments.
+
+    Raises
+    ------
+    ValueError
+        The reason, naming the limit and where it comes from.
+    """
+    instrument = instrument.upper()
+    if instrument == "HAWKI":
+        if size is None:
+            return HAWKI_DEFAULT_SIZE
+        if size > HAWKI_CHIP:
+            raise ValueError(f"--size {size}: a HAWK-I chip has {HAWKI_CHIP}x{HAWKI_CHIP} pixels and the "
+                             f"synthetic frames are windows of it (--size {HAWKI_MIN_SIZE} to {HAWKI_CHIP})")
+        if size < HAWKI_MIN_SIZE:
+            raise ValueError(f"--size {size}: below {HAWKI_MIN_SIZE}x{HAWKI_MIN_SIZE} pixels per chip "
+                             "hawki_science_process cannot fit the WCS (40 px: 2.2 arcsec rms, 32 px: too few "
+                             f"standards) (--size {HAWKI_MIN_SIZE} to {HAWKI_CHIP})")
+        return size
+    if size is not None:
+        if instrument == "VIMOS":
+            raise ValueError(f"--size is for HAWKI: VIMOS frames are always the full {VIMOS_NX}x{VIMOS_NY} "
+                             "quadrants, whose pre/overscan geometry the vimos_ima_* recipes hard-code "
+                             "(smaller frames crash vimos_ima_bias)")
+        raise ValueError(f"--size is for HAWKI: {instrument} frames always have the detector's real size")
+    return None
+
+
+def synthetic_recipe_options(instrument: str, size: int | None = None) -> dict[str, tuple[str, ...]]:
+    """Recipe options the synthetic data of this size need beyond the pipeline's defaults.
+
+    Empty from 116² per chip up (and for VIMOS); below, smaller background
+    cells for ``hawki_science_process`` (it dies of SIGFPE with its 128-px
+    cells on a window less than 0.9 cell wide). These go into the profile
+    overlay beside the calibration set, never into the shipped profile.
+    """
+    size = check_size(instrument, size)
+    if instrument.upper() == "HAWKI" and size is not None and size < HAWKI_MIN_DEFAULT_SIZE:
+        n = HAWKI_SMALL_NBSIZE
+        return {"hawki_science_process": (f"--psm_nbsize={n}", f"--stk_cat_nbsize={n}")}
+    return {}
 
 
 # ==============================================================================
@@ -368,16 +452,21 @@ def _wcs(header: dict[str, Any]) -> Any:
 def field_stars(instrument: str, size: int = HAWKI_DEFAULT_SIZE) -> dict[str, np.ndarray]:
     """The synthetic star field: ``ra``, ``dec`` (deg), ``mag`` (Vega, all bands).
 
-    Deterministic per instrument (and, for HAWK-I, window size). Stars are
-    drawn where the detectors see them at the nominal pointing, with a margin
-    for the jitter.
+    Deterministic per instrument (and, for HAWK-I, window size; VIMOS frames
+    have one size). Stars are drawn where the detectors see them at the
+    nominal pointing, with a margin for the jitter.
     """
     instrument = instrument.upper()
+    if instrument != "HAWKI":
+        size = HAWKI_DEFAULT_SIZE  # the seed the VIMOS field has always had
     rng = np.random.default_rng({"HAWKI": 11, "VIMOS": 22}[instrument] * 1000 + size)
     ras, decs, mags = [], [], []
     if instrument == "HAWKI":
         margin = 70.0  # covers the jitter
-        n = max(12, int(0.0035 * (size + 2 * margin) ** 2))
+        # Dense enough for the WCS fit of a small window, capped so that a full chip holds
+        # about as many stars as a real high-latitude J-band field (object detection and
+        # matching time grow with the number of stars).
+        n = min(max(12, int(0.0035 * (size + 2 * margin) ** 2)), HAWKI_MAX_STARS_PER_CHIP)
         for k in range(4):
             w = _wcs(_hawki_chip_header(k, HAWKI_FIELD))
             x = rng.uniform(-margin, size + margin, n)
@@ -497,7 +586,7 @@ def _make_hawki_darks(out_dir: Path, *, n: int, size: int, dit: float, ndit: int
         obs = _obs_info("HAWKI", start, n, i + 1, "dark")
         level = np.full((size, size), HAWKI_DARK_LEVEL + 0.05 * dit, dtype=np.float32)
         images = [_noise(rng, level, HAWKI_GAIN, HAWKI_RON) for _ in range(4)]
-        files.append(_write_hawki(out_dir / f"hawki_dark_{size}_{i + 1:02d}.fits", t, obs,
+        files.append(_write_hawki(out_dir / f"hawki_dark_{size}_dit{dit:g}_{i + 1:02d}.fits", t, obs,
                                   ("CALIB", "DARK", "IMAGE"), setup, dit, ndit, images, HAWKI_FIELD))
     return files
 
@@ -670,7 +759,7 @@ def make_fors2_science(out_dir: Path, *, n_frames: int = 2, start: datetime = DE
 
 
 def make_raw_frames(instrument: str, out_dir: Path, *, n_frames: int | None = None,
-                    size: int = HAWKI_DEFAULT_SIZE, start: datetime = DEFAULT_START) -> list[Path]:
+                    size: int | None = None, start: datetime = DEFAULT_START) -> list[Path]:
     """Write synthetic pre-imaging raw frames of ``instrument`` into ``out_dir``.
 
     Parameters
@@ -682,25 +771,33 @@ def make_raw_frames(instrument: str, out_dir: Path, *, n_frames: int | None = No
     n_frames : int, optional
         Exposures (VIMOS: 4 files each; FORS2: 2 files each). Defaults:
         HAWKI 3, VIMOS 1, FORS2 2.
-    size : int
-        HAWK-I window size per chip (pixels); must match the calibration set.
+    size : int, optional
+        HAWK-I window size per chip (pixels, default 128); must match the
+        calibration set. Not for VIMOS and FORS2 (:func:`check_size`).
     start : datetime
         Time of the first exposure (archive names derive from it).
 
     Returns
     -------
     list of Path
+
+    Raises
+    ------
+    ValueError
+        Unknown instrument, or a size the recipes cannot take (the reason is given).
     """
     instrument = instrument.upper()
+    if instrument not in ("HAWKI", "VIMOS", "FORS2"):
+        raise ValueError(f"no synthetic data for instrument {instrument!r} (HAWKI, VIMOS, FORS2)")
+    size = check_size(instrument, size)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if instrument == "HAWKI":
+        assert size is not None
         return make_hawki_science(out_dir, n_frames=n_frames or 3, size=size, start=start)
     if instrument == "VIMOS":
         return make_vimos_science(out_dir, n_frames=n_frames or 1, start=start)
-    if instrument == "FORS2":
-        return make_fors2_science(out_dir, n_frames=n_frames or 2, start=start)
-    raise ValueError(f"no synthetic data for instrument {instrument!r} (HAWKI, VIMOS, FORS2)")
+    return make_fors2_science(out_dir, n_frames=n_frames or 2, start=start)
 
 
 # ==============================================================================
@@ -845,6 +942,8 @@ def _build_hawki(root: Path, work: Path, size: int, setups: Sequence[Setup],
         darks = _make_hawki_darks(raw, n=3, size=size, dit=setup.dit, ndit=setup.ndit, setup=setup,
                                   start=start, rng=rng)
         dark = _run("hawki_dark_combine", [(p, "DARK") for p in darks], work / f"dark{n_setup}", recipe_dir)
+        for p in darks:
+            p.unlink()  # 67 MB each at full size; not needed once combined
         key = f"MASTER_DARK:DIT{setup.dit:g}"
         if key not in files:
             dst = dated / f"HAWKI_MASTER_DARK_DIT{setup.dit:g}_NDIT{setup.ndit}.fits"
@@ -852,13 +951,15 @@ def _build_hawki(root: Path, work: Path, size: int, setups: Sequence[Setup],
             _stamp(dst, {"INSTRUME": "HAWKI", "DET DIT": setup.dit, "DET NDIT": setup.ndit,
                          "DET NCORRS NAME": setup.ncorrs})
             files[key] = dst
-        # Twilight flats at full size (the recipe's median window needs ≥1791²), with their own dark.
-        fdarks = _make_hawki_darks(raw, n=2, size=HAWKI_FLAT_SIZE, dit=flat_dit, ndit=1, setup=setup,
+        # Twilight flats at least 1792² (the recipe's median window needs ≥1791²) and at least the
+        # science window (a crop cannot enlarge them), with their own dark.
+        flat_size = max(size, HAWKI_FLAT_SIZE)
+        fdarks = _make_hawki_darks(raw, n=2, size=flat_size, dit=flat_dit, ndit=1, setup=setup,
                                    start=start, rng=rng)
         fdark = _run("hawki_dark_combine", [(p, "DARK") for p in fdarks], work / f"fdark{n_setup}", recipe_dir)
         for p in fdarks:
             p.unlink()  # large; not needed once combined
-        flats = _make_hawki_flats(raw, n=3, size=HAWKI_FLAT_SIZE, dit=flat_dit, setup=setup, start=start, rng=rng)
+        flats = _make_hawki_flats(raw, n=3, size=flat_size, dit=flat_dit, setup=setup, start=start, rng=rng)
         flat = _run("hawki_twilight_flat_combine",
                     [(p, "FLAT_TWILIGHT") for p in flats] + [(fdark["MASTER_DARK"], "MASTER_DARK")],
                     work / f"flat{n_setup}", recipe_dir)
@@ -934,13 +1035,53 @@ def _write_gen(root: Path, instrument: str, size: int) -> dict[str, Path]:
 # ==============================================================================
 
 
-def _params(instrument: str, size: int, setups: Sequence[Setup]) -> dict[str, Any]:
+def _params(instrument: str, size: int | None, setups: Sequence[Setup]) -> dict[str, Any]:
+    if instrument != "HAWKI":
+        return {"instrument": instrument, "version": SYNTH_VERSION, "science_size": [VIMOS_NY, VIMOS_NX],
+                "setups": [s.__dict__ for s in setups]}
+    assert size is not None
     return {
         "instrument": instrument,
         "version": SYNTH_VERSION,
-        "science_size": size if instrument == "HAWKI" else [VIMOS_NY, VIMOS_NX],
+        "science_size": size,
+        # Sets built before the flat followed a science window above 1792² had flats too small.
+        "flat_size": max(size, HAWKI_FLAT_SIZE),
+        "recipe_options": {k: list(v) for k, v in synthetic_recipe_options(instrument, size).items()},
         "setups": [s.__dict__ for s in setups],
     }
+
+
+def _overlay_text(instrument: str, size: int | None, options: dict[str, tuple[str, ...]]) -> str:
+    window = f"{size}x{size} pixels per chip" if size else "full-size frames"
+    lines = [
+        f"# Written by `preimg synth` with the synthetic {instrument} calibration set ({window}).",
+        "# Recipe options that only these synthetic data need; the shipped profile keeps the",
+        "# pipeline's defaults. Use it with PREIMG_PROFILE_OVERLAY=<this file> (shared/profiles).",
+        f"instrument = {json.dumps(instrument)}",
+        "",
+        "[recipe_options]",
+    ]
+    lines += [f"{recipe} = {json.dumps(list(opts))}" for recipe, opts in sorted(options.items())]
+    return "\n".join(lines) + "\n"
+
+
+def _sync_overlay(root: Path, instrument: str, size: int | None) -> Path | None:
+    """Write (or remove) the set's profile overlay so that it matches the data's needs."""
+    path = root / OVERLAY_NAME
+    options = synthetic_recipe_options(instrument, size)
+    if not options:
+        path.unlink(missing_ok=True)
+        return None
+    text = _overlay_text(instrument, size, options)
+    try:
+        if path.read_text() == text:
+            return path
+    except OSError:
+        pass
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
 
 
 def read_manifest(root: Path) -> dict[str, Any] | None:
@@ -985,7 +1126,7 @@ def _science_tags(files: dict[str, Path]) -> dict[str, Path]:
     return tags
 
 
-def make_calibrations(instrument: str, cal_root: Path, *, size: int = HAWKI_DEFAULT_SIZE,
+def make_calibrations(instrument: str, cal_root: Path, *, size: int | None = None,
                       setups: Sequence[Setup] | None = None, force: bool = False,
                       recipe_dir: Path | None = None) -> CalibrationSet:
     """Build (or reuse) the static calibration set of ``instrument`` under ``cal_root``.
@@ -996,8 +1137,9 @@ def make_calibrations(instrument: str, cal_root: Path, *, size: int = HAWKI_DEFA
         HAWKI or VIMOS.
     cal_root : Path
         ``$DFO_CAL_DIR``; the set goes to ``<cal_root>/<INSTR>/{2099-99-99,gen}``.
-    size : int
-        HAWK-I science window size the masters are cropped to.
+    size : int, optional
+        HAWK-I science window size the masters are cropped to (default 128;
+        :func:`check_size`). Not for VIMOS, whose set is always full size.
     setups : sequence of Setup, optional
         Default :data:`DEFAULT_SETUPS`.
     force : bool
@@ -1013,10 +1155,13 @@ def make_calibrations(instrument: str, cal_root: Path, *, size: int = HAWKI_DEFA
     ------
     SynthError
         A calibration recipe failed (the message names the log).
+    ValueError
+        No pipeline for the instrument, or a size the recipes cannot take.
     """
     instrument = instrument.upper()
     if instrument not in DEFAULT_SETUPS:
         raise ValueError(f"no calibration set for {instrument} (no pipeline): only raw frames are synthesised")
+    size = check_size(instrument, size)
     setups = tuple(setups or DEFAULT_SETUPS[instrument])
     root = Path(cal_root).resolve() / instrument
     params = _params(instrument, size, setups)
@@ -1024,24 +1169,28 @@ def make_calibrations(instrument: str, cal_root: Path, *, size: int = HAWKI_DEFA
         files = None if force else _manifest_current(root, params)
         if files is not None:
             _log.info("reusing synthetic %s calibrations in %s", instrument, root)
-            return CalibrationSet(instrument, root, _science_tags(files), built=False)
+            return CalibrationSet(instrument, root, _science_tags(files), built=False,
+                                  profile_overlay=_sync_overlay(root, instrument, size))
         if recipe_dir is None:
             from shared.profiles import load_profile
 
             recipe_dir = load_profile(instrument).resolve_recipe_dir()
         _log.info("building synthetic %s calibrations in %s", instrument, root)
         (root / MANIFEST_NAME).unlink(missing_ok=True)
+        (root / OVERLAY_NAME).unlink(missing_ok=True)
         for sub in (DATED_DIR, GEN_DIR):
             (root / sub).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
             if instrument == "HAWKI":
+                assert size is not None
                 files = _build_hawki(root, work, size, setups, recipe_dir)
             else:
                 files = _build_vimos(root, work, setups, recipe_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        files.update(_write_gen(root, instrument, size))
+        files.update(_write_gen(root, instrument, size or HAWKI_DEFAULT_SIZE))
+        overlay = _sync_overlay(root, instrument, size)
         manifest = {
             "generator": "preimg.synth",
             "params": params,
@@ -1054,7 +1203,7 @@ def make_calibrations(instrument: str, cal_root: Path, *, size: int = HAWKI_DEFA
         tmp = root / (MANIFEST_NAME + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=2) + "\n")
         os.replace(tmp, root / MANIFEST_NAME)
-        return CalibrationSet(instrument, root, _science_tags(files), built=True)
+        return CalibrationSet(instrument, root, _science_tags(files), built=True, profile_overlay=overlay)
 
 
 def science_sof(raw_files: Sequence[Path], calibrations: CalibrationSet) -> list[tuple[Path, str]]:
@@ -1068,7 +1217,7 @@ def science_sof(raw_files: Sequence[Path], calibrations: CalibrationSet) -> list
 
 
 def synthesize(instrument: str, out_dir: Path, *, cal_root: Path | None = None, n_frames: int | None = None,
-               size: int = HAWKI_DEFAULT_SIZE, start: datetime = DEFAULT_START,
+               size: int | None = None, start: datetime = DEFAULT_START,
                force: bool = False) -> SynthResult:
     """Raw frames into ``out_dir`` and (pipeline instruments) the calibration set.
 
