@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,8 +40,13 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+@functools.lru_cache(maxsize=4)
 def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
-    """jinja2 environment of the monitor page; every value is HTML-escaped."""
+    """jinja2 environment of the monitor page; every value is HTML-escaped.
+
+    One per process and directory, so an embedded run does not compile the
+    templates again; an edited template is still picked up (mtime check).
+    """
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(directory)),
         autoescape=True,
