@@ -13,7 +13,7 @@ from services.cli import main as preimg
 from services.processor import esorex, products, synth
 from shared.oca.evaluate import classify
 from shared.oca.parser import parse_file
-from shared.profiles import load_profile
+from shared.profiles import OVERLAY_ENV, ProfileError, load_profile
 
 #: Keywords the OCA rules of HAWK-I classify, group and associate on.
 HAWKI_OCA_KEYS = (
@@ -136,6 +136,111 @@ def test_calibration_set_is_cached(hawki_cal, synth_cal_root):
     # A different version or size is not "up to date".
     other = dict(manifest["params"], version=synth.SYNTH_VERSION + 1)
     assert synth._manifest_current(hawki_cal.root, other) is None
+
+
+@pytest.mark.esorex
+def test_calibration_sets_follow_the_science_window(hawki_cal):
+    """The twilight flat is made at least as large as the window, so a crop never has to enlarge it."""
+    for tag in ("MASTER_DARK", "MASTER_TWILIGHT_FLAT", "MASTER_CONF"):
+        assert fits.getdata(hawki_cal.files[tag], 1).shape == (128, 128), tag
+    params = synth.read_manifest(hawki_cal.root)["params"]
+    assert params["science_size"] == 128 and params["flat_size"] == synth.HAWKI_FLAT_SIZE
+    assert synth._params("HAWKI", 2048, synth.DEFAULT_SETUPS["HAWKI"])["flat_size"] == 2048
+    # The default window runs with the pipeline's defaults: no overlay.
+    assert params["recipe_options"] == {} and hawki_cal.profile_overlay is None
+    assert not (hawki_cal.root / synth.OVERLAY_NAME).exists()
+
+
+# -- sizes and the options only synthetic data need ------------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "reason"), [
+    (["-i", "HAWKI", "--size", "4096"], "a HAWK-I chip has 2048x2048 pixels"),
+    (["-i", "HAWKI", "--size", "32"], "cannot fit the WCS"),
+    (["-i", "HAWKI", "--size", "0"], "below 64x64"),
+    (["-i", "VIMOS", "--size", "2048"], "VIMOS frames are always the full 2148x2440"),
+    (["-i", "FORS2", "--size", "128"], "--size is for HAWKI"),
+])
+def test_sizes_the_recipes_cannot_take_are_refused(tmp_path, capsys, argv, reason):
+    rc = preimg(["synth", *argv, "--out", str(tmp_path / "raw"), "--cal-root", str(tmp_path / "cal")])
+    assert rc == 2 and reason in capsys.readouterr().err
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "cal").exists()  # refused before writing
+
+
+def test_small_windows_need_smaller_background_cells():
+    assert synth.synthetic_recipe_options("HAWKI", 64) == {
+        "hawki_science_process": ("--psm_nbsize=32", "--stk_cat_nbsize=32")}
+    assert synth.synthetic_recipe_options("HAWKI", 115) == synth.synthetic_recipe_options("HAWKI", 64)
+    for size in (116, 128, 2048, None):
+        assert synth.synthetic_recipe_options("HAWKI", size) == {}, size
+    assert synth.synthetic_recipe_options("VIMOS") == {}
+    with pytest.raises(ValueError, match="below 64x64"):
+        synth.make_raw_frames("HAWKI", Path("/nonexistent"), size=48)
+
+
+def test_shipped_profiles_run_the_recipes_with_default_parameters(monkeypatch):
+    monkeypatch.delenv(OVERLAY_ENV, raising=False)
+    for instrument in ("HAWKI", "VIMOS", "FORS2"):
+        profile = load_profile(instrument)
+        assert profile.recipe_options == {} and profile.overlays == (), instrument
+
+
+def _overlay(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_profile_overlay_is_merged_for_its_instrument_only(tmp_path, monkeypatch):
+    hawki = _overlay(tmp_path / "hawki.toml", 'instrument = "HAWKI"\nmax_parallel_abs = 1\n'
+                     '[recipe_options]\nhawki_science_process = ["--psm_nbsize=32"]\n')
+    vimos = _overlay(tmp_path / "vimos.toml", 'instrument = "VIMOS"\n[recipe_options]\nvimos_ima_science = ["--x=1"]\n')
+    profile = load_profile("HAWKI", overlays=[hawki, vimos])
+    assert profile.recipe_options == {"hawki_science_process": ("--psm_nbsize=32",)}
+    assert profile.max_parallel_abs == 1 and profile.overlays == (str(hawki),)
+    assert profile.oca_overlay == load_profile("HAWKI", overlays=[]).oca_overlay  # the rest is the shipped one
+    # Through the environment, as `preimg run` and the services get it.
+    monkeypatch.setenv(OVERLAY_ENV, f"{hawki}:{vimos}")
+    assert load_profile("VIMOS").recipe_options == {"vimos_ima_science": ("--x=1",)}
+    assert load_profile("FORS2").overlays == ()
+    monkeypatch.delenv(OVERLAY_ENV)
+    assert load_profile("HAWKI").recipe_options == {}
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "cannot be read"),
+    ("[recipe_options]\nx = []\n", "names its instrument"),
+    ('instrument = "HAWKI"\nrecipe_timeout = 1\n', "recipe_timeout"),
+    ('instrument = "HAWKI"\nrecipe_timeout_s = -1\n', "recipe_timeout_s"),
+    ('instrument = "HAWKI"\n[recipe', "not valid TOML"),
+])
+def test_a_bad_profile_overlay_is_named(tmp_path, text, message):
+    path = tmp_path / "overlay.toml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ProfileError, match=message) as e:
+        load_profile("HAWKI", overlays=[path])
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.esorex
+def test_small_synthetic_window_runs_with_the_overlay_synth_writes(esorex_available, cache_dir, tmp_path,
+                                                                   hawki_recipe_dir, monkeypatch):
+    # Its own calibration root: one set per <cal_root>/<INSTR>, and the default set is 128².
+    cal = synth.make_calibrations("HAWKI", cache_dir / "synth" / "cal-hawki-64", size=64)
+    assert cal.profile_overlay == cal.root / synth.OVERLAY_NAME and cal.profile_overlay.is_file()
+    assert fits.getdata(cal.files["MASTER_CONF"], 1).shape == (64, 64)
+    raw = synth.make_raw_frames("HAWKI", tmp_path / "raw", n_frames=3, size=64)
+    monkeypatch.setenv(OVERLAY_ENV, str(cal.profile_overlay))
+    options = load_profile("HAWKI").recipe_options["hawki_science_process"]
+    assert options == ("--psm_nbsize=32", "--stk_cat_nbsize=32")
+    result = esorex.run_recipe("hawki_science_process", synth.science_sof(raw, cal), tmp_path / "ab",
+                               recipe_dir=hawki_recipe_dir, options=options)
+    assert result.ok, result.reason
+    assert sum(p.pro_catg == "BASIC_CALIBRATED_SCI" for p in result.products) == 3
+    # Without them the recipe's 128-px cells do not fit the 64-px chips (SIGFPE, ESOREX.md §3.7).
+    bare = esorex.run_recipe("hawki_science_process", synth.science_sof(raw, cal), tmp_path / "ab2",
+                             recipe_dir=hawki_recipe_dir)
+    assert not bare.ok and "SIGFPE" in bare.reason
 
 
 # -- preimg check -------------------------------------------------------------------------
