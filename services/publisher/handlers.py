@@ -240,6 +240,14 @@ def upload_package(msg: ReportsReady, ports: PublisherPorts, base: str,
     uploaded and hashed from the bytes read for the upload.
     """
     prefix = package_prefix(base, msg.run_id)
+    with ports.qc.batch():  # all of the package durable before the manifest is returned
+        manifest = _upload_files(ports, prefix, files)
+        sums = "".join(f"{m.checksum.split(':', 1)[1]}  {m.name}\n" for m in manifest).encode()
+        ports.qc.put(prefix + CHECKSUM_FILE, sums, content_type=_content_type(CHECKSUM_FILE))
+    return tuple(manifest)
+
+
+def _upload_files(ports: PublisherPorts, prefix: str, files: list[PackageFile]) -> list[ManifestEntry]:
     manifest = []
     for file in sorted(files, key=lambda f: f.name):
         size = file.path.stat().st_size
@@ -254,9 +262,7 @@ def upload_package(msg: ReportsReady, ports: PublisherPorts, base: str,
                 ports.qc.put(key, file.path, content_type=content_type, sha256=digest)
         manifest.append(ManifestEntry(name=file.name, size=size, checksum=f"sha256:{digest}",
                                       url=ports.qc.url(key)))
-    sums = "".join(f"{m.checksum.split(':', 1)[1]}  {m.name}\n" for m in manifest).encode()
-    ports.qc.put(prefix + CHECKSUM_FILE, sums, content_type=_content_type(CHECKSUM_FILE))
-    return tuple(manifest)
+    return manifest
 
 
 def _notify(msg: ReportsReady, ports: PublisherPorts, profile: Profile, package_url: str,
