@@ -107,3 +107,20 @@ def test_prune_command_against_s3(tmp_path, s3_server, bucket):
     assert re.findall(rb'data-run-id="([^"]+)"', page) == [b"ops-1"]
     left = client.list_objects_v2(Bucket=bucket, Prefix=f"qc/{BASE}/runs/test-1/")
     assert left.get("KeyCount", 0) == 0
+
+
+def test_a_batch_syncs_each_directory_once_at_its_end(tmp_path, monkeypatch):
+    from services.publisher import qcserver
+
+    synced: list[Path] = []
+    monkeypatch.setattr(qcserver, "fsync_dir", synced.append)
+    qc = qcserver.LocalQcServer(tmp_path / "qc")
+    qc.put("a/one.txt", b"1", content_type="text/plain")
+    assert synced == [tmp_path / "qc" / "a"]  # outside a batch: each put is durable when it returns
+    with qc.batch():
+        for i in range(5):
+            qc.put(f"b/{i}.txt", str(i).encode(), content_type="text/plain")
+        qc.put("c/x.txt", b"x", content_type="text/plain")
+        assert len(synced) == 1
+    assert synced[1:] == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
+    assert (tmp_path / "qc" / "b" / "4.txt").read_bytes() == b"4"
