@@ -129,7 +129,7 @@ def test_a_delivery_on_another_file_system_is_copied_and_hashed_in_one_pass(sett
 
     monkeypatch.setattr(os, "link", cross_device)  # as when the delivery area is another volume
     read = []
-    monkeypatch.setattr("services.ingest.handlers.file_digest", lambda *a: read.append(a) or file_digest(*a))
+    monkeypatch.setattr("services.ingest.staging.file_digest", lambda *a: read.append(a) or file_digest(*a))
     with pytest.raises(PermanentError, match="wrong.fits: sha256 checksum mismatch"):
         handle_delivery(announce(entries), build_ports(settings))
     [event] = handle_delivery(announce(entries[:1], run_id="run-2"), build_ports(settings))

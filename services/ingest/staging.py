@@ -1,0 +1,110 @@
+"""Staging a delivery on disk: the adapter behind ingest's ``stage`` port.
+
+Every file must lie inside the delivery area (symlinks are resolved, so one
+pointing out is refused). The run's directory is filled under a temporary
+name, each file hard-linked (no byte read) or copied and hashed in one pass,
+checked against the announced size and checksum, then renamed into place in
+one step: a crash never leaves a half-staged run behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from shared.errors import PermanentError
+from shared.files import CHUNK, file_digest, fsync_dir
+from shared.messages import DeliveredFile
+
+
+class DeliveryArea:
+    """AOG's delivery area; ``stage`` is ingest's port."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def stage(self, files: Sequence[DeliveredFile], dest: Path) -> list[Path]:
+        """Verify and stage ``files`` into ``dest``; the staged paths, in order."""
+        return _stage([(f, _resolve_inside(f, self.root)) for f in files], dest)
+
+
+def _resolve_inside(f: DeliveredFile, area: Path) -> Path:
+    """The real path of a delivered file, refused unless it lies inside the delivery area."""
+    if os.path.basename(f.name) != f.name or f.name in (".", ".."):
+        raise PermanentError(f"file name {f.name!r} must be a plain name without directories")
+    area = area.resolve()
+    candidate = Path(f.path) if Path(f.path).is_absolute() else area / f.path
+    real = candidate.resolve()  # follows symlinks: a link pointing out of the area is refused
+    if not real.is_relative_to(area):
+        raise PermanentError(
+            f"{f.name}: path {f.path!r} resolves to {real}, outside the delivery area {area}; "
+            "AOG must deliver files into the delivery area"
+        )
+    if not real.is_file():
+        raise PermanentError(f"{f.name}: file {real} does not exist (or is not a regular file); "
+                             "check that the transfer finished before the delivery was announced")
+    return real
+
+
+def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
+    """Copy (or hard-link) and verify every file into a temporary directory, then rename it to ``dest``."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.staging"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    problems: list[str] = []
+    try:
+        for f, src in sources:
+            target = tmp / f.name
+            algorithm = f.checksum.split(":", 1)[0]
+            problem = _verify(f, target, copied_digest=_link_or_copy(src, target, algorithm))
+            if problem:
+                problems.append(problem)
+        if problems:
+            raise PermanentError(
+                "the delivery failed verification: " + "; ".join(problems) +
+                ". Deliver the files again with their correct sizes and checksums",
+                problems=problems,
+            )
+        fsync_dir(tmp)
+        if dest.exists():  # left by an attempt that crashed before recording its result
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+        fsync_dir(dest.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [dest / f.name for f, _ in sources]
+
+
+def _link_or_copy(src: Path, target: Path, algorithm: str) -> str | None:
+    """Hard-link ``src`` (no byte read), or copy it hashing the bytes on the way: the digest then."""
+    try:
+        os.link(src, target)
+        return None
+    except OSError:
+        pass
+    digest = hashlib.new(algorithm)
+    with open(src, "rb") as source, open(target, "wb") as out:
+        for chunk in iter(lambda: source.read(CHUNK), b""):
+            digest.update(chunk)
+            out.write(chunk)
+        out.flush()
+        os.fsync(out.fileno())
+    return digest.hexdigest()
+
+
+def _verify(f: DeliveredFile, path: Path, copied_digest: str | None = None) -> str:
+    size = path.stat().st_size
+    if size != f.size:
+        kind = "truncated" if size < f.size else "larger than announced"
+        return f"{f.name} is {kind}: {size} bytes on disk, {f.size} announced"
+    algorithm, expected = f.checksum.split(":", 1)
+    actual = copied_digest or file_digest(path, algorithm)
+    if actual != expected:
+        return f"{f.name}: {algorithm} checksum mismatch (announced {expected}, file has {actual})"
+    return ""
+
+
