@@ -17,12 +17,11 @@ frames themselves are packaged, as processPreImg did.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from shared.errors import PermanentError
@@ -32,6 +31,7 @@ from shared.messages import (
     Product,
     ProductsReady,
     RawDataReady,
+    RawFrame,
 )
 from shared.profiles import Profile
 from shared.settings import RunDirs
@@ -51,10 +51,12 @@ class ProcessorPorts:
     run_dirs: Callable[[str, str], RunDirs]
     plan: Callable[[RawDataReady, RunDirs], Sequence[Any]]
     execute: Callable[[Any, RunDirs], ABOutcome]
+    #: Starts the run clean: stops what an attempt that died left running, then empties the
+    #: run's sci/, logs/ and work/ (no result was recorded, so what is there is that attempt's).
+    prepare_workspace: Callable[[RunDirs], None]
+    #: PIPE_SUPPORT=NO: puts the raw frames themselves into the run's science directory.
+    package_raw: Callable[[Sequence[RawFrame], Path], list[Product]]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
-    #: Called before the run's directories are wiped: stops what an earlier attempt left
-    #: running in them (the service kills leftover esorex process groups under ``dirs.work``).
-    before_start: Callable[[RunDirs], None] = lambda dirs: None
 
 
 def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]:
@@ -67,14 +69,10 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
     dirs = ports.run_dirs(msg.instrument, msg.run_id)
     # No result was recorded for this run (else the runner would not call us), so anything in
     # these directories is left by an attempt that died midway: start clean, never duplicate.
-    # First stop anything of that attempt still running, or it would write into the new ones.
-    ports.before_start(dirs)
-    for d in (dirs.sci, dirs.logs, dirs.work):
-        shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+    ports.prepare_workspace(dirs)
 
     if not ports.profile.pipe_support:
-        products = _package_raw(msg, dirs)
+        products = ports.package_raw(msg.frames, dirs.sci)
         results: list[ABResult] = []
         status = "ok"
     else:
@@ -120,17 +118,3 @@ def _run_all(planned: list[Any], dirs: RunDirs, ports: ProcessorPorts) -> list[A
 
     with ThreadPoolExecutor(max_workers=ports.profile.max_parallel_abs, thread_name_prefix="ab") as pool:
         return list(pool.map(run_one, planned))
-
-
-def _package_raw(msg: RawDataReady, dirs: RunDirs) -> list[Product]:
-    """PIPE_SUPPORT=NO: the raw frames themselves go into the package."""
-    products = []
-    for frame in msg.frames:
-        target = dirs.sci / frame.name
-        if not target.exists():
-            try:
-                os.link(frame.path, target)
-            except OSError:
-                shutil.copyfile(frame.path, target)
-        products.append(Product(path=str(target), pro_catg="RAW", ab="", checksum=frame.checksum))
-    return products

@@ -31,6 +31,7 @@ Log files of an AB go to the run's log directory as ``<AB>.ab`` (the AB),
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from services.processor.esorex import Product
+from shared.messages import Product as MessageProduct
+from shared.messages import RawFrame
 
 _log = logging.getLogger(__name__)
 
@@ -136,3 +139,20 @@ def move_logs(workdir: Path, log_dir: Path, ab_name: str) -> dict[str, Path]:
         shutil.move(str(src), target)
         written[kind] = target
     return written
+
+
+def package_raw_frames(frames: Sequence[RawFrame], sci_dir: Path) -> list[MessageProduct]:
+    """PIPE_SUPPORT=NO: the raw frames themselves are the package (hard links, or copies).
+
+    Their checksums are the ones ingest verified; nothing is read.
+    """
+    products = []
+    for frame in frames:
+        target = sci_dir / frame.name
+        if not target.exists():
+            try:
+                os.link(frame.path, target)
+            except OSError:
+                shutil.copyfile(frame.path, target)
+        products.append(MessageProduct(path=str(target), pro_catg="RAW", ab="", checksum=frame.checksum))
+    return products

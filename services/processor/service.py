@@ -20,7 +20,7 @@ from pathlib import Path
 
 from services.processor.esorex import kill_leftover_recipes, run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts
-from services.processor.products import first_date_obs, move_logs, move_products
+from services.processor.products import first_date_obs, move_logs, move_products, package_raw_frames
 from shared.errors import PermanentError
 from shared.files import write_atomic
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
@@ -82,7 +82,16 @@ def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: 
     planner = AbPlanner(profile, settings.cal_dir() / instrument)
     executor = AbExecutor(profile, metrics, report_keys)
     return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute,
-                          before_start=lambda dirs: kill_leftover_recipes(dirs.work))
+                          prepare_workspace=prepare_workspace, package_raw=package_raw_frames)
+
+
+def prepare_workspace(dirs: RunDirs) -> None:
+    """Start a run clean: first stop any recipe an attempt that died left running (it would write
+    into the new directories), then empty the run's sci/, logs/ and work/."""
+    kill_leftover_recipes(dirs.work)
+    for d in (dirs.sci, dirs.logs, dirs.work):
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
 
 
 class CalibrationPool:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from services.processor.handlers import ABOutcome, ProcessorPorts, handle_raw_ready
+from services.processor.products import package_raw_frames
+from services.processor.service import prepare_workspace
 from shared.errors import PermanentError
 from shared.messages import ABResult, Product, ProductsReady, RawDataReady, RawFrame
 from shared.profiles import load_profile
@@ -30,8 +32,10 @@ def raw_ready(tmp_path: Path, instrument: str = "HAWKI", n: int = 2) -> RawDataR
 
 
 def ports_for(tmp_path: Path, plan, execute, instrument: str = "HAWKI") -> ProcessorPorts:
+    """Fake plan and execute; the real workspace and raw packaging, in a tmp dir."""
     return ProcessorPorts(profile=load_profile(instrument), run_dirs=Settings(data_root=tmp_path / "data").run_dirs,
-                          plan=plan, execute=execute, clock=lambda: NOW)
+                          plan=plan, execute=execute, prepare_workspace=prepare_workspace,
+                          package_raw=package_raw_frames, clock=lambda: NOW)
 
 
 def outcome(name: str, status: str, n_products: int = 1) -> ABOutcome:

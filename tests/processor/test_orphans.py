@@ -19,10 +19,6 @@ import pytest
 
 from services.processor import esorex
 from services.processor.esorex import PID_FILE, death_guard, kill_leftover_recipes
-from services.processor.handlers import ProcessorPorts, handle_raw_ready
-from shared.errors import PermanentError
-from shared.messages import RawDataReady
-from shared.profiles import load_profile
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -183,17 +179,15 @@ def test_run_recipe_removes_its_record_when_the_recipe_ends(tmp_path):
     assert result.argv[0] == str(fake)  # the esorex command line, without the guard
 
 
-def test_handle_raw_ready_stops_leftovers_before_wiping_the_run(tmp_path):
-    """before_start sees the directories as the dead attempt left them."""
+def test_the_workspace_stops_leftovers_before_wiping_the_run(tmp_path, monkeypatch):
+    """The leftover recipes are killed while the directories are as the dead attempt left them."""
+    from services.processor import service
+
     dirs = Settings(data_root=tmp_path).run_dirs("HAWKI", "r1")
     dirs.work.mkdir(parents=True)
     (dirs.work / "left.txt").write_text("by the attempt that died")
     seen = []
-    ports = ProcessorPorts(profile=load_profile("HAWKI"), run_dirs=lambda i, r: dirs, plan=lambda m, d: [],
-                           execute=lambda ab, d: None,
-                           before_start=lambda d: seen.append((d.work / "left.txt").exists()))
-    msg = RawDataReady.model_construct(instrument="HAWKI", run_id="r1")
-    with pytest.raises(PermanentError):  # no AB planned
-        handle_raw_ready(msg, ports)
+    monkeypatch.setattr(service, "kill_leftover_recipes", lambda work: seen.append((work / "left.txt").exists()))
+    service.prepare_workspace(dirs)
     assert seen == [True]
-    assert not (dirs.work / "left.txt").exists()
+    assert not (dirs.work / "left.txt").exists() and dirs.sci.is_dir() and dirs.logs.is_dir()
