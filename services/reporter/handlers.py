@@ -54,11 +54,15 @@ class ReporterPorts:
     report_specs
         Returns the parsed fitsreport configuration (read on each call, so an
         operator's edit takes effect on the next run).
+    write_reports
+        Writes the rendered reports (path -> text), durably, before the
+        handler returns; raises OSError when it cannot.
     """
 
     templates: jinja2.Environment
     clock: Callable[[], datetime]
     report_specs: Callable[[], tuple[ReportSpec, ...]]
+    write_reports: Callable[[Mapping[Path, str]], None]
 
 
 @dataclass(frozen=True)
@@ -275,14 +279,15 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
         names.userreport_html: "userreport.html.j2",
         names.list_mcalib: "list_mcalib.txt.j2",
     }
+    texts = {}
+    for path, template in outputs.items():
+        text = ports.templates.get_template(template).render(context)
+        if ".html" not in template:
+            # Padded last columns leave trailing blanks; diff and mail tools flag them.
+            text = "\n".join(line.rstrip() for line in text.split("\n"))
+        texts[path] = text
     try:
-        for path, template in outputs.items():
-            text = ports.templates.get_template(template).render(context)
-            if ".html" not in template:
-                # Padded last columns leave trailing blanks; diff and mail tools flag them.
-                text = "\n".join(line.rstrip() for line in text.split("\n"))
-            write_atomic(path, text, sync_dir=False)
-        fsync_dir(names.report.parent)  # once for the five reports
+        ports.write_reports(texts)
     except OSError as e:
         raise RetryableError(f"cannot write the reports into {msg.log_dir}: {e}") from e
     _log.info("reports written for %s run %s: %s", msg.instrument, msg.run_id, summary)
@@ -311,3 +316,11 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
             prog_ids=prog_ids,
         )
     ]
+
+
+def write_report_files(texts: Mapping[Path, str]) -> None:
+    """Each report atomically; their directories fsynced once at the end."""
+    for path, text in texts.items():
+        write_atomic(path, text, sync_dir=False)
+    for directory in sorted({path.parent for path in texts}):
+        fsync_dir(directory)

@@ -10,7 +10,7 @@ from pathlib import Path
 import jinja2
 
 from services.reporter.fitsreport import fit, parse_config
-from services.reporter.handlers import ReporterPorts
+from services.reporter.handlers import ReporterPorts, write_report_files
 from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -73,4 +73,5 @@ def build_ports(settings: Settings, config_path: Path = FITSREPORT_CONFIG) -> Re
         templates=build_templates(),
         clock=utc_now,
         report_specs=lambda: parse_config(config_path),
+        write_reports=write_report_files,
     )

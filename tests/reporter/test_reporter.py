@@ -18,6 +18,7 @@ from services.reporter.fitsreport import (
 )
 from services.reporter.handlers import handle_products_ready
 from services.reporter.service import FITSREPORT_CONFIG, build_ports
+from shared.errors import RetryableError
 from shared.messages import ReportsReady, derived_message_id
 from shared.settings import Settings
 from tests.reporter.sample import REPORTED, XSS, products_ready
@@ -165,3 +166,18 @@ def test_group_rows_aggregate(tmp_path):
              {"OBS.ID": 1, "@file": "c", "FILT": "J"}]
     table = build_table(spec, files)
     assert table.groups[0].rows == (("3", "5.5", "J,H", "a"),)
+
+
+def test_handler_with_a_fake_writer_and_a_failing_disk(tmp_path, ports):
+    written: dict = {}
+    [event] = handle_products_ready(products_ready(tmp_path, with_files=False),
+                                    dataclasses.replace(ports, write_reports=written.update))
+    assert set(written) == {Path(event.report), Path(event.userreport), Path(event.list_mcalib),
+                            Path(event.report).with_suffix(".html"), Path(event.userreport).with_suffix(".html")}
+    assert "hawki_science_process" in written[Path(event.report)]
+
+    def full(texts):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(RetryableError, match="No space left on device"):
+        handle_products_ready(products_ready(tmp_path, with_files=False), dataclasses.replace(ports, write_reports=full))
