@@ -45,6 +45,8 @@ from shared.oca.model import (
     SCOPE_INPUT,
     SCOPE_LAST_FRAME,
     And,
+    Arith,
+    Between,
     Compare,
     Expr,
     Keyword,
@@ -151,6 +153,58 @@ def like_matcher(pattern: str) -> Callable[[str], bool]:
     return lambda s: regex.fullmatch(s) is not None
 
 
+def _arith_number(value: Any, text: str, op: str) -> float:
+    number = _as_number(value) if type(value) is not bool else None
+    if number is None:
+        raise OcaTypeError(text, value, op, "a number")
+    return number
+
+
+def _compile_arith(expr: Arith, constants: Mapping[str, Any]) -> Compiled:
+    """``a + b`` ... : numbers give numbers, ``+`` joins two strings, missing stays missing."""
+    left, ltext = _getter(expr.left, constants)
+    right, rtext = _getter(expr.right, constants)
+    op = expr.op
+    if isinstance(expr.left, Literal) and isinstance(expr.right, Literal):
+        folded = _compile_arith(Arith(op, Keyword("_l"), Keyword("_r")), constants)
+        value = folded({"_l": normalise(expr.left.value), "_r": normalise(expr.right.value)},
+                       None, None)
+        return lambda c, i, l: value
+
+    def arith(c, i, l):
+        a, b = left(c, i, l), right(c, i, l)
+        if a is None or b is None:
+            return None
+        if type(a) is float and type(b) is float:
+            x, y = a, b
+        elif op == "+" and type(a) is str and type(b) is str:
+            return a + b
+        else:
+            x, y = _arith_number(a, ltext, op), _arith_number(b, rtext, op)
+        if op == "+":
+            return x + y
+        if op == "-":
+            return x - y
+        if op == "*":
+            return x * y
+        return x / y if y != 0 else None  # division by zero: no value
+    return arith
+
+
+def _compile_between(expr: Between, constants: Mapping[str, Any]) -> Compiled:
+    """``v between lo and hi``: ``lo <= v <= hi`` (inclusive, as SQL's BETWEEN)."""
+    value, vtext = _getter(expr.item, constants)
+    low, ltext = _getter(expr.low, constants)
+    high, htext = _getter(expr.high, constants)
+
+    def between(c, i, l):
+        v, lo, hi = value(c, i, l), low(c, i, l), high(c, i, l)
+        if v is None or lo is None or hi is None:
+            return False
+        return _ordered(">=", v, lo, vtext, ltext) and _ordered("<=", v, hi, vtext, htext)
+    return between
+
+
 def _getter(expr: Expr, constants: Mapping[str, Any]) -> tuple[Compiled, str]:
     """A function giving the value of an operand, and its text for messages."""
     if isinstance(expr, Literal):
@@ -166,12 +220,16 @@ def _getter(expr: Expr, constants: Mapping[str, Any]) -> tuple[Compiled, str]:
         if expr.scope == SCOPE_LAST_FRAME:
             return (lambda c, i, l: l.get(name) if l is not None else None), expr.text
         return (lambda c, i, l: c.get(name)), expr.text
+    if isinstance(expr, Arith):
+        from shared.oca.printer import format_expr
+
+        return _compile_arith(expr, constants), format_expr(expr)
     return compile_expr(expr, constants), "(...)"
 
 
 def compile_value(expr: Expr) -> Compiled:
     """Like :func:`compile_expr`, but a bare keyword gives its value, not its truth."""
-    if isinstance(expr, (Keyword, Literal)):
+    if isinstance(expr, (Keyword, Literal, Arith)):
         return _getter(expr, {})[0]
     return compile_expr(expr)
 
@@ -221,6 +279,15 @@ def compile_expr(expr: Expr, constants: Mapping[str, Any] | None = None) -> Comp
         return any_of
     if isinstance(expr, Compare):
         return _compile_compare(expr, constants)
+    if isinstance(expr, Between):
+        return _compile_between(expr, constants)
+    if isinstance(expr, Arith):
+        get = _compile_arith(expr, constants)
+
+        def arith_truth(c, i, l):
+            v = get(c, i, l)
+            return v if type(v) is bool else v is not None
+        return arith_truth
     raise TypeError(f"not an OCA expression: {expr!r}")
 
 
@@ -235,6 +302,10 @@ def _compile_compare(expr: Compare, constants: Mapping[str, Any]) -> Compiled:
             "integer": lambda v: type(v) is float and v.is_integer(),
             "boolean": lambda v: type(v) is bool,
         }
+        if type_name == "undefined":
+            return lambda c, i, l: left(c, i, l) is None
+        if type_name == "defined":
+            return lambda c, i, l: left(c, i, l) is not None
         check = checks[type_name]
         return lambda c, i, l: (v := left(c, i, l)) is not None and check(v)
     right, rtext = _getter(expr.right, constants)
@@ -316,6 +387,11 @@ def expression_keywords(expr: Expr) -> set[Keyword]:
         if expr.op == "is":
             return expression_keywords(expr.left)
         return expression_keywords(expr.left) | expression_keywords(expr.right)
+    if isinstance(expr, Arith):
+        return expression_keywords(expr.left) | expression_keywords(expr.right)
+    if isinstance(expr, Between):
+        return (expression_keywords(expr.item) | expression_keywords(expr.low)
+                | expression_keywords(expr.high))
     if isinstance(expr, Not):
         return expression_keywords(expr.item)
     out: set[Keyword] = set()
@@ -364,13 +440,20 @@ class Classification:
     values: dict[str, Any] = field(default_factory=dict)
     rule_lines: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
+    #: The file's own PRO.CATG (products): its category when no rule assigned one.
+    pro_catg: str | None = None
 
     @property
     def category(self) -> str:
+        """The first of DO.CATG, RAW.TYPE, ... assigned; else the file's PRO.CATG
+        (Gasgano's VLT.oca: an unclassified product is classified by PRO.CATG);
+        else UNCLASSIFIED."""
         for key in CATEGORY_KEYWORDS:
             value = self.values.get(key)
             if isinstance(value, str) and value:
                 return value
+        if self.pro_catg:
+            return self.pro_catg
         return UNCLASSIFIED
 
 
@@ -394,7 +477,8 @@ class CompiledClassifier:
 
     def classify_record(self, path: Path, record: dict[str, Any]) -> Classification:
         """Classify a normalised dotted record in place (assigned values are added to it)."""
-        result = Classification(Path(path))
+        pro_catg = record.get("PRO.CATG")
+        result = Classification(Path(path), pro_catg=pro_catg if type(pro_catg) is str else None)
         for condition, assignments, where in self.rules:
             try:
                 if not condition(record, None, None):
@@ -447,6 +531,13 @@ def iter_keywords(expr: Expr) -> Iterable[Keyword]:
         yield from iter_keywords(expr.left)
         if expr.op != "is":
             yield from iter_keywords(expr.right)
+    elif isinstance(expr, Arith):
+        yield from iter_keywords(expr.left)
+        yield from iter_keywords(expr.right)
+    elif isinstance(expr, Between):
+        yield from iter_keywords(expr.item)
+        yield from iter_keywords(expr.low)
+        yield from iter_keywords(expr.high)
     elif isinstance(expr, Not):
         yield from iter_keywords(expr.item)
     elif isinstance(expr, (And, Or)):

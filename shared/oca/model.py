@@ -44,12 +44,44 @@ class Compare:
     """``left OP right`` with OP one of ``== != < > <= >= ?= like regexp is``.
 
     For ``is`` the right side is a :class:`Keyword` naming a type (``string``,
-    ``number``, ``integer``, ``boolean``).
+    ``number``, ``integer``, ``boolean``, ``undefined``, ``defined``).
     """
 
     op: str
     left: Expr
     right: Expr
+    line: int = field(default=0, compare=False)
+    column: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Arith:
+    """``left OP right`` with OP one of ``+ - * /`` (``inputFile.MJD-OBS - 3``).
+
+    Numbers give numbers; ``+`` on two strings joins them; a missing operand makes
+    the result missing (see docs/oca.md, "Arithmetic").
+    """
+
+    op: str
+    left: Expr
+    right: Expr
+    line: int = field(default=0, compare=False)
+    column: int = field(default=0, compare=False)
+
+
+@dataclass(frozen=True)
+class Between:
+    """``value between low and high`` (inclusive), or ``tryBetween``.
+
+    ``soft`` (tryBetween): in association, the range is a preference; when no
+    candidate of the select lies in it, the select is evaluated without it.
+    Everywhere else it is ``between``.
+    """
+
+    item: Expr
+    low: Expr
+    high: Expr
+    soft: bool = False
     line: int = field(default=0, compare=False)
     column: int = field(default=0, compare=False)
 
@@ -69,7 +101,7 @@ class Not:
     item: Expr
 
 
-Expr = Keyword | Literal | Compare | And | Or | Not
+Expr = Keyword | Literal | Compare | Arith | Between | And | Or | Not
 
 
 @dataclass(frozen=True)
@@ -183,6 +215,9 @@ class RuleSet:
     #: Actions and organisation rules an overlay removes (``drop action X;``).
     dropped: tuple[str, ...] = ()
     sources: tuple[Path, ...] = field(default=(), compare=False)
+    #: SHA-1 of the rule text (of base and overlay together after a merge): the
+    #: AB's CONFIG_VERSION names exactly which rules made it.
+    digest: str = field(default="", compare=False)
 
     def action(self, name: str) -> Action | None:
         for act in self.actions:
@@ -197,3 +232,8 @@ class RuleSet:
     @property
     def source_label(self) -> str:
         return "+".join(p.name for p in self.sources) or "<rules>"
+
+    @property
+    def version(self) -> str:
+        """CONFIG_VERSION of the ABs: the rule files and a digest of their text."""
+        return f"{self.source_label} sha1:{self.digest[:12]}" if self.digest else self.source_label

@@ -17,19 +17,38 @@ The grammar is the one used by the rule files ESO ships with its pipelines
     expr        := and_expr ("or" and_expr)*
     and_expr    := not_expr ("and" not_expr)*
     not_expr    := "not" not_expr | comparison
-    comparison  := operand [OP operand]       OP: == != < > <= >= ?= like regexp
+    comparison  := sum [OP sum | ("between" | "tryBetween") sum "and" sum | "is" TYPE]
+                   OP: == != < > <= >= ?= like regexp
+                   TYPE: string number integer boolean undefined defined
+    sum         := product (("+" | "-") product)*
+    product     := unary (("*" | "/") unary)*
+    unary       := "-" unary | "+" unary | operand
     operand     := "(" expr ")" | NAME | STRING | NUMBER
+
+A setting's ``;`` may be left out when the next statement follows
+(``minRet = 2`` then ``select ...``), as some Reflex rule files do.
 
 Two statements exist only for overlays (see :mod:`shared.oca.overlay`):
 ``tagmap { CATG = "TAG"; ... }`` and ``drop action NAME;``.
 
 Comments are ``// ...`` to the end of the line and ``/* ... */``.
+Lines starting with ``#`` are C preprocessor output: line markers
+(``# 12 "hawki_classification.h"``, ``#line 12 "file"``) set the file and line
+that tokens, rules and errors are attributed to; ``#pragma``/``#ident`` are
+ignored; any other directive (``#include``, ``#define``...) means the text was
+not preprocessed and is a syntax error (see :mod:`shared.oca.preprocess`).
+
+Keyword names may contain ``-`` (``MJD-OBS``, ``DATE-OBS``) only when a letter
+or ``_`` follows it; ``-`` before a digit or a blank is subtraction, so
+``MJD-OBS-3`` and ``MJD-OBS - 3`` both subtract 3, while ``MJD-OBS-EXPTIME``
+is one (unknown) keyword: write ``MJD-OBS - EXPTIME``.
 A bare ``T`` or ``F`` operand is the constant true or false (``if (T) then``).
 Words (``and``, ``like``, ...) are matched case-insensitively.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -41,7 +60,9 @@ from shared.oca.model import (
     SCOPE_LAST_FRAME,
     Action,
     And,
+    Arith,
     Assignment,
+    Between,
     ClassificationRule,
     Compare,
     Expr,
@@ -62,23 +83,35 @@ _log = logging.getLogger(__name__)
 #: Comparison operators, longest first so that ``<=`` wins over ``<``.
 COMPARE_SYMBOLS = ("==", "!=", "<=", ">=", "?=", "<", ">")
 COMPARE_WORDS = ("like", "regexp", "is")
-#: Type names allowed after ``is`` (``PRO.CATG is string`` in naco.oca and visir.oca).
-TYPE_NAMES = ("string", "number", "integer", "boolean")
+
+#: Type names allowed after ``is`` (``PRO.CATG is string`` in naco.oca and visir.oca,
+#: ``USERTBL is undefined`` in MUSE's Reflex rules, muse_wkf.oca).
+TYPE_NAMES = ("string", "number", "integer", "boolean", "undefined", "defined")
+BETWEEN_WORDS = ("between", "trybetween")
+ARITH_SYMBOLS = ("+", "-", "*", "/")
+
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z_][A-Za-z0-9_]*)*(?:\.[A-Za-z0-9_]+(?:-[A-Za-z_][A-Za-z0-9_]*)*)*"
 
 _TOKEN_RE = re.compile(
     r"""
-    (?P<ws>[ \t\r\f\v]+)
+    (?P<directive>^[ \t]*\#[^\n]*)
+  | (?P<ws>[ \t\r\f\v]+)
   | (?P<nl>\n)
   | (?P<comment>//[^\n]*)
   | (?P<block>/\*.*?\*/)
   | (?P<string>"(?:[^"\\\n]|\\.)*")
-  | (?P<number>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?![A-Za-z_]))
-  | (?P<name>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_][A-Za-z0-9_\-]*)*)
-  | (?P<op>==|!=|<=|>=|\?=|<|>|=)
+  | (?P<number>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?(?![A-Za-z_]))
+  | (?P<name>""" + _NAME + r""")
+  | (?P<op>==|!=|<=|>=|\?=|<|>|=|\+|-|\*|/)
   | (?P<punct>[(){};,])
     """,
-    re.VERBOSE | re.DOTALL,
+    re.VERBOSE | re.DOTALL | re.MULTILINE,
 )
+#: ``# 12 "file.h" 1 3`` (GNU cpp) or ``#line 12 "file.h"`` (pcpp, C99).
+_LINE_MARKER = re.compile(r'[ \t]*\#[ \t]*(?:line[ \t]+)?(\d+)(?:[ \t]+"((?:[^"\\]|\\.)*)")?')
+_DIRECTIVE = re.compile(r"[ \t]*\#[ \t]*([A-Za-z_]\w*)?")
+#: A keyword with an operator glued to its end (``DET.WIN1.BINYand``, uves_wkf_onlydflats.oca:1020).
+_GLUED = re.compile(r"(.*[A-Z0-9_])(and|or|like|then|between)$")
 
 
 class OcaSyntaxError(ValueError):
@@ -98,35 +131,58 @@ class Token:
     text: str
     line: int
     column: int
+    #: The file the token comes from (a line marker may change it).
+    path: str = ""
 
     def describe(self) -> str:
         return "end of file" if self.kind == "eof" else repr(self.text)
 
 
 def tokenize(text: str, path: str = "<string>") -> list[Token]:
-    """Split rule text into tokens, dropping blanks and comments."""
+    """Split rule text into tokens, dropping blanks and comments.
+
+    Line markers of a C preprocessor (``# 12 "file.h"``) re-attribute the
+    following lines to that file and line; errors name the original place.
+    """
     tokens: list[Token] = []
     pos, line, line_start = 0, 1, 0
     size = len(text)
+    source, delta = path, 0  # original line = physical line + delta
     while pos < size:
         m = _TOKEN_RE.match(text, pos)
         if m is None:
             col = pos - line_start + 1
             if text.startswith("/*", pos):
-                raise OcaSyntaxError(path, line, col, "unterminated /* comment")
+                raise OcaSyntaxError(source, line + delta, col, "unterminated /* comment")
             if text[pos] == '"':
-                raise OcaSyntaxError(path, line, col, "unterminated string (expected closing '\"')")
-            raise OcaSyntaxError(path, line, col, f"unexpected character {text[pos]!r}")
+                raise OcaSyntaxError(source, line + delta, col,
+                                     "unterminated string (expected closing '\"')")
+            raise OcaSyntaxError(source, line + delta, col, f"unexpected character {text[pos]!r}")
         kind = m.lastgroup
         value = m.group()
-        if kind in ("string", "number", "name", "op", "punct"):
-            tokens.append(Token(kind, value, line, pos - line_start + 1))
+        if kind == "directive":
+            marker = _LINE_MARKER.match(value)
+            if marker:
+                # the marker names the line that follows it
+                delta = int(marker.group(1)) - (line + 1)
+                if marker.group(2) is not None:
+                    source = re.sub(r"\\(.)", r"\1", marker.group(2))
+            else:
+                name = (_DIRECTIVE.match(value).group(1) or "").lower()
+                if name not in ("", "pragma", "ident"):
+                    raise OcaSyntaxError(
+                        source, line + delta, value.index("#") + 1,
+                        f"preprocessor directive '#{name}': this text has not been through the "
+                        "C preprocessor (load_rules preprocesses .h/.RLS entry files and files "
+                        "with directives)")
+        elif kind in ("string", "number", "name", "op", "punct"):
+            tokens.append(Token(kind, value, line + delta, pos - line_start + 1, source))
         newlines = value.count("\n")
         if newlines:
             line += newlines
             line_start = pos + value.rindex("\n") + 1
         pos = m.end()
-    tokens.append(Token("eof", "", line, pos - line_start + 1))
+    tokens.append(Token("eof", "", line + delta, pos - line_start + 1, source))
     return tokens
 
 
@@ -156,9 +212,28 @@ class _Parser:
 
     def error(self, expected: str, token: Token | None = None) -> OcaSyntaxError:
         token = token or self.tok
-        return OcaSyntaxError(
-            self.path, token.line, token.column, f"expected {expected}, found {token.describe()}"
-        )
+        message = f"expected {expected}, found {token.describe()}"
+        prev = self.tokens[self.pos - 1] if self.pos > 0 and token is self.tok else None
+        glued = _GLUED.match(prev.text) if prev is not None and prev.kind == "name" else None
+        if glued:
+            # the mistake is the keyword with the operator glued to it: point there
+            head, word = glued.groups()
+            message += (f" after {prev.text!r}: is '{word}' glued to the keyword? "
+                        f"write '{head} {word}'")
+            token = prev
+        return OcaSyntaxError(token.path or self.path, token.line, token.column, message)
+
+    def end_setting(self) -> None:
+        """The ``;`` after a setting; it may be left out before the next statement."""
+        if self.accept(";"):
+            return
+        tok, nxt = self.tok, self.tokens[min(self.pos + 1, len(self.tokens) - 1)]
+        starts = (tok.kind == "eof" or (tok.kind == "punct" and tok.text == "}")
+                  or (tok.kind == "name" and tok.text.lower() in (
+                      "select", "recipe", "product", "action", "if", "tagmap", "drop"))
+                  or (tok.kind == "name" and nxt.kind == "op" and nxt.text == "="))
+        if not starts:
+            raise self.error("';' after the value")
 
     def is_word(self, word: str) -> bool:
         return self.tok.kind == "name" and self.tok.text.lower() == word
@@ -214,7 +289,7 @@ class _Parser:
                 token = self.expect_name("a setting")
                 self.expect("=")
                 value = self.parse_expr()
-                self.expect(";", "';' after the value")
+                self.end_setting()
                 pending.append(Setting(token.text, value, line=token.line))
             elif self.is_word("action"):
                 actions.append(self.parse_action())
@@ -226,7 +301,7 @@ class _Parser:
                 raise self.error("'if', 'select' or 'action'")
         if pending:
             token = self.tok
-            raise OcaSyntaxError(self.path, token.line, token.column,
+            raise OcaSyntaxError(token.path or self.path, token.line, token.column,
                                  "expected 'select execute' after a top-level setting")
         return RuleSet(
             classification=tuple(classification),
@@ -244,7 +319,8 @@ class _Parser:
         assignments = []
         while not self.accept("}"):
             assignments.append(self.parse_assignment())
-        return ClassificationRule(condition, tuple(assignments), line=start.line, source=self.path)
+        return ClassificationRule(condition, tuple(assignments), line=start.line,
+                                  source=start.path or self.path)
 
     def parse_assignment(self) -> Assignment:
         key = self.expect_name("a keyword to assign (e.g. DO.CATG) or '}'")
@@ -279,7 +355,7 @@ class _Parser:
         self.expect(";", "';' or 'group by' at the end of the select")
         return OrganisationRule(
             action, pool, condition, tuple(group_by), tuple(qualifier), settings,
-            line=start.line, source=self.path,
+            line=start.line, source=start.path or self.path,
         )
 
     def parse_action(self) -> Action:
@@ -332,12 +408,12 @@ class _Parser:
                 self.pos += 1
                 self.expect("=", f"'=' after {token.text!r}")
                 value = self.parse_expr()
-                self.expect(";", "';' after the value")
+                self.end_setting()
                 setting = Setting(token.text, value, line=token.line)
                 if token.text in ("minRet", "maxRet"):
                     if not (isinstance(value, Literal) and isinstance(value.value, int)
                             and not isinstance(value.value, bool)):
-                        raise OcaSyntaxError(self.path, token.line, token.column,
+                        raise OcaSyntaxError(token.path or self.path, token.line, token.column,
                                              f"expected an integer for {token.text}")
                     if token.text == "minRet":
                         min_ret = value.value
@@ -346,7 +422,7 @@ class _Parser:
                 statements.append(setting)
             else:
                 raise self.error("'select', 'recipe', 'product', a setting or '}'")
-        return Action(name, tuple(statements), line=start.line, source=self.path)
+        return Action(name, tuple(statements), line=start.line, source=start.path or self.path)
 
     def parse_tagmap(self) -> list[tuple[str, str]]:
         self.expect_word("tagmap")
@@ -388,16 +464,22 @@ class _Parser:
         return self.parse_comparison()
 
     def parse_comparison(self) -> Expr:
-        left = self.parse_operand()
+        left = self.parse_sum()
         token = self.tok
         op = None
         if token.kind == "op" and token.text in COMPARE_SYMBOLS:
             op = token.text
-        elif token.kind == "name" and token.text.lower() in COMPARE_WORDS:
+        elif token.kind == "name" and token.text.lower() in COMPARE_WORDS + BETWEEN_WORDS:
             op = token.text.lower()
         if op is None:
             return left
         self.pos += 1
+        if op in BETWEEN_WORDS:
+            low = self.parse_sum()
+            self.expect_word("and")
+            high = self.parse_sum()
+            return Between(left, low, high, soft=op == "trybetween",
+                           line=token.line, column=token.column)
         if op == "is":
             type_token = self.tok
             if type_token.kind != "name" or type_token.text.lower() not in TYPE_NAMES:
@@ -406,8 +488,40 @@ class _Parser:
             right: Expr = Keyword(type_token.text.lower(), line=type_token.line,
                                   column=type_token.column)
         else:
-            right = self.parse_operand()
+            right = self.parse_sum()
         return Compare(op, left, right, line=token.line, column=token.column)
+
+    def _arith_op(self, ops: tuple[str, ...]) -> Token | None:
+        token = self.tok
+        if token.kind == "op" and token.text in ops:
+            self.pos += 1
+            return token
+        return None
+
+    def parse_sum(self) -> Expr:
+        left = self.parse_product()
+        while (token := self._arith_op(("+", "-"))) is not None:
+            left = Arith(token.text, left, self.parse_product(),
+                         line=token.line, column=token.column)
+        return left
+
+    def parse_product(self) -> Expr:
+        left = self.parse_unary()
+        while (token := self._arith_op(("*", "/"))) is not None:
+            left = Arith(token.text, left, self.parse_unary(),
+                         line=token.line, column=token.column)
+        return left
+
+    def parse_unary(self) -> Expr:
+        token = self._arith_op(("-", "+"))
+        if token is None:
+            return self.parse_operand()
+        inner = self.parse_unary()
+        if token.text == "+":
+            return inner
+        if isinstance(inner, Literal) and type(inner.value) in (int, float):
+            return Literal(-inner.value, line=token.line, column=token.column)
+        return Arith("-", Literal(0), inner, line=token.line, column=token.column)
 
     def parse_operand(self) -> Expr:
         token = self.tok
@@ -435,7 +549,7 @@ class _Parser:
 
 _RESERVED = frozenset(
     ["and", "or", "not", "like", "regexp", "is", "then", "if", "select", "from", "where", "group",
-     "action", "recipe", "product"]
+     "action", "recipe", "product", "between", "trybetween"]
 )
 
 
@@ -468,6 +582,7 @@ def parse_rules(text: str, path: str | Path = "<string>") -> RuleSet:
         tag_map=rules.tag_map,
         dropped=rules.dropped,
         sources=sources,
+        digest=hashlib.sha1(text.encode("utf-8", "replace")).hexdigest(),
     )
 
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 from shared.oca.model import (
     Action,
     And,
+    Arith,
     Assignment,
+    Between,
     ClassificationRule,
     Compare,
     Expr,
@@ -38,21 +40,39 @@ def format_literal(value: object) -> str:
     return _quote(str(value))
 
 
+_ARITH_LEVEL = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
 def format_expr(expr: Expr, parent: str = "") -> str:
     """OCA text of an expression; ``parent`` adds parentheses where precedence needs them."""
     if isinstance(expr, Keyword):
         return expr.text
     if isinstance(expr, Literal):
         return format_literal(expr.value)
+    if isinstance(expr, Arith):
+        level = _ARITH_LEVEL[expr.op]
+        text = (f"{format_expr(expr.left, f'arith{level}')} {expr.op} "
+                f"{format_expr(expr.right, f'arith{level}r')}")
+        if parent.startswith("arith"):
+            outer = int(parent[5])
+            # parse is left-associative: a right operand of the same level needs parentheses
+            if level < outer or (level == outer and parent.endswith("r")):
+                return f"({text})"
+        return text
+    if isinstance(expr, Between):
+        word = "tryBetween" if expr.soft else "between"
+        text = (f"{format_expr(expr.item, 'cmp')} {word} {format_expr(expr.low, 'cmp')} and "
+                f"{format_expr(expr.high, 'cmp')}")
+        return f"({text})" if parent == "cmp" or parent.startswith("arith") else text
     if isinstance(expr, Compare):
         text = f"{format_expr(expr.left, 'cmp')} {expr.op} {format_expr(expr.right, 'cmp')}"
-        return f"({text})" if parent == "cmp" else text
+        return f"({text})" if parent == "cmp" or parent.startswith("arith") else text
     if isinstance(expr, Not):
         text = f"not {format_expr(expr.item, 'not')}"
-        return f"({text})" if parent == "cmp" else text
+        return f"({text})" if parent == "cmp" or parent.startswith("arith") else text
     if isinstance(expr, And):
         text = " and ".join(format_expr(i, "and") for i in expr.items)
-        return f"({text})" if parent in ("and", "not", "cmp") else text
+        return f"({text})" if parent in ("and", "not", "cmp") or parent.startswith("arith") else text
     if isinstance(expr, Or):
         text = " or ".join(format_expr(i, "or") for i in expr.items)
         return f"({text})" if parent else text

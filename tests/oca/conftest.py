@@ -58,3 +58,22 @@ def write_fits(path: Path, cards: dict) -> Path:
         header[name] = value
     fits.PrimaryHDU(header=header).writeto(path, overwrite=True)
     return path
+
+
+#: Reflex workflow rules from the pipelines' source packages (tests/oca/fetch-reflex-rules.sh).
+REFLEX_RULES = ("hawki_hawki.oca", "muse_muse_wkf.oca", "muse_muse_wkf_zap.oca",
+                "uves_uves_fibre.oca", "uves_uves_wkf.oca", "uves_uves_wkf_onlydflats.oca")
+
+
+@pytest.fixture(scope="session")
+def reflex_rules_dir() -> Path:
+    """``.cache/oca-reflex`` with ESO's Reflex rule files; fetched when missing."""
+    dest = REPO / ".cache" / "oca-reflex"
+    if not all((dest / name).is_file() for name in REFLEX_RULES):
+        done = subprocess.run(
+            [str(REPO / "tests" / "oca" / "fetch-reflex-rules.sh"), str(dest)],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"fetch-reflex-rules.sh failed: {done.stderr[-2000:]}")
+    return dest
