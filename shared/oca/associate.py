@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.oca.evaluate import (
+    CATEGORY_KEYWORDS,
     Classification,
     CompiledClassifier,
     OcaTypeError,
@@ -60,6 +61,7 @@ from shared.oca.model import (
     SCOPE_INPUT,
     SCOPE_LAST_FRAME,
     And,
+    Between,
     Compare,
     Expr,
     FileSelect,
@@ -72,6 +74,11 @@ from shared.oca.model import (
 from shared.oca.printer import format_expr
 
 _log = logging.getLogger(__name__)
+
+#: Time matching (docs/oca.md "Association"): DFOS's MJD-OBS_MOD, or plain MJD-OBS.
+MJD_OBS_MOD = "MJD-OBS_MOD"
+MJD_OBS = "MJD-OBS"
+TIME_MATCHES = (MJD_OBS_MOD, MJD_OBS)
 
 #: How many of the nearest rejected candidates ``missing`` explains.
 EXPLAIN_NEAREST = 3
@@ -92,28 +99,42 @@ class FileRecord:
     values: dict[str, Any]
     classification: Classification
     mjd: float | None = field(init=False)
+    #: MJD-OBS_MOD (DFOS): the middle of the exposure, MJD-OBS + EXPTIME/2 (EXPTIME in
+    #: seconds, so /86400); MJD-OBS when EXPTIME is missing.
+    mjd_mod: float | None = field(init=False)
 
     def __post_init__(self) -> None:
         value = self.values.get("MJD-OBS")
         self.mjd = value if type(value) is float else None
+        exptime = self.values.get("EXPTIME")
+        if self.mjd is not None and type(exptime) is float:
+            self.mjd_mod = self.mjd + exptime / 2.0 / 86400.0
+        else:
+            self.mjd_mod = self.mjd
+
+    def time(self, time_match: str = MJD_OBS_MOD) -> float | None:
+        """The time association matches on: MJD-OBS_MOD (default) or MJD-OBS."""
+        return self.mjd if time_match == MJD_OBS else self.mjd_mod
 
     @property
     def category(self) -> str:
         return self.classification.category
 
 
-def _time_order(rec: FileRecord) -> tuple[float, str]:
-    return (rec.mjd if rec.mjd is not None else math.inf, str(rec.path))
-
-
 class _TimeSorted:
-    """Records in time order with their MJDs, for nearest-in-time lookups by bisection."""
+    """Records in time order with their times, for nearest-in-time lookups by bisection."""
 
     __slots__ = ("mjds", "records")
 
-    def __init__(self, records: list[FileRecord]):
+    def __init__(self, records: list[FileRecord], time_match: str = MJD_OBS_MOD):
+        times = [r.time(time_match) for r in records]
+        times = [t if t is not None else math.inf for t in times]
+        if any(times[k] > times[k + 1] for k in range(len(times) - 1)):
+            order = sorted(range(len(records)), key=lambda k: (times[k], str(records[k].path)))
+            records = [records[k] for k in order]
+            times = [times[k] for k in order]
         self.records = records
-        self.mjds = [r.mjd if r.mjd is not None else math.inf for r in records]
+        self.mjds = times
 
     def nearest(self, mjd: float | None, count: int) -> list[FileRecord]:
         """The ``count`` records closest to ``mjd`` (ties: path order)."""
@@ -130,13 +151,8 @@ class _TimeSorted:
             lo -= 1
         while hi < n and mjds[hi] == mjds[hi - 1]:
             hi += 1
-        window = records[lo:hi]
-        window.sort(key=lambda r: (_distance_mjd(r, mjd), str(r.path)))
-        return window[:count]
-
-
-def _distance_mjd(rec: FileRecord, mjd: float) -> float:
-    return abs(rec.mjd - mjd) if rec.mjd is not None else math.inf
+        order = sorted(range(lo, hi), key=lambda k: (abs(mjds[k] - mjd), str(records[k].path)))
+        return [records[k] for k in order[:count]]
 
 
 def make_records(
@@ -171,7 +187,9 @@ def classified_records(
         assigned_values = normalise_record(assigned)
         values.update(assigned_values)
         dotted.update(assigned)
-        records.append(FileRecord(Path(path), dotted, values, Classification(Path(path), assigned_values)))
+        pro_catg = values.get("PRO.CATG")
+        records.append(FileRecord(Path(path), dotted, values, Classification(
+            Path(path), assigned_values, pro_catg=pro_catg if type(pro_catg) is str else None)))
     return records
 
 
@@ -192,25 +210,34 @@ class CalibPool:
         Classified files (see :func:`make_records` or :meth:`from_headers`).
     """
 
-    def __init__(self, records: Iterable[FileRecord] = ()):
-        #: In time order (MJD-OBS, then path), so every index list is in time order too.
-        self.records: list[FileRecord] = sorted(records, key=_time_order)
+    def __init__(self, records: Iterable[FileRecord] = (), time_match: str = MJD_OBS_MOD):
+        if time_match not in TIME_MATCHES:
+            raise ValueError(f"time_match must be one of {TIME_MATCHES}, not {time_match!r}")
+        #: What "closest in time" measures: MJD-OBS_MOD (DFOS) or MJD-OBS.
+        self.time_match = time_match
+        #: In time order (then path), so every index list is in time order too.
+        self.records: list[FileRecord] = sorted(records, key=self._order)
         self._by_value: dict[str, dict[Any, list[FileRecord]]] = {}
         self._joins: dict[tuple, dict[tuple, _TimeSorted]] = {}
         self._all: _TimeSorted | None = None
 
+    def _order(self, rec: FileRecord) -> tuple[float, str]:
+        t = rec.time(self.time_match)
+        return (t if t is not None else math.inf, str(rec.path))
+
     @classmethod
     def from_headers(
-        cls, rules: RuleSet | CompiledClassifier, headers: Mapping[str | Path, Mapping[str, Any]]
+        cls, rules: RuleSet | CompiledClassifier, headers: Mapping[str | Path, Mapping[str, Any]],
+        time_match: str = MJD_OBS_MOD,
     ) -> CalibPool:
-        return cls(make_records(rules, headers))
+        return cls(make_records(rules, headers), time_match)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def add(self, record: FileRecord) -> None:
         self.records.append(record)
-        self.records.sort(key=_time_order)
+        self.records.sort(key=self._order)
         self._by_value.clear()
         self._joins.clear()
         self._all = None
@@ -241,7 +268,7 @@ class CalibPool:
                     lists[tuple(index_key(vals[k]) for k in keys)].append(rec)
                 except KeyError:
                     continue  # a missing keyword never satisfies ==
-            table = {k: _TimeSorted(v) for k, v in lists.items()}
+            table = {k: _TimeSorted(v, self.time_match) for k, v in lists.items()}
             self._joins[cache_key] = table
         return table
 
@@ -279,6 +306,17 @@ class AssociationBlock:
     match_keys: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)
     raw_category: str = ""
+    #: Remarks of the association (a tryBetween range dropped, ...): AB comments.
+    notes: list[str] = field(default_factory=list)
+    #: SOF tag → products of other ABs of the run this AB needs (DFOS virtual
+    #: calibrations, ``MCALIB VIRTUAL``): (path the product will have, producing AB).
+    virtual: dict[str, list[tuple[Path, str]]] = field(default_factory=dict)
+    #: CONFIG_VERSION: the rule set that made the AB (``RuleSet.version``).
+    config_version: str = ""
+    #: BATCH_ID: the run (delivery) the AB belongs to, when the caller gives one.
+    batch_id: str = ""
+    #: The time association matched on (``MJD-OBS_MOD`` or ``MJD-OBS``).
+    time_match: str = MJD_OBS_MOD
 
     @property
     def completeness(self) -> str:
@@ -300,6 +338,9 @@ class AssociationBlock:
             "missing": dict(self.missing),
             "event": self.event,
             "rule": self.rule,
+            "notes": list(self.notes),
+            "virtual": {t: [{"path": str(p), "producer": ab} for p, ab in vs]
+                        for t, vs in self.virtual.items()},
         }
 
 
@@ -342,7 +383,12 @@ class _SelectPlan:
         self.literal: tuple[str, list[Any]] | None = None
         joins: list[tuple[str, str]] = []
         residual: list[Expr] = []
+        #: ``tryBetween`` conjuncts: a preference, applied only when some candidate meets it.
+        self.soft: list[tuple[str, Any]] = []
         for c in _conjuncts(select.condition):
+            if isinstance(c, Between) and c.soft:
+                self.soft.append((format_expr(c), compile_expr(c)))
+                continue
             lit = _literal_eq(c)
             if lit and self.literal is None:
                 self.literal = lit
@@ -371,21 +417,27 @@ class _SelectPlan:
 
     def choose(self, pool: CalibPool, raw: FileRecord, exclude: set[int]) -> list[FileRecord]:
         """The files this select takes for ``raw``: qualifying, at most maxRet, nearest in time."""
+        return self.choose_noted(pool, raw, exclude)[0]
+
+    def choose_noted(self, pool: CalibPool, raw: FileRecord, exclude: set[int]
+                     ) -> tuple[list[FileRecord], str]:
+        """:meth:`choose`, and a note when a ``tryBetween`` range had to be dropped."""
         base_key, base = self.base(pool)
         if not base:
-            return []
+            return [], ""
         probe = ()
         if self.join_input:
             try:
                 probe = tuple(index_key(raw.values[a]) for a in self.join_input)
             except KeyError:
-                return []  # a missing keyword never satisfies ==
+                return [], ""  # a missing keyword never satisfies ==
         bucket = pool.joined(base_key, base, self.join_candidate).get(probe)
         if bucket is None:
-            return []
+            return [], ""
         limit = self.select.max_ret
-        if self.residual is None and not exclude:
-            return bucket.nearest(raw.mjd, limit)
+        when = raw.time(pool.time_match)
+        if self.residual is None and not exclude and not self.soft:
+            return bucket.nearest(when, limit), ""
         cond, rv = self.residual, raw.values
         out = []
         for rec in bucket.records:
@@ -396,7 +448,21 @@ class _SelectPlan:
                     out.append(rec)
             except OcaTypeError as e:
                 _log.warning("association: %s: select %s: %s", rec.path, self.select.tag, e)
-        return _TimeSorted(out).nearest(raw.mjd, limit)
+        note = ""
+        if self.soft and out:
+            inside = []
+            for rec in out:
+                try:
+                    if all(fn(rec.values, rv, None) for _, fn in self.soft):
+                        inside.append(rec)
+                except OcaTypeError as e:
+                    _log.warning("association: %s: select %s: %s", rec.path, self.select.tag, e)
+            if inside:
+                out = inside
+            else:
+                note = (f"{self.select.tag}: no candidate within "
+                        f"{' and '.join(text for text, _ in self.soft)}; the nearest outside taken")
+        return _TimeSorted(out, pool.time_match).nearest(when, limit), note
 
     def explain(self, pool: CalibPool, raw: FileRecord, found: int) -> str:
         """Why this tag got fewer than minRet files."""
@@ -410,7 +476,9 @@ class _SelectPlan:
             return f"no file in {sel.pool}"
         if found:
             return f"only {found} of minRet={sel.min_ret} files qualify"
-        nearest = sorted(base, key=lambda r: (_distance(r, raw), str(r.path)))[:EXPLAIN_NEAREST]
+        mode = pool.time_match
+        nearest = sorted(base, key=lambda r: (_distance(r, raw, mode), str(r.path)))[
+            :EXPLAIN_NEAREST]
         reasons = []
         for rec in nearest:
             for text, fn, expr in self.parts:
@@ -441,8 +509,8 @@ def _show(rec: FileRecord, raw: FileRecord, key: Keyword) -> str:
     return "missing" if value is None else repr(value)
 
 
-def _distance(rec: FileRecord, raw: FileRecord) -> float:
-    a, b = rec.mjd, raw.mjd
+def _distance(rec: FileRecord, raw: FileRecord, time_match: str = MJD_OBS_MOD) -> float:
+    a, b = rec.time(time_match), raw.time(time_match)
     if a is None or b is None:
         return math.inf
     return abs(a - b)
@@ -542,8 +610,8 @@ class Associator:
         self.rules = rules
         self.plans = {a.name: [_SelectPlan(s) for s in a.selects] for a in rules.actions}
 
-    def associate(self, group: Group, calib_pool: CalibPool, raw_pool: CalibPool
-                  ) -> AssociationBlock:
+    def associate(self, group: Group, calib_pool: CalibPool, raw_pool: CalibPool,
+                  templates: Mapping[Any, list[FileRecord]] | None = None) -> AssociationBlock:
         rules = self.rules
         raw = group.files[0]
         action = rules.action(group.action)
@@ -562,6 +630,8 @@ class Associator:
             match_keys=dict(group.keys),
             reference=dict(raw.header),
             raw_category=raw.category,
+            config_version=rules.version,
+            time_match=calib_pool.time_match,
         )
         if action is None:
             ab.missing["(action)"] = f"no action {group.action!r} in the rules"
@@ -570,6 +640,11 @@ class Associator:
             ab.missing["(raw)"] = (f"{len(group.files)} raw files, the rule needs "
                                    f"minRet={group.rule.min_files}")
             ab.complete = False
+        if templates is not None and _mode(group.rule) in ("template", "last-frame"):
+            short = _template_shortfall(group, templates)
+            if short:
+                ab.missing["(template)"] = short
+                ab.complete = False
         for plan in self.plans.get(group.action, []):
             sel = plan.select
             tag = rules.sof_tag(sel.tag)
@@ -579,13 +654,85 @@ class Associator:
                 pool, exclude = raw_pool, {id(f) for f in group.files}
             else:
                 pool, exclude = calib_pool, set()
-            found = plan.choose(pool, raw, exclude)
+            found, note = plan.choose_noted(pool, raw, exclude)
+            if note:
+                ab.notes.append(note)
             if found:
                 ab.calibs.setdefault(tag, []).extend(f.path for f in found)
             if len(found) < sel.min_ret:
                 ab.complete = False
                 ab.missing[tag] = plan.explain(pool, raw, len(found))
         return ab
+
+    def add_virtual(self, ab: AssociationBlock, raw: FileRecord,
+                    products: list[tuple[FileRecord, str]]) -> bool:
+        """Fill the AB's missing calibFiles tags with products of other ABs (DFOS virtual
+        calibrations); True when something was filled."""
+        changed = False
+        rules = self.rules
+        for plan in self.plans.get(ab.action, []):
+            sel = plan.select
+            tag = rules.sof_tag(sel.tag)
+            if tag not in ab.missing or sel.pool in RAW_POOLS or sel.max_ret <= 0:
+                continue
+            have = len(ab.calibs.get(tag, ()))
+            candidates = []
+            for rec, producer in products:
+                if producer == ab.name:
+                    continue
+                try:
+                    if plan.condition(rec.values, raw.values, None):
+                        candidates.append((rec, producer))
+                except OcaTypeError:
+                    continue
+            if have + len(candidates) < sel.min_ret or not candidates:
+                continue
+            when = raw.time(ab.time_match)
+            candidates.sort(key=lambda c: (
+                abs(c[0].time(ab.time_match) - when)
+                if when is not None and c[0].time(ab.time_match) is not None else math.inf,
+                str(c[0].path)))
+            ab.virtual[tag] = [(rec.path, producer)
+                               for rec, producer in candidates[: sel.max_ret - have]]
+            del ab.missing[tag]
+            changed = True
+        if changed and not ab.missing:
+            ab.complete = True
+        return changed
+
+
+def _template_shortfall(group: Group, templates: Mapping[Any, list[FileRecord]]) -> str:
+    """Why the group's templates lack exposures (TPL.NEXP), or "" when none does.
+
+    Exposures are counted over the whole delivery (an OBJECT group of a template
+    that also has SKY frames is not short of them); by distinct TPL.EXPNO when the
+    frames carry it (VIMOS writes one file per quadrant and exposure), else by file.
+    """
+    reasons = []
+    seen: set[Any] = set()
+    for rec in group.files:
+        tid = _template_id(rec)
+        if tid in seen or tid[0] == "FILE":
+            continue
+        seen.add(tid)
+        files = templates.get(tid, [])
+        nexps = [f.values.get("TPL.NEXP") for f in files]
+        nexps = [n for n in nexps if type(n) is float]
+        if not nexps:
+            continue
+        nexp = int(max(nexps))
+        expnos = [f.values.get("TPL.EXPNO") for f in files]
+        if all(type(e) is float for e in expnos):
+            present = {int(e) for e in expnos}
+            count = len(present)
+            missing_nos = [n for n in range(1, nexp + 1) if n not in present]
+            detail = f" (missing TPL.EXPNO {', '.join(map(str, missing_nos))})" if missing_nos else ""
+        else:
+            count, detail = len(files), ""
+        if count < nexp:
+            reasons.append(f"template {tid[0]}={tid[1]}: {count} of TPL.NEXP={nexp} exposures"
+                           f"{detail}")
+    return "; ".join(reasons)
 
 
 def _ab_base_name(group: Group) -> str:
@@ -605,6 +752,11 @@ def build_abs(
     raw_files: Mapping[str | Path, Mapping[str, Any]] | Sequence[FileRecord],
     calib_pool: CalibPool | None = None,
     actions: Iterable[str] | None = None,
+    *,
+    time_match: str | None = None,
+    virtual: bool = False,
+    vcal_dir: str | Path = "VCAL",
+    batch_id: str = "",
 ) -> list[AssociationBlock]:
     """Organise raw files into groups and associate calibrations: the ABs.
 
@@ -618,26 +770,44 @@ def build_abs(
         Calibrations to choose from; empty when None.
     actions
         Keep only ABs of these actions (``Profile.science_actions``); all when None.
+    time_match
+        ``"MJD-OBS_MOD"`` (DFOS, mid-exposure) or ``"MJD-OBS"``; default: the pool's.
+    virtual
+        Fill calibration tags no file satisfies with products of other ABs of these raw
+        files (DFOS virtual calibrations, ``MCALIB VIRTUAL``); the producing ABs are
+        returned too, before the ABs that need them.
+    vcal_dir
+        Directory the virtual products are named in.
+    batch_id
+        BATCH_ID written in every AB (the run).
 
     Returns
     -------
     list of AssociationBlock
-        Earliest first; names are unique.
+        Earliest first (with ``virtual``: producers before their consumers); names are
+        unique.
     """
     if isinstance(raw_files, Mapping):
         records = make_records(rules, raw_files)
     else:
         records = list(raw_files)
     calib_pool = calib_pool if calib_pool is not None else CalibPool()
-    raw_pool = CalibPool(records)
+    if time_match is not None and time_match != calib_pool.time_match:
+        calib_pool = CalibPool(calib_pool.records, time_match)
+    raw_pool = CalibPool(records, calib_pool.time_match)
+    templates: dict[Any, list[FileRecord]] = defaultdict(list)
+    for rec in records:
+        templates[_template_id(rec)].append(rec)
     wanted = set(actions) if actions is not None else None
     associator = Associator(rules)
     abs_: list[AssociationBlock] = []
+    refs: dict[int, FileRecord] = {}
     names: set[str] = set()
     for group in organise(rules, records):
-        if wanted is not None and group.action not in wanted:
+        if wanted is not None and group.action not in wanted and not virtual:
             continue
-        ab = associator.associate(group, calib_pool, raw_pool)
+        ab = associator.associate(group, calib_pool, raw_pool, templates)
+        ab.batch_id = batch_id
         name = _ab_base_name(group)
         if len(group.rule.qualifier) > 1:
             name += f"_{group.rule.qualifier[1]}"
@@ -649,5 +819,63 @@ def build_abs(
             name = f"{base}_{n}"
         names.add(name)
         ab.name = name
+        refs[id(ab)] = group.files[0]
         abs_.append(ab)
-    return abs_
+    if not virtual:
+        return abs_
+    return _with_virtual(rules, associator, abs_, refs, wanted, Path(vcal_dir))
+
+
+def _virtual_products(rules: RuleSet, ab: AssociationBlock, ref: FileRecord,
+                      vcal_dir: Path) -> list[tuple[FileRecord, str]]:
+    """The products an AB's action declares, as records: the AB's reference raw header
+    with the product's assignments (``PRO.CATG = ...``), classified by the rules."""
+    action = rules.action(ab.action)
+    if action is None:
+        return []
+    classifier = CompiledClassifier.from_rules(rules)
+    out = []
+    for product in action.products:
+        header = {k: v for k, v in ref.header.items() if k not in CATEGORY_KEYWORDS}
+        for a in product.assignments:
+            if isinstance(a.value, Literal):
+                header[a.key] = a.value.value
+        ext = header.pop("PRO.EXT", None)
+        suffix = ext if isinstance(ext, str) and ext else f"{product.name}.fits"
+        path = vcal_dir / f"r.{ab.name}_{suffix}"
+        values = normalise_record(header)
+        result = classifier.classify_record(path, values)
+        header.update(result.values)
+        out.append((FileRecord(path, header, values, result), ab.name))
+    return out
+
+
+def _with_virtual(rules: RuleSet, associator: Associator, abs_: list[AssociationBlock],
+                  refs: dict[int, FileRecord], wanted: set[str] | None,
+                  vcal_dir: Path) -> list[AssociationBlock]:
+    products: dict[str, list[tuple[FileRecord, str]]] = {}
+    changed = True
+    while changed:  # a flat completed by a virtual dark can in turn give a virtual flat
+        changed = False
+        pool = [p for ab in abs_ if ab.complete for p in products.setdefault(
+            ab.name, _virtual_products(rules, ab, refs[id(ab)], vcal_dir))]
+        for ab in abs_:
+            if ab.missing and associator.add_virtual(ab, refs[id(ab)], pool):
+                changed = True
+    by_name = {ab.name: ab for ab in abs_}
+    ordered: list[AssociationBlock] = []
+    placed: set[str] = set()
+
+    def place(ab: AssociationBlock) -> None:
+        if ab.name in placed:
+            return
+        placed.add(ab.name)
+        for entries in ab.virtual.values():
+            for _, producer in entries:
+                place(by_name[producer])
+        ordered.append(ab)
+
+    for ab in abs_:
+        if wanted is None or ab.action in wanted:
+            place(ab)
+    return ordered

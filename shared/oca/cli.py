@@ -113,6 +113,7 @@ def explain(instrument_rules, files: list[Path], calib: list[Path]) -> dict[str,
         rec = by_path[path]
         out_files.append({
             "path": str(path),
+            "category": rec.classification.category,
             "classification": rec.classification.values,
             "rules": rec.classification.rule_lines,
             "errors": rec.classification.errors,
@@ -131,7 +132,10 @@ def _print_text(result: dict[str, Any]) -> None:
     for f in result["files"]:
         print(f"file {f['path']}")
         if not f["classification"] and not f["errors"]:
-            print("  UNCLASSIFIED (no rule matched)")
+            if f.get("category", "UNCLASSIFIED") != "UNCLASSIFIED":
+                print(f"  {f['category']} (no rule matched: the file's PRO.CATG)")
+            else:
+                print("  UNCLASSIFIED (no rule matched)")
         for key, value in f["classification"].items():
             print(f"  {key} = {value!r}   set by {f['rules'].get(key, '?')}")
         for err in f["errors"]:
