@@ -189,7 +189,12 @@ def test_association_closest_in_time_and_incomplete(hawki_rules, tmp_path):
     assert ab["RAWFILE"] == [("/raw/pre1.fits", "OBJECT"), ("/raw/pre2.fits", "OBJECT")]
     assert ("/cal/dark10_new.fits", "MASTER_DARK") in ab["MCALIB"]
     assert any(m.startswith("MASTER_CONF ") for m in ab["MISSING"])
-    assert "INS.FILT1.NAME=H" in ab["RAW_MATCH_KEY"]
+    # DFOS writes RAW_MATCH_KEY names with underscores (INS_GRAT_NAME=HR), not dots
+    assert "INS_FILT1_NAME=H" in ab["RAW_MATCH_KEY"]
+    assert ab["match_keys"]["INS_FILT1_NAME"] == "H"
+    # CONFIG_VERSION names the rule set (given here) and BATCH_ID/OBS_MODE are DFOS fields
+    assert ab["CONFIG_VERSION"] == "hawki.oca+hawki_overlay.oca"
+    assert ab["OBS_MODE"] == "SM" and ab["BATCH_ID"] == ""
 
 
 def test_missing_tag_with_no_candidate_at_all(hawki_rules):
