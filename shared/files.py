@@ -125,6 +125,15 @@ def remove_stale_temp_files(root: Path, older_than_s: float | None = None) -> li
     return removed
 
 
+def fsync_file(path: Path) -> None:
+    """Make a file someone else wrote (esorex, a transfer tool) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

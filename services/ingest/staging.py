@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import PermanentError
-from shared.files import CHUNK, file_digest, fsync_dir
+from shared.files import CHUNK, file_digest, fsync_dir, fsync_file
 from shared.messages import DeliveredFile
 
 
@@ -83,9 +83,11 @@ def _link_or_copy(src: Path, target: Path, algorithm: str) -> str | None:
     """Hard-link ``src`` (no byte read), or copy it hashing the bytes on the way: the digest then."""
     try:
         os.link(src, target)
-        return None
     except OSError:
         pass
+    else:
+        fsync_file(target)  # AOG's bytes are ours to keep once the delivery is acked
+        return None
     digest = hashlib.new(algorithm)
     with open(src, "rb") as source, open(target, "wb") as out:
         for chunk in iter(lambda: source.read(CHUNK), b""):

@@ -39,6 +39,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from services.processor.esorex import Product
+from shared.files import fsync_dir, fsync_file
 from shared.messages import Product as MessageProduct
 from shared.messages import RawFrame
 
@@ -108,7 +109,9 @@ def move_products(products: Sequence[Product], sci_dir: Path, instrument: str | 
         if target.exists():
             raise FileExistsError(f"{target} exists already; refusing to overwrite a product")
         shutil.move(str(product.path), target)  # os.rename on one file system
+        fsync_file(target)  # esorex does not: the products must be durable before the run is acked
         moved.append(replace(product, path=target))
+    fsync_dir(sci_dir)
     _log.info("moved %d products to %s", len(moved), sci_dir)
     return moved
 

@@ -22,10 +22,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import contextvars
+import errno
 import hashlib
 import logging
 import os
 import re
+import secrets
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from shared.errors import RetryableError
-from shared.files import CHUNK, _temp_beside, fsync_dir
+from shared.files import CHUNK, TEMP_NAME, _temp_beside, fsync_dir
 
 _log = logging.getLogger(__name__)
 
@@ -104,7 +106,13 @@ def _write_object(target: Path, body: bytes | Path, sha256: str | None, sync_dir
     pattern, fsync, rename, fsync of the directory), and the digest is set on
     the temporary file before the rename, so the object and its SHA-256 appear
     together. A file is read once: hashed while copied when ``sha256`` is None.
+    A file whose digest is known is hard-linked instead when it lies on the
+    same file system (the processor made it durable): nothing is read or copied.
     """
+    if isinstance(body, Path) and sha256 is not None and _link_object(body, target, sha256):
+        if sync_dir:
+            fsync_dir(target.parent)
+        return sha256
     fd, tmp = _temp_beside(target)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -136,6 +144,34 @@ def _write_object(target: Path, body: bytes | Path, sha256: str | None, sync_dir
     if sync_dir:
         fsync_dir(target.parent)
     return sha256
+
+
+def _link_object(source: Path, target: Path, sha256: str) -> bool:
+    """Hard-link ``source`` as ``target`` (atomically replacing it) with its SHA-256 attached.
+
+    False when the two lie on different file systems or links are not
+    allowed there: the caller copies instead.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix, suffix = TEMP_NAME
+    tmp = target.parent / f"{prefix}{target.name}.{secrets.token_hex(6)}{suffix}"
+    try:
+        os.link(source, tmp)
+    except OSError as e:
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+            return False
+        raise
+    try:
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            _set_sha256(fd, sha256)
+        finally:
+            os.close(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
 
 
 def _set_sha256(fd: int, sha256: str) -> None:

@@ -63,8 +63,9 @@ def test_each_raw_frame_and_product_is_opened_at_most_twice(tmp_path, hawki_cal)
         assert opens[staged / frame.name] <= 2, f"{frame.name} opened {opens[staged / frame.name]} times"
     assert not [p for p in opens if p.parent == staged and p.name not in {f.name for f in frames}]
 
-    # Products: read once where the recipe wrote them (header, QC and checksum in one pass), then
-    # once more from the science directory to be packaged; the reporter opens none.
+    # Products: read once where the recipe wrote them (header, QC and checksum in one pass); packaged
+    # into the local QC directory by a hard link (a copy, read once, on another file system); the
+    # reporter opens none.
     sci = Path(summary["paths"]["products"])
     products = sorted(sci.glob("*.fits"))
     assert len(products) == 12

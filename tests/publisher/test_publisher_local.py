@@ -124,3 +124,23 @@ def test_a_batch_syncs_each_directory_once_at_its_end(tmp_path, monkeypatch):
         assert len(synced) == 1
     assert synced[1:] == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
     assert (tmp_path / "qc" / "b" / "4.txt").read_bytes() == b"4"
+
+
+def test_a_known_file_on_another_file_system_is_copied_with_its_digest(tmp_path, monkeypatch):
+    import errno
+    import hashlib
+
+    from services.publisher import qcserver
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    source = tmp_path / "product.fits"
+    source.write_bytes(b"x" * 5000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    monkeypatch.setattr(qcserver.os, "link", cross_device)
+    qc = qcserver.LocalQcServer(tmp_path / "qc")
+    assert qc.put("runs/r/product.fits", source, content_type="application/fits", sha256=digest) == digest
+    copy = tmp_path / "qc" / "runs" / "r" / "product.fits"
+    assert copy.read_bytes() == source.read_bytes() and copy.stat().st_ino != source.stat().st_ino
+    assert not [p for p in copy.parent.iterdir() if p.name.endswith(".tmp")]

@@ -201,7 +201,7 @@ def _xattrs_supported(directory: Path) -> bool:
         probe.unlink()
 
 
-def test_local_known_checksum_is_stored_with_the_copy_and_head_reads_nothing(tmp_path):
+def test_local_known_checksum_is_linked_with_its_digest_and_head_reads_nothing(tmp_path):
     if not _xattrs_supported(tmp_path):
         pytest.skip("no user extended attributes on this file system")
     settings = Settings(data_root=tmp_path)
@@ -213,7 +213,8 @@ def test_local_known_checksum_is_stored_with_the_copy_and_head_reads_nothing(tmp
 
     with counting_opens(*_package_files(msg)) as opens:
         [event] = handle_reports_ready(msg, ports_for(settings))
-    assert opens[str(product)] == 1, "copied once, not hashed"
+    assert opens[str(product)] == 0, "hard-linked into the QC directory: neither read nor hashed"
+    assert copy.stat().st_ino == product.stat().st_ino
     assert os.getxattr(copy, SHA256_XATTR).decode() == digest
     # Every object carries its digest, the ones hashed while copied included.
     for entry in event.manifest:
