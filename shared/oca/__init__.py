@@ -40,8 +40,9 @@ from shared.oca.evaluate import (
 )
 from shared.oca.keywords import ENGINE_KEYWORDS, fits_card_name, header_key, header_keys
 from shared.oca.model import RuleSet
-from shared.oca.overlay import apply_overlay, load_rules
+from shared.oca.overlay import apply_overlay, load_rules, read_rules
 from shared.oca.parser import OcaSyntaxError, parse_file, parse_rules
+from shared.oca.preprocess import preprocess
 from shared.oca.printer import format_rules
 
 __all__ = [
@@ -49,8 +50,8 @@ __all__ = [
     "FitsHeaderError", "Group", "HeaderReader", "OcaSyntaxError", "OcaTypeError", "RuleSet",
     "apply_overlay", "build_abs", "calib_pool_from_files", "classified_records", "classify", "fits_card_name",
     "format_ab", "format_rules", "header_key", "header_keys", "load_rules", "make_records", "organise",
-    "parse_file", "parse_rules", "profile_rules", "read_ab", "read_headers", "rule_header_keys",
-    "rule_keywords", "write_ab", "write_sof",
+    "parse_file", "parse_rules", "preprocess", "profile_rules", "read_ab", "read_headers",
+    "read_rules", "rule_header_keys", "rule_keywords", "write_ab", "write_sof",
 ]
 
 
@@ -71,7 +72,11 @@ def profile_rules(profile: Any) -> RuleSet | None:
         raise FileNotFoundError(
             f"{profile.instrument}: no OCA rule file matches {profile.oca_rules!r}; "
             "install the instrument's pipeline package")
-    return load_rules(rule_file, profile.resolve_overlay())
+    # Preprocessed rule sets (DFOS <instr>.h): the profile's include path and macros,
+    # when it has such fields (oca_include_dirs, oca_defines).
+    return load_rules(rule_file, profile.resolve_overlay(),
+                      include_dirs=getattr(profile, "oca_include_dirs", None) or (),
+                      defines=getattr(profile, "oca_defines", None) or None)
 
 
 def rule_header_keys(rules: RuleSet) -> list[str]:

@@ -1,8 +1,10 @@
 """``preimg oca check`` and ``preimg explain``: the OCA engine from the command line.
 
-    preimg oca check FILE [--overlay FILE]
-        Parse a rule file; print one JSON object with the rule counts.
-        Exit 1 with ``file:line:column: message`` on a syntax error.
+    preimg oca check DIR_OR_FILE... [--overlay FILE] [-I DIR] [-D NAME=VALUE]
+        Parse rule files (a directory: its .oca, .RLS and entry .h files; .h
+        files go through the C preprocessor); one JSON line of rule counts per
+        file on stdout, ``file:line:column: message`` on stderr for one that
+        does not parse. Exit 0 all parsed, 1 some did not, 2 nothing to check.
     preimg explain -i INSTR [--rules FILE] [--calib DIR ...] FILE... [--json]
         Classify the files, organise them into ABs and associate calibrations;
         say which rule set each value and why a tag could not be filled.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,9 +41,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``oca check`` and ``explain`` to the ``preimg`` command."""
     oca = subparsers.add_parser("oca", help="OCA rule files")
     oca_sub = oca.add_subparsers(dest="oca_command", metavar="SUBCOMMAND")
-    check = oca_sub.add_parser("check", help="parse a rule file and count its rules")
-    check.add_argument("file", type=Path, help="an OCA rule file (.oca)")
+    check = oca_sub.add_parser(
+        "check", help="parse rule files (or every rule file of a directory) and count their rules")
+    check.add_argument("paths", nargs="+", type=Path, metavar="DIR_OR_FILE",
+                       help="rule files (.oca, .RLS, DFOS entry .h) or directories of them")
     check.add_argument("--overlay", type=Path, help="also parse and merge this overlay")
+    check.add_argument("-I", "--include-dir", dest="include_dirs", type=Path, action="append",
+                       default=[], metavar="DIR", help="#include search path (repeatable)")
+    check.add_argument("-D", "--define", dest="defines", action="append", default=[],
+                       metavar="NAME[=VALUE]", help="preprocessor macro (repeatable)")
+    check.add_argument("--preprocessor", choices=("auto", "pcpp", "cpp"), default="auto")
     check.set_defaults(func=cmd_oca_check)
     oca.set_defaults(func=lambda args: _usage(oca))
 
@@ -61,19 +71,56 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def rule_files(paths: list[Path]) -> list[Path]:
+    """The rule files to check: files as given; in a directory, every ``.oca`` and
+    ``.RLS`` file and every ``.h`` no other header of the directory includes (the
+    entry files of a DFOS rule set: ``<instr>.h``, not its ``_classification.h``)."""
+    out: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            out.append(path)
+            continue
+        headers = sorted(path.rglob("*.h"))
+        included: set[str] = set()
+        for h in headers:
+            try:
+                text = h.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            included |= set(re.findall(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', text,
+                                       re.MULTILINE))
+        entries = [h for h in headers if h.name not in {Path(i).name for i in included}]
+        found = sorted({*path.rglob("*.oca"), *path.rglob("*.RLS"), *entries})
+        out.extend(found)
+    return out
+
+
 def cmd_oca_check(args: argparse.Namespace) -> int:
-    try:
-        rules = load_rules(args.file, args.overlay)
-    except OcaSyntaxError as e:
-        print(str(e), file=sys.stderr)
-        return 1
-    print(json.dumps({
-        "file": str(args.file),
-        "classification_rules": len(rules.classification),
-        "organisation_rules": len(rules.organisation),
-        "actions": len(rules.actions),
-    }))
-    return 0
+    """Exit 0 when every file parsed, 1 when one did not, 2 when there was nothing to check."""
+    files = rule_files(list(args.paths))
+    if not files:
+        print("oca check: no rule files (.oca, .RLS, .h) found", file=sys.stderr)
+        return 2
+    failed = 0
+    for path in files:
+        try:
+            rules = load_rules(path, args.overlay, include_dirs=args.include_dirs,
+                               defines=args.defines, preprocessor=args.preprocessor)
+        except OcaSyntaxError as e:
+            failed += 1
+            print(str(e), file=sys.stderr)
+            continue
+        print(json.dumps({
+            "file": str(path),
+            "classification_rules": len(rules.classification),
+            "organisation_rules": len(rules.organisation),
+            "actions": len(rules.actions),
+            "version": rules.version,
+        }))
+    if len(files) > 1:
+        print(f"oca check: {len(files)} files, {len(files) - failed} parsed, {failed} with errors",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _load_instrument_rules(args: argparse.Namespace):

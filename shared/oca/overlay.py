@@ -16,11 +16,15 @@ the same parser, merged onto the shipped rules by name:
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from shared.oca.model import RuleSet
-from shared.oca.parser import parse_file
+from shared.oca.parser import OcaSyntaxError, parse_rules
+from shared.oca.preprocess import empty_macros, explain_empty_macro, needs_preprocessing, preprocess
 
 _log = logging.getLogger(__name__)
 
@@ -49,19 +53,71 @@ def apply_overlay(base: RuleSet, overlay: RuleSet) -> RuleSet:
         tag_map=tuple(tag_map.items()),
         dropped=(),
         sources=base.sources + overlay.sources,
+        digest=hashlib.sha1(f"{base.digest}+{overlay.digest}".encode()).hexdigest()
+        if base.digest or overlay.digest else "",
     )
 
 
-def load_rules(rule_file: str | Path, overlay: str | Path | None = None) -> RuleSet:
-    """Parse a rule file and, when given, merge an overlay onto it.
+def read_rules(
+    path: str | Path,
+    include_dirs: Iterable[str | os.PathLike[str]] = (),
+    defines: Mapping[str, object] | Iterable[str] | None = None,
+    preprocessor: str = "auto",
+) -> RuleSet:
+    """Parse one rule file; a ``.h`` entry file, or any file with ``#include``/``#define``/
+    ``#if``, goes through the C preprocessor first (:mod:`shared.oca.preprocess`).
+
+    A DFOS ``<instr>.RLS`` (already preprocessed, with or without line markers) is
+    parsed as it is. Errors name the original header and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise OcaSyntaxError(str(path), 0, 0, f"cannot read rule file: {e.strerror}") from e
+    if not needs_preprocessing(path, text):
+        return parse_rules(text, path)
+    include_dirs = list(include_dirs)
+    expanded = preprocess(path, include_dirs, defines, engine=preprocessor)
+    try:
+        return parse_rules(expanded, path)
+    except OcaSyntaxError as e:
+        raise explain_empty_macro(e, empty_macros(path, include_dirs, defines),
+                                  [path.parent, *include_dirs]) from None
+
+
+def load_rules(
+    rule_file: str | Path,
+    overlay: str | Path | None = None,
+    *,
+    include_dirs: Iterable[str | os.PathLike[str]] = (),
+    defines: Mapping[str, object] | Iterable[str] | None = None,
+    preprocessor: str = "auto",
+) -> RuleSet:
+    """Parse a rule file (preprocessed when it is a ``.h`` entry or has directives) and,
+    when given, merge an overlay onto it.
+
+    Parameters
+    ----------
+    rule_file
+        A Gasgano/Reflex ``.oca`` file, a DFOS ``<instr>.RLS``, or a DFOS entry
+        header ``<instr>.h`` that ``#include``s the others.
+    overlay
+        preimg overlay (``shared/profiles/<instr>_overlay.oca``), read the same way.
+    include_dirs, defines
+        For the C preprocessor: ``#include`` search path after the entry's own
+        directory; macros ``{"NAME": value}`` or ``["NAME=value"]``.
+    preprocessor
+        ``"auto"`` (pcpp, else cpp), ``"pcpp"`` or ``"cpp"``.
 
     Raises
     ------
     shared.oca.parser.OcaSyntaxError
-        For either file, naming file, line and column.
+        For either file, naming the original file, line and column.
     """
-    rules = parse_file(rule_file)
+    include_dirs = list(include_dirs)
+    rules = read_rules(rule_file, include_dirs, defines, preprocessor)
     if overlay:
-        rules = apply_overlay(rules, parse_file(overlay))
+        rules = apply_overlay(rules, read_rules(overlay, include_dirs, defines, preprocessor))
         _log.debug("rules %s with overlay %s", rule_file, overlay)
     return rules

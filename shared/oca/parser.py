@@ -110,8 +110,10 @@ _TOKEN_RE = re.compile(
 #: ``# 12 "file.h" 1 3`` (GNU cpp) or ``#line 12 "file.h"`` (pcpp, C99).
 _LINE_MARKER = re.compile(r'[ \t]*\#[ \t]*(?:line[ \t]+)?(\d+)(?:[ \t]+"((?:[^"\\]|\\.)*)")?')
 _DIRECTIVE = re.compile(r"[ \t]*\#[ \t]*([A-Za-z_]\w*)?")
-#: A keyword with an operator glued to its end (``DET.WIN1.BINYand``, uves_wkf_onlydflats.oca:1020).
+#: A keyword with an operator glued to its end (``DET.WIN1.BINYand``, uves_wkf_onlydflats.oca:1020)
+#: or start (``andDET.DIT``).
 _GLUED = re.compile(r"(.*[A-Z0-9_])(and|or|like|then|between)$")
+_GLUED_START = re.compile(r"(and|or|not)([A-Z_].*)$")
 
 
 class OcaSyntaxError(ValueError):
@@ -221,6 +223,9 @@ class _Parser:
             message += (f" after {prev.text!r}: is '{word}' glued to the keyword? "
                         f"write '{head} {word}'")
             token = prev
+        elif token.kind == "name" and (start := _GLUED_START.match(token.text)):
+            word, rest = start.groups()
+            message += f": is '{word}' glued to the keyword? write '{word} {rest}'"
         return OcaSyntaxError(token.path or self.path, token.line, token.column, message)
 
     def end_setting(self) -> None:
@@ -315,12 +320,24 @@ class _Parser:
         start = self.expect_word("if")
         condition = self.parse_expr()
         self.expect_word("then")
-        self.expect("{", "'{' after 'then'")
+        brace = self.expect("{", "'{' after 'then'")
         assignments = []
         while not self.accept("}"):
+            self.check_unclosed(brace)
             assignments.append(self.parse_assignment())
         return ClassificationRule(condition, tuple(assignments), line=start.line,
                                   source=start.path or self.path)
+
+    def check_unclosed(self, brace: Token) -> None:
+        """A statement keyword (or the end) inside ``{ ... }``: the brace was never closed."""
+        tok = self.tok
+        nxt = self.tokens[min(self.pos + 1, len(self.tokens) - 1)]
+        if tok.kind == "eof" or (tok.kind == "name" and tok.text.lower() in (
+                "if", "select", "action", "tagmap", "drop") and nxt.text != "="):
+            raise OcaSyntaxError(
+                tok.path or self.path, tok.line, tok.column,
+                f"expected '}}' closing the '{{' at {brace.path or self.path}:{brace.line}:"
+                f"{brace.column}, found {tok.describe()}")
 
     def parse_assignment(self) -> Assignment:
         key = self.expect_name("a keyword to assign (e.g. DO.CATG) or '}'")
@@ -343,9 +360,9 @@ class _Parser:
         qualifier: list[str] = []
         if self.accept_word("group"):
             self.expect_word("by")
-            group_by.append(self.expect_name("a keyword to group by").text)
+            group_by.append(self.group_key())
             while self.accept(","):
-                group_by.append(self.expect_name("a keyword to group by").text)
+                group_by.append(self.group_key())
             if self.accept_word("as"):
                 self.expect("(", "'(' after 'as'")
                 qualifier.append(self.expect_name("a grouping qualifier").text)
@@ -358,13 +375,20 @@ class _Parser:
             line=start.line, source=start.path or self.path,
         )
 
+    def group_key(self) -> str:
+        if self.is_word("as") and self.tokens[self.pos + 1].text == "(":
+            raise self.error("a keyword to group by")  # e.g. a macro that expanded to nothing
+        return self.expect_name("a keyword to group by").text
+
     def parse_action(self) -> Action:
         start = self.expect_word("action")
         name = self.expect_name("an action name").text
-        self.expect("{", "'{' after the action name")
+        brace = self.expect("{", "'{' after the action name")
         statements: list = []
         min_ret, max_ret = 1, 1
         while not self.accept("}"):
+            if self.tok.kind == "eof" or self.is_word("action") or self.is_word("if"):
+                self.check_unclosed(brace)
             if self.is_word("select"):
                 token = self.tok
                 self.pos += 1
@@ -398,9 +422,10 @@ class _Parser:
                 token = self.tok
                 self.pos += 1
                 product = self.expect_name("a product name").text
-                self.expect("{", "'{' after the product name")
+                brace = self.expect("{", "'{' after the product name")
                 assignments = []
                 while not self.accept("}"):
+                    self.check_unclosed(brace)
                     assignments.append(self.parse_assignment())
                 statements.append(Product(product, tuple(assignments), line=token.line))
             elif self.tok.kind == "name":
