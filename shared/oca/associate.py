@@ -826,14 +826,13 @@ def build_abs(
     return _with_virtual(rules, associator, abs_, refs, wanted, Path(vcal_dir))
 
 
-def _virtual_products(rules: RuleSet, ab: AssociationBlock, ref: FileRecord,
-                      vcal_dir: Path) -> list[tuple[FileRecord, str]]:
+def _virtual_products(rules: RuleSet, classifier: CompiledClassifier, ab: AssociationBlock,
+                      ref: FileRecord, vcal_dir: Path) -> list[tuple[FileRecord, str]]:
     """The products an AB's action declares, as records: the AB's reference raw header
     with the product's assignments (``PRO.CATG = ...``), classified by the rules."""
     action = rules.action(ab.action)
     if action is None:
         return []
-    classifier = CompiledClassifier.from_rules(rules)
     out = []
     for product in action.products:
         header = {k: v for k, v in ref.header.items() if k not in CATEGORY_KEYWORDS}
@@ -854,11 +853,12 @@ def _with_virtual(rules: RuleSet, associator: Associator, abs_: list[Association
                   refs: dict[int, FileRecord], wanted: set[str] | None,
                   vcal_dir: Path) -> list[AssociationBlock]:
     products: dict[str, list[tuple[FileRecord, str]]] = {}
+    classifier = CompiledClassifier.from_rules(rules)
     changed = True
     while changed:  # a flat completed by a virtual dark can in turn give a virtual flat
         changed = False
         pool = [p for ab in abs_ if ab.complete for p in products.setdefault(
-            ab.name, _virtual_products(rules, ab, refs[id(ab)], vcal_dir))]
+            ab.name, _virtual_products(rules, classifier, ab, refs[id(ab)], vcal_dir))]
         for ab in abs_:
             if ab.missing and associator.add_virtual(ab, refs[id(ab)], pool):
                 changed = True
