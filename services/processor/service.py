@@ -177,7 +177,8 @@ class AbPlanner:
         records = classified_records((f.path, f.headers, f.classification) for f in readable)
         with self._lock:
             pool = self._calibrations.current(rules, self._reader)
-        abs_ = build_abs(rules, records, pool, actions=self._profile.science_actions or None)
+        abs_ = build_abs(rules, records, pool, actions=self._profile.science_actions or None,
+                         time_match=self._profile.oca_time_match)
         _log.info("createAB: %d raw frames, %d calibrations -> %d ABs (%d complete)",
                   len(records), len(pool), len(abs_), sum(ab.complete for ab in abs_))
         used = {str(p) for ab in abs_ for p, _ in ab.raw}
@@ -213,7 +214,7 @@ class AbExecutor:
         common = {"name": ab.name, "action": ab.action, "recipe": ab.recipe, "raw": tuple(str(p) for p, _ in ab.raw),
                   "calibrations": item.calibrations, "missing": tuple(ab.missing), "started_at": started}
         if not ab.complete:
-            ab_path = self._write_ab(ab, dirs.logs, "NOT_PROCESSED")
+            ab_path = self._write_ab(ab, dirs, "NOT_PROCESSED")
             reason = "INCOMPLETE: " + "; ".join(f"{tag}: {why}" for tag, why in ab.missing.items())
             return self._finish(ABResult(**common, status="INCOMPLETE", reason=reason, finished_at=_now(),
                                          ab_path=str(ab_path)))
@@ -244,7 +245,7 @@ class AbExecutor:
             except (OSError, ValueError) as e:
                 reason = f"products could not be renamed and moved: {e}"
         status = "SUCCESSFUL" if result.ok and not reason else "FAILED"
-        ab_path = self._write_ab(ab, dirs.logs, status)
+        ab_path = self._write_ab(ab, dirs, status)
         logs = move_logs(workdir, dirs.logs, ab.name)
         shutil.rmtree(workdir, ignore_errors=True)  # partial products of a failed recipe are discarded
         return self._finish(
@@ -258,9 +259,12 @@ class AbExecutor:
         return ABOutcome(result, tuple(products or ()))
 
     @staticmethod
-    def _write_ab(ab: AssociationBlock, directory: Path, status: str) -> Path:
-        path = directory / f"{ab.name}.ab"
-        write_atomic(path, format_ab(ab, process_status=status).encode())
+    def _write_ab(ab: AssociationBlock, dirs: RunDirs, status: str) -> Path:
+        """The AB as DFOS writes it, into the run's log directory: PROD_PATH is the run's
+        science directory, BATCH_ID the run (DFOS's SCIENCE_<date> batch is one delivery here)."""
+        path = dirs.logs / f"{ab.name}.ab"
+        text = format_ab(ab, process_status=status, prod_path=dirs.sci, batch_id=f"SCIENCE_{dirs.sci.name}")
+        write_atomic(path, text.encode())
         return path
 
 

@@ -72,11 +72,10 @@ def profile_rules(profile: Any) -> RuleSet | None:
         raise FileNotFoundError(
             f"{profile.instrument}: no OCA rule file matches {profile.oca_rules!r}; "
             "install the instrument's pipeline package")
-    # Preprocessed rule sets (DFOS <instr>.h): the profile's include path and macros,
-    # when it has such fields (oca_include_dirs, oca_defines).
+    # Preprocessed rule sets (DFOS <instr>.h): the profile's include path and macros.
     return load_rules(rule_file, profile.resolve_overlay(),
-                      include_dirs=getattr(profile, "oca_include_dirs", None) or (),
-                      defines=getattr(profile, "oca_defines", None) or None)
+                      include_dirs=profile.resolve_include_dirs(),
+                      defines=profile.oca_defines or None)
 
 
 def rule_header_keys(rules: RuleSet) -> list[str]:

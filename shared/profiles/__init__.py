@@ -57,10 +57,17 @@ class Profile(BaseModel):
     qc_prefix: str = Field("", description="Key prefix of the instrument on the QC server")
     readme_name: str = "PRE_README.txt"
     required_tools: tuple[str, ...] = ("esorex",)
-    #: Glob of the shipped OCA rule file; the first match is used.
+    #: Glob of the OCA rule file; the first match is used. A ``.h`` entry file (DFOS's
+    #: preprocessed rule sets) is run through a C preprocessor; a ``.RLS`` is parsed as it is.
     oca_rules: str = ""
     #: Overlay on the shipped rules, relative to this directory.
     oca_overlay: str = ""
+    #: Include path of a preprocessed rule set (relative to this directory, or absolute).
+    oca_include_dirs: tuple[str, ...] = ()
+    #: Macros defined for a preprocessed rule set (``-D NAME=VALUE``).
+    oca_defines: dict[str, str | int] = Field(default_factory=dict)
+    #: Time the association matches on: DFOS's MJD-OBS_MOD (MJD-OBS + EXPTIME/2) or plain MJD-OBS.
+    oca_time_match: str = Field("MJD-OBS_MOD", pattern="^(MJD-OBS_MOD|MJD-OBS)$")
     #: esorex plugin directory of this instrument's pipeline (glob; avoids the libcasu clash).
     recipe_dir: str = ""
     recipe_options: dict[str, tuple[str, ...]] = Field(default_factory=dict)
@@ -80,6 +87,9 @@ class Profile(BaseModel):
             return None
         hits = sorted(glob.glob(self.oca_rules))
         return Path(hits[-1]) if hits else None
+
+    def resolve_include_dirs(self) -> tuple[Path, ...]:
+        return tuple(Path(d) if Path(d).is_absolute() else PROFILE_DIR / d for d in self.oca_include_dirs)
 
     def resolve_overlay(self) -> Path | None:
         return (PROFILE_DIR / self.oca_overlay) if self.oca_overlay else None

@@ -25,6 +25,7 @@ from services.processor.handlers import handle_raw_ready
 from services.processor.service import build_ports
 from shared.messages import DeliveryAnnounced, ProductsReady
 from shared.metrics import build_metrics
+from shared.oca import read_ab
 from shared.profiles import load_profile
 from shared.settings import Settings
 
@@ -73,6 +74,10 @@ def test_hawki_preimaging_delivery_gives_science_products(tmp_path, hawki_cal):
     assert Path(doc["paths"]["report"]).is_file() and Path(doc["paths"]["userreport"]).is_file()
     report = Path(doc["paths"]["report"]).read_text()
     assert "hawki_science_process" in report and "SUCCESSFUL" in report
+    [ab_file] = Path(doc["paths"]["logs"]).glob("*.ab")
+    ab = read_ab(ab_file)  # as DFOS writes it: where the products went, the run's batch, the rules' version
+    assert ab["PROD_PATH"] == doc["paths"]["products"] and ab["BATCH_ID"] == f"SCIENCE_{doc['run_id']}"
+    assert ab["CONFIG_VERSION"] and ab["PROCESS_STATUS"] == "SUCCESSFUL"
 
 
 def test_vimos_preimaging_delivery_gives_science_products(tmp_path, vimos_cal):
