@@ -7,7 +7,13 @@
 set -eu
 dest=${1:?usage: $0 DEST}
 suite=${OCA_DEBIAN_SUITE:-bookworm}
-mirror=${OCA_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The machine's own Debian mirror (its first deb822 URIs or sources.list line), unless given.
+machine_mirror() {
+    { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
+      grep -h '^deb ' /etc/apt/sources.list 2>/dev/null | awk '{print $2}'; } | grep -v security | head -n 1
+}
+mirror=${OCA_DEBIAN_MIRROR:-$(machine_mirror)}
+[ -n "$mirror" ] || { echo "no Debian mirror configured; set OCA_DEBIAN_MIRROR" >&2; exit 1; }
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/src" "$dest"
