@@ -125,8 +125,8 @@ def remove_stale_temp_files(root: Path, older_than_s: float | None = None) -> li
     return removed
 
 
-def fsync_file(path: Path) -> None:
-    """Make a file someone else wrote (esorex, a transfer tool) durable."""
+def fsync_path(path: Path) -> None:
+    """Make a file or a directory durable: a file's bytes, or the entries created or renamed in a directory."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,12 +134,10 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+#: A directory after entries were created or renamed in it.
+fsync_dir = fsync_path
+#: A file someone else wrote (esorex, a transfer tool), before we vouch for it.
+fsync_file = fsync_path
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
