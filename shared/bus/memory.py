@@ -19,6 +19,7 @@ from typing import Any
 from shared.bus.port import settle
 from shared.bus.runner import Incoming, Outcome
 from shared.bus.topology import (
+    HEADER_REASON,
     UNROUTABLE_QUEUE,
     QueueSpec,
     dead_letter_queue,
@@ -125,9 +126,11 @@ class InProcessBus:
                 try:
                     outcome = self._consumers[queue](incoming)
                     settle(outcome, incoming, queue, self.n_retry_tiers, self)
-                except Exception:  # noqa: BLE001 - as on the broker: nack without requeue -> dead letter
+                except Exception as e:  # noqa: BLE001 - as on the broker: nack without requeue -> dead letter
                     _log.exception("message on %s could not be settled; dead-lettered", queue)
-                    self._queues[dead_letter_queue(queue)].items.append((self._clock(), incoming))
+                    headers = {**incoming.headers, HEADER_REASON: f"could not be settled: {type(e).__name__}: {e}"}
+                    dead = Incoming(incoming.body, incoming.routing_key, headers)
+                    self._queues[dead_letter_queue(queue)].items.append((self._clock(), dead))
                 handled += 1
                 continue
             wait = self._next_expiry()
