@@ -125,22 +125,6 @@ def bench_ingest(frames: list[Path], area: Path, scratch: Path, repeat: int) -> 
     }), flush=True)
 
 
-def _capture_registries() -> list[CollectorRegistry]:
-    """Record the metrics registry run_embedded builds (services.app offers no other way to it)."""
-    from services import app
-    from shared.metrics import Metrics
-
-    registries: list[CollectorRegistry] = []
-    original = app.build_metrics
-
-    def capturing(registry: CollectorRegistry) -> Metrics:
-        registries.append(registry)
-        return original(registry)
-
-    app.build_metrics = capturing
-    return registries
-
-
 def _sums(registry: CollectorRegistry, metric: str) -> dict[str, float]:
     """``<metric>_sum`` of a histogram by its ``stage`` label ("" when it has none)."""
     out: dict[str, float] = {}
@@ -177,7 +161,7 @@ def bench_turnaround(frames_dir: Path, cal_root: Path, scratch: Path, runs: int)
     from services.app import run_embedded
     from shared.settings import Settings
 
-    registries = _capture_registries()
+    registries: list[CollectorRegistry] = []
     recipe_dir = load_profile(INSTRUMENT).resolve_recipe_dir()
     command: tuple[str, list[tuple[Path, str]], list[str]] | None = None
     totals: list[float] = []
@@ -188,13 +172,12 @@ def bench_turnaround(frames_dir: Path, cal_root: Path, scratch: Path, runs: int)
         data_root = scratch / f"run-{i}"
         settings = Settings(data_root=data_root, cal_root=cal_root)
         started = time.perf_counter()
-        summary = run_embedded(INSTRUMENT, frames_dir, settings, test=True, run_id=f"bench-fullsize-{i}")
+        registries.append(CollectorRegistry())
+        summary = run_embedded(INSTRUMENT, frames_dir, settings, test=True, run_id=f"bench-fullsize-{i}",
+                               registry=registries[i])
         total = time.perf_counter() - started
         if summary.status != "ok":
             raise RuntimeError(f"preimg run ended {summary.status}: {summary.reason}")
-        if len(registries) != i + 1:
-            raise RuntimeError("could not read the run's metrics: services.app.run_embedded no longer "
-                               "builds them with services.app.build_metrics")
         for stage, seconds in _stage_seconds(registries[i]).items():
             stages[stage].append(seconds)
         recipe_s.append(sum(_sums(registries[i], "preimg_recipe_duration_seconds").values()))

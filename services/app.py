@@ -237,8 +237,12 @@ def describe_files(paths: list[Path], area: Path) -> list[DeliveredFile]:
 
 
 def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool = True,
-                 run_id: str | None = None) -> RunSummary:
-    """Process the FITS files of ``raw_dir`` through the four stages in this process."""
+                 run_id: str | None = None, registry: CollectorRegistry | None = None) -> RunSummary:
+    """Process the FITS files of ``raw_dir`` through the four stages in this process.
+
+    ``registry`` receives the run's metrics (stage and recipe durations), for
+    callers that want them (the full-size bench); a fresh one otherwise.
+    """
     raw_dir = raw_dir.resolve()
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw directory {raw_dir} does not exist")
@@ -248,7 +252,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
         raise FileNotFoundError(f"no FITS files (*.fits, *.fit, *.fits.fz) in {raw_dir}")
     load_profile(instrument)  # an unknown instrument stops here, before anything is staged
     run_id = run_id or new_run_id(instrument)
-    registry = CollectorRegistry()
+    registry = registry if registry is not None else CollectorRegistry()
     metrics = build_metrics(registry)
     bus = InProcessBus(settings.retry_delays_ms)
     bus.declare_topology(available_instruments())
