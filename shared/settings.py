@@ -57,8 +57,6 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(
         5, ge=1, description="Tries per S3 request before the message goes back for a later retry"
     )
-    s3_backoff_s: float = Field(0.5, ge=0, description="First back-off between S3 tries; doubles")
-    s3_backoff_max_s: float = Field(8.0, ge=0, description="Longest back-off between two S3 tries")
     s3_timeout_s: float = Field(10.0, gt=0, description="Connect and read timeout of one S3 request")
     s3_multipart_threshold_mb: int = Field(
         64, ge=1, description="Files of at least this many MiB are uploaded in parts (multipart upload)"

@@ -30,7 +30,7 @@ def test_s3_outage_during_a_run_delays_completion_until_every_object_is_there(ra
     cluster = Cluster(rabbitmq_url, tmp_path, extra_env={
         "PREIMG_QC_MODE": "s3", "PREIMG_S3_ENDPOINT_URL": s3.url, "PREIMG_S3_BUCKET": bucket,
         "PREIMG_S3_PREFIX": "qc", "PREIMG_S3_ACCESS_KEY_ID": "testing", "PREIMG_S3_SECRET_ACCESS_KEY": "testing",
-        "PREIMG_S3_MAX_ATTEMPTS": "2", "PREIMG_S3_BACKOFF_S": "0.05", "PREIMG_S3_TIMEOUT_S": "1",
+        "PREIMG_S3_MAX_ATTEMPTS": "2", "PREIMG_S3_TIMEOUT_S": "1",
         "PREIMG_RETRY_DELAYS_MS": "[500,1000,2000]", "PREIMG_MAX_ATTEMPTS": "30",
     }).start()
     watcher = CompletionWatcher(rabbitmq_url)

@@ -53,7 +53,7 @@ def s3_settings(root: Path, server: MotoServer, bucket: str, **overrides) -> Set
     values = {
         "data_root": root, "qc_mode": "s3", "s3_endpoint_url": server.url, "s3_bucket": bucket,
         "s3_prefix": "qc", "s3_access_key_id": "testing", "s3_secret_access_key": "testing",
-        "s3_max_attempts": 3, "s3_backoff_s": 0.05, "s3_timeout_s": 2.0,
+        "s3_max_attempts": 3, "s3_timeout_s": 2.0,
     }
     values.update(overrides)
     return Settings(**values)

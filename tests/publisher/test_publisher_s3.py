@@ -214,7 +214,7 @@ def _with_many_logs(tmp_path, msg, count: int = 150):
 
 def test_s3_stopped_during_a_run_then_restarted(tmp_path, own_s3):
     settings = s3_settings(tmp_path, own_s3, "qc-outage", write_executed_flag=True,
-                           s3_max_attempts=3, s3_backoff_s=0.05, s3_timeout_s=1.0)
+                           s3_max_attempts=3, s3_timeout_s=1.0)
     msg = _with_many_logs(tmp_path, reports_ready(tmp_path))
     outcome: dict[str, object] = {}
 
@@ -252,7 +252,7 @@ def test_s3_stopped_during_a_run_then_restarted(tmp_path, own_s3):
 def test_s3_back_within_the_retry_window_completes_in_one_call(tmp_path, own_s3):
     """The endpoint hangs (process frozen) for a while: timeouts, back-off, then success."""
     settings = s3_settings(tmp_path, own_s3, "qc-outage", s3_max_attempts=8,
-                           s3_backoff_s=0.25, s3_backoff_max_s=2.0, s3_timeout_s=0.5)
+                           s3_timeout_s=0.5)
     msg = reports_ready(tmp_path)
     retries: list[str] = []
     from services.publisher.service import build_qc_server
