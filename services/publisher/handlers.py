@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Protocol
 
 import jinja2
 
@@ -43,7 +43,7 @@ from services.publisher.mailer import MAIL_ERRORS, Mailer
 from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
 from services.publisher.qcserver import QcServer
 from shared.errors import PermanentError
-from shared.files import fsync_dir, sha256_of, write_atomic
+from shared.files import sha256_of
 from shared.messages import (
     Envelope,
     ManifestEntry,
@@ -94,6 +94,24 @@ class PublisherPorts:
     clock: Callable[[], datetime]
     load_profile: Callable[[str], Profile]
     count_notification_failure: Callable[[str], None]
+    files: RunFiles
+
+
+class RunFiles(Protocol):
+    """The run's local files the publisher reads and marks (the README copy, the REPORT's
+    note, the e-mail marker, the legacy EXECUTED flag); writes are atomic and durable."""
+
+    def read_text(self, path: Path) -> str | None:
+        """The file's text, or None when it does not exist."""
+
+    def write(self, path: Path, data: bytes) -> None:
+        """Replace the file's content atomically and durably."""
+
+    def exists(self, path: Path) -> bool:
+        """Whether the file exists."""
+
+    def touch(self, path: Path) -> None:
+        """Create the (empty) file if it is missing, durably."""
 
 
 # ---------------------------------------------------------------------------
@@ -192,7 +210,7 @@ def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
     data = ports.qc.get(key)
     if data is not None:
         local = Path(msg.log_dir) / profile.readme_name
-        write_atomic(local, data)
+        ports.files.write(local, data)
         return PackageFile(local, local.name, sha256_of(data)), ""
     note = (
         f"{README_NOTE_MARKER} {profile.readme_name} was not found on the QC server "
@@ -201,9 +219,9 @@ def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
     )
     _log.warning("run %s: %s", msg.run_id, note)
     report = Path(msg.report)
-    text = report.read_text(encoding="utf-8") if report.is_file() else ""
+    text = ports.files.read_text(report) or ""
     if README_NOTE_MARKER not in text:  # a replay must not add the note twice
-        write_atomic(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode())
+        ports.files.write(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode())
     return None, note
 
 
@@ -270,7 +288,7 @@ def _notify(msg: ReportsReady, ports: PublisherPorts, profile: Profile, package_
     """E-mail the operator once per run; a failure is logged and counted, never fatal."""
     state = ports.settings.run_dirs(msg.instrument, msg.run_id).state
     marker = state / NOTIFIED_FILE
-    if marker.is_file():
+    if ports.files.exists(marker):
         _log.info("run %s: operator already notified, not mailing again", msg.run_id)
         return
     recipients = [a for a in (ports.settings.operator_email, *profile.email_to) if a]
@@ -286,7 +304,7 @@ def _notify(msg: ReportsReady, ports: PublisherPorts, profile: Profile, package_
     report = Path(msg.report)
     body = [msg.summary or f"{msg.instrument} run {msg.run_id}: {msg.status}", "",
             f"package : {package_url}", f"monitor : {monitor_url}", *notes, "", "-" * 72, ""]
-    body.append(report.read_text(encoding="utf-8", errors="replace") if report.is_file() else "")
+    body.append(ports.files.read_text(report) or "")
     mail.set_content("\n".join(body))
     try:
         ports.mailer.send(mail)
@@ -295,19 +313,7 @@ def _notify(msg: ReportsReady, ports: PublisherPorts, profile: Profile, package_
                    msg.run_id, mail["To"], e)
         ports.count_notification_failure(msg.instrument)
         return
-    write_atomic(marker, json.dumps({"to": recipients,
-                                          "at": ports.clock().isoformat()}).encode())
-
-
-def _write_executed(sci_dir: Path) -> None:
-    """The zero-size flag legacy AOG scripts poll for, made durable before we return."""
-    sci_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sci_dir / EXECUTED_FILE, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    fsync_dir(sci_dir)
+    ports.files.write(marker, json.dumps({"to": recipients, "at": ports.clock().isoformat()}).encode())
 
 
 def _profile(ports: PublisherPorts, instrument: str) -> Profile:
@@ -372,7 +378,7 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
     if profile.email_note:
         _notify(msg, ports, profile, package_url, monitor_url, notes)
     if ports.settings.write_executed_flag:
-        _write_executed(Path(msg.sci_dir))
+        ports.files.touch(Path(msg.sci_dir) / EXECUTED_FILE)
 
     summary = " ".join([msg.summary, *notes]).strip()
     _log.info("run %s published: %d file(s) at %s", msg.run_id, len(manifest), package_url)

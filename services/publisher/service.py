@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,7 +15,7 @@ import jinja2
 from services.publisher.handlers import PublisherPorts
 from services.publisher.mailer import SmtpMailer
 from services.publisher.qcserver import MIB, LocalQcServer, QcServer, S3QcServer
-from shared.files import remove_stale_temp_files
+from shared.files import fsync_dir, remove_stale_temp_files, write_atomic
 from shared.logs import current_context
 from shared.profiles import ProfileError, load_profile
 from shared.settings import Settings
@@ -112,7 +113,33 @@ def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -
         clock=utc_now,
         load_profile=load_profile,
         count_notification_failure=count_notification_failure,
+        files=LocalRunFiles(),
     )
+
+
+class LocalRunFiles:
+    """The publisher's ``RunFiles`` on the shared data volume."""
+
+    def read_text(self, path: Path) -> str | None:
+        try:
+            return path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return None
+
+    def write(self, path: Path, data: bytes) -> None:
+        write_atomic(path, data)
+
+    def exists(self, path: Path) -> bool:
+        return path.is_file()
+
+    def touch(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
 
 
 def remove_package_temp_files(settings: Settings, instrument: str, run_id: str) -> list[Path]:

@@ -144,3 +144,35 @@ def test_a_known_file_on_another_file_system_is_copied_with_its_digest(tmp_path,
     copy = tmp_path / "qc" / "runs" / "r" / "product.fits"
     assert copy.read_bytes() == source.read_bytes() and copy.stat().st_ino != source.stat().st_ino
     assert not [p for p in copy.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+class MemoryRunFiles:
+    """The publisher's run files in a dict: what it marks and notes, without a disk."""
+
+    def __init__(self, texts: dict[Path, str]):
+        self.data = {p: t.encode() for p, t in texts.items()}
+        self.touched: list[Path] = []
+
+    def read_text(self, path):
+        return self.data[path].decode() if path in self.data else None
+
+    def write(self, path, data):
+        self.data[path] = data
+
+    def exists(self, path):
+        return path in self.data
+
+    def touch(self, path):
+        self.touched.append(path)
+
+
+def test_run_files_port_missing_readme_noted_once_and_executed_flag(tmp_path):
+    settings = Settings(data_root=tmp_path, write_executed_flag=True)
+    msg = reports_ready(tmp_path)
+    files = MemoryRunFiles({Path(msg.report): "REPORT\n"})
+    ports = ports_for(settings, files=files)
+    handle_reports_ready(msg, ports)
+    handle_reports_ready(msg, ports)  # a replay
+    report = files.read_text(Path(msg.report))
+    assert report.startswith("REPORT\n") and report.count("was not found on the QC server") == 1
+    assert files.touched == [Path(msg.sci_dir) / "EXECUTED"] * 2
