@@ -1,11 +1,12 @@
 """OCA rule engine: classification, organisation and association by ESO's rule files.
 
-Typical use (the processor)::
+Typical use (the processor; ingest read and classified the raw headers)::
 
-    rules = load_rules(profile.resolve_rules(), profile.resolve_overlay())
+    rules = profile_rules(profile)
     reader = HeaderReader(rule_header_keys(rules))
-    raw, bad = read_headers(reader, raw_paths)
-    pool = calib_pool_from_files(rules, reader, calib_paths)
+    headers, bad = reader.read_many(calib_paths)
+    pool = CalibPool(make_records(rules, headers))
+    raw = classified_records((f.path, f.headers, f.classification) for f in msg.frames)
     for ab in build_abs(rules, raw, pool, actions=profile.science_actions or None):
         write_ab(ab, ab_dir); write_sof(ab, sof_dir / f"{ab.name}.sof")
 
@@ -48,9 +49,9 @@ from shared.oca.printer import format_rules
 __all__ = [
     "AssociationBlock", "CalibPool", "Classification", "CompiledClassifier", "FileRecord",
     "FitsHeaderError", "Group", "HeaderReader", "OcaSyntaxError", "OcaTypeError", "RuleSet",
-    "apply_overlay", "build_abs", "calib_pool_from_files", "classified_records", "classify", "fits_card_name",
+    "apply_overlay", "build_abs", "classified_records", "classify", "fits_card_name",
     "format_ab", "format_rules", "header_key", "header_keys", "load_rules", "make_records", "organise",
-    "parse_file", "parse_rules", "preprocess", "profile_rules", "read_ab", "read_headers",
+    "parse_file", "parse_rules", "preprocess", "profile_rules", "read_ab",
     "read_rules", "rule_header_keys", "rule_keywords", "write_ab", "write_sof",
 ]
 
@@ -83,13 +84,6 @@ def rule_header_keys(rules: RuleSet) -> list[str]:
     return header_keys(rule_keywords(rules) | set(ENGINE_KEYWORDS))
 
 
-def read_headers(
-    reader: HeaderReader, paths: Iterable[str | os.PathLike]
-) -> tuple[dict[Path, dict[str, Any]], dict[Path, FitsHeaderError]]:
-    """Headers of many files; unreadable ones are returned apart with their error."""
-    return reader.read_many(paths)
-
-
 def fits_files(directories: Iterable[str | os.PathLike]) -> list[Path]:
     """FITS files (``*.fits``, ``*.fits.fz``, ``*.fit``) under the directories, sorted."""
     out: list[Path] = []
@@ -101,14 +95,3 @@ def fits_files(directories: Iterable[str | os.PathLike]) -> list[Path]:
         for pattern in ("*.fits", "*.fit", "*.fits.fz"):
             out.extend(d.rglob(pattern))
     return sorted(set(out))
-
-
-def calib_pool_from_files(
-    rules: RuleSet, reader: HeaderReader, paths: Iterable[str | os.PathLike]
-) -> CalibPool:
-    """A calibration pool of the given files, classified with the rules.
-
-    Unreadable files are logged and left out.
-    """
-    headers, _bad = reader.read_many(paths)
-    return CalibPool.from_headers(rules, headers)
