@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import PermanentError
-from shared.files import CHUNK, file_digest, fsync_dir, fsync_file
+from shared.files import CHUNK, file_digest, fsync_dir, sync_all
 from shared.messages import DeliveredFile
 
 
@@ -28,14 +28,14 @@ class DeliveryArea:
 
     def stage(self, files: Sequence[DeliveredFile], dest: Path) -> list[Path]:
         """Verify and stage ``files`` into ``dest``; the staged paths, in order."""
-        return _stage([(f, _resolve_inside(f, self.root)) for f in files], dest)
+        area = self.root.resolve()
+        return _stage([(f, _resolve_inside(f, area)) for f in files], dest)
 
 
 def _resolve_inside(f: DeliveredFile, area: Path) -> Path:
-    """The real path of a delivered file, refused unless it lies inside the delivery area."""
+    """The real path of a delivered file, refused unless it lies inside the (resolved) delivery area."""
     if os.path.basename(f.name) != f.name or f.name in (".", ".."):
         raise PermanentError(f"file name {f.name!r} must be a plain name without directories")
-    area = area.resolve()
     candidate = Path(f.path) if Path(f.path).is_absolute() else area / f.path
     real = candidate.resolve()  # follows symlinks: a link pointing out of the area is refused
     if not real.is_relative_to(area):
@@ -57,19 +57,23 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
     tmp.mkdir()
     problems: list[str] = []
     try:
+        staged = []
         for f, src in sources:
             target = tmp / f.name
             algorithm = f.checksum.split(":", 1)[0]
             problem = _verify(f, target, copied_digest=_link_or_copy(src, target, algorithm))
             if problem:
                 problems.append(problem)
+            staged.append(target)
         if problems:
             raise PermanentError(
                 "the delivery failed verification: " + "; ".join(problems) +
                 ". Deliver the files again with their correct sizes and checksums",
                 problems=problems,
             )
-        fsync_dir(tmp)
+        # AOG's bytes are ours to keep once the delivery is acked: every frame and the
+        # directory naming them made durable in one round of concurrent syncs.
+        sync_all([*staged, tmp])
         if dest.exists():  # left by an attempt that crashed before recording its result
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -80,22 +84,22 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
 
 
 def _link_or_copy(src: Path, target: Path, algorithm: str) -> str | None:
-    """Hard-link ``src`` (no byte read), or copy it hashing the bytes on the way: the digest then."""
+    """Hard-link ``src`` (no byte read), or copy it hashing the bytes on the way: the digest then.
+
+    Not synced here: the caller syncs every staged file at once.
+    """
     try:
         os.link(src, target)
     except OSError:
         pass
     else:
-        fsync_file(target)  # AOG's bytes are ours to keep once the delivery is acked
-        return None
+        return None  # synced with the others by the caller
     digest = hashlib.new(algorithm)
     with open(src, "rb") as source, open(target, "wb") as out:
         for chunk in iter(lambda: source.read(CHUNK), b""):
             digest.update(chunk)
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    return digest.hexdigest()
+    return digest.hexdigest()  # synced with the others by the caller
 
 
 def _verify(f: DeliveredFile, path: Path, copied_digest: str | None = None) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -139,22 +140,20 @@ def _content_type(name: str) -> str:
     return "application/octet-stream"
 
 
-def _within(path: Path, directory: str) -> bool:
-    try:
-        path.resolve().relative_to(Path(directory).resolve())
-        return True
-    except ValueError:
-        return False
-
-
 def package_name(path: Path, msg: ReportsReady) -> str:
-    """Where a file of the run goes inside the package."""
+    """Where a file of the run goes inside the package.
+
+    The paths are compared as written (made absolute and normalised, no
+    symlink lookups): the processor names every file under the run's own
+    directories, so a file outside them is a log of some other origin.
+    """
     if path.name.startswith(REPORT_PREFIXES):
         return path.name
-    if _within(path, msg.sci_dir):
-        return "products/" + path.resolve().relative_to(Path(msg.sci_dir).resolve()).as_posix()
-    if _within(path, msg.log_dir):
-        return "logs/" + path.resolve().relative_to(Path(msg.log_dir).resolve()).as_posix()
+    where = Path(os.path.normpath(os.path.abspath(path)))
+    for directory, folder in ((msg.sci_dir, "products"), (msg.log_dir, "logs")):
+        base = Path(os.path.normpath(os.path.abspath(directory)))
+        if where.is_relative_to(base):
+            return f"{folder}/{where.relative_to(base).as_posix()}"
     return "logs/" + path.name
 
 

@@ -109,7 +109,8 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
     for _ in range(MAX_ROUNDS):
         rows = _read_rows(qc, sorted(listing))
         page = render(rows).encode()
-        qc.put(page_key(base), page, content_type="text/html; charset=utf-8")
+        # The page is a view of the rows, rebuilt whenever it is missing: not worth a sync.
+        qc.put(page_key(base), page, content_type="text/html; charset=utf-8", durable=False)
         after = qc.list(prefix)
         if after == listing:
             return len(rows)

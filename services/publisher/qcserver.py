@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from shared.errors import RetryableError
-from shared.files import CHUNK, TEMP_NAME, _temp_beside, fsync_dir
+from shared.files import CHUNK, TEMP_NAME, _temp_beside, sync_all
 
 _log = logging.getLogger(__name__)
 
@@ -61,13 +61,15 @@ class QcServer(Protocol):
         """Size, recorded SHA-256 and ETag of the object (nothing is read), or None."""
 
     def put(self, key: str, body: bytes | Path, *, content_type: str,
-            sha256: str | None = None) -> str:
+            sha256: str | None = None, durable: bool = True) -> str:
         """Store ``body`` (bytes, or a file to stream) under ``key``, replacing any object.
 
         ``sha256`` is the body's hex digest when the caller knows it: it is
         trusted (the file is not read to hash it) and stored with the object.
         None: it is computed from the bytes read for the upload. Returns the
-        hex SHA-256 recorded with the object.
+        hex SHA-256 recorded with the object. ``durable=False`` for an object
+        rebuilt whenever it is missing (the monitor page): a store that must
+        sync to be durable may skip that; readers still never see half of it.
         """
 
     def list(self, prefix: str) -> dict[str, str]:
@@ -99,21 +101,31 @@ def _safe_key(key: str) -> str:
 SHA256_XATTR = "user.preimg.sha256"
 
 
-def _write_object(target: Path, body: bytes | Path, sha256: str | None, sync_dir: bool = True) -> str:
-    """Write ``body`` to ``target`` atomically with its SHA-256 attached; return the digest.
+@dataclass(frozen=True)
+class _StagedObject:
+    """An object written beside its key, waiting to be renamed into place."""
 
-    Like :func:`shared.files.write_atomic` (temporary file of the same name
-    pattern, fsync, rename, fsync of the directory), and the digest is set on
-    the temporary file before the rename, so the object and its SHA-256 appear
-    together. A file is read once: hashed while copied when ``sha256`` is None.
-    A file whose digest is known is hard-linked instead when it lies on the
-    same file system (the processor made it durable): nothing is read or copied.
+    tmp: Path
+    target: Path
+    #: The temporary file's bytes still need a sync (False for a hard link of a durable file).
+    sync: bool
+
+
+def _stage_object(target: Path, body: bytes | Path, sha256: str | None) -> tuple[_StagedObject, str]:
+    """Write ``body`` into a temporary file beside ``target`` with its SHA-256 attached; nothing synced.
+
+    A file is read once: hashed while copied when ``sha256`` is None. A file
+    whose digest is known is hard-linked instead when it lies on the same
+    file system (the processor made it durable): nothing is read or copied.
+    The digest is set on the temporary file, so after the rename the object
+    and its SHA-256 appear together.
     """
-    if isinstance(body, Path) and sha256 is not None and _link_object(body, target, sha256):
-        if sync_dir:
-            fsync_dir(target.parent)
-        return sha256
-    fd, tmp = _temp_beside(target)
+    if isinstance(body, Path) and sha256 is not None:
+        linked = _link_temp(body, target, sha256)
+        if linked is not None:
+            return _StagedObject(linked, target, sync=False), sha256
+    fd, name = _temp_beside(target)
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
             if isinstance(body, Path):
@@ -134,22 +146,18 @@ def _write_object(target: Path, body: bytes | Path, sha256: str | None, sync_dir
                 out.write(body)
                 sha256 = sha256 or hashlib.sha256(body).hexdigest()
             out.flush()
-            os.fsync(out.fileno())
             _set_sha256(out.fileno(), sha256)
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; the QC web server reads these
-        os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    if sync_dir:
-        fsync_dir(target.parent)
-    return sha256
+    return _StagedObject(tmp, target, sync=True), sha256
 
 
-def _link_object(source: Path, target: Path, sha256: str) -> bool:
-    """Hard-link ``source`` as ``target`` (atomically replacing it) with its SHA-256 attached.
+def _link_temp(source: Path, target: Path, sha256: str) -> Path | None:
+    """Hard-link ``source`` beside ``target`` under a temporary name, its SHA-256 attached.
 
-    False when the two lie on different file systems or links are not
+    None when the two lie on different file systems or links are not
     allowed there: the caller copies instead.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -159,7 +167,7 @@ def _link_object(source: Path, target: Path, sha256: str) -> bool:
         os.link(source, tmp)
     except OSError as e:
         if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
-            return False
+            return None
         raise
     try:
         fd = os.open(tmp, os.O_RDONLY)
@@ -167,11 +175,33 @@ def _link_object(source: Path, target: Path, sha256: str) -> bool:
             _set_sha256(fd, sha256)
         finally:
             os.close(fd)
-        os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return True
+    return tmp
+
+
+def _commit(staged: list[_StagedObject], durable: bool = True) -> None:
+    """Rename staged objects into place: their bytes synced together first, their directories after.
+
+    Objects appear only once their bytes are durable, so a replay that finds
+    an object with the right SHA-256 and size can trust it.
+    """
+    try:
+        if durable:
+            sync_all([s.tmp for s in staged if s.sync])
+        for s in staged:
+            os.replace(s.tmp, s.target)
+    except BaseException:
+        _discard(staged)
+        raise
+    if durable:
+        sync_all({s.target.parent for s in staged})
+
+
+def _discard(staged: list[_StagedObject]) -> None:
+    for s in staged:
+        s.tmp.unlink(missing_ok=True)
 
 
 def _set_sha256(fd: int, sha256: str) -> None:
@@ -209,23 +239,32 @@ class LocalQcServer:
     def __init__(self, root: Path, public_url: str = ""):
         self.root = root
         self.public_url = public_url
+        self._resolved_root = root.resolve()
         self._batch_depth = 0
-        self._unsynced: set[Path] = set()
+        self._staged: list[_StagedObject] = []
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
-        """Inside the block each put fsyncs its file but not its directory; the directories written
-        into are fsynced once when the block ends (a package of 18 files: one directory fsync)."""
+        """Puts inside the block are staged, and appear together when it ends: their bytes synced
+        in one round, renamed into place, their directories synced in one more round (a package of
+        18 files: two rounds of concurrent syncs instead of 36 syncs one after another). An error
+        inside the block discards them."""
         self._batch_depth += 1
         try:
             yield
-        finally:
+        except BaseException:
             self._batch_depth -= 1
             if not self._batch_depth:
-                pending, self._unsynced = self._unsynced, set()
-                for directory in sorted(pending):
-                    fsync_dir(directory)
-
+                staged, self._staged = self._staged, []
+                _discard(staged)
+            raise
+        self._batch_depth -= 1
+        if not self._batch_depth:
+            staged, self._staged = self._staged, []
+            try:
+                _commit(staged)
+            except OSError as e:
+                raise RetryableError(f"cannot write into the QC directory {self.root}: {e}") from e
     def _path(self, key: str) -> Path:
         return self.root / _safe_key(key)
 
@@ -258,14 +297,16 @@ class LocalQcServer:
         return f"{stat.st_ino}-{stat.st_mtime_ns}-{stat.st_size}"
 
     def put(self, key: str, body: bytes | Path, *, content_type: str,
-            sha256: str | None = None) -> str:
+            sha256: str | None = None, durable: bool = True) -> str:
         target = self._path(key)
         try:
-            digest = _write_object(target, body, sha256, sync_dir=not self._batch_depth)
+            staged, digest = _stage_object(target, body, sha256)
+            if self._batch_depth:
+                self._staged.append(staged)
+            else:
+                _commit([staged], durable=durable)
         except OSError as e:
             raise RetryableError(f"cannot write {key} into the QC directory {self.root}: {e}") from e
-        if self._batch_depth:
-            self._unsynced.add(target.parent)
         return digest
 
     def list(self, prefix: str) -> dict[str, str]:
@@ -305,7 +346,7 @@ class LocalQcServer:
     def url(self, key: str) -> str:
         if self.public_url:
             return f"{self.public_url.rstrip('/')}/{key}"
-        return (self.root / key).resolve().as_uri() if key else self.root.resolve().as_uri() + "/"
+        return (self._resolved_root / _safe_key(key)).as_uri() if key else self._resolved_root.as_uri() + "/"
 
 
 # ---------------------------------------------------------------------------
@@ -570,7 +611,8 @@ class S3QcServer:
         return contextlib.nullcontext()
 
     def put(self, key: str, body: bytes | Path, *, content_type: str,
-            sha256: str | None = None) -> str:
+            sha256: str | None = None, durable: bool = True) -> str:
+        # S3 has no cheaper, less durable PUT: ``durable`` changes nothing here.
         if isinstance(body, bytes):
             return self._put_object(key, body, content_type, sha256)
         size = body.stat().st_size

@@ -29,7 +29,7 @@ import jinja2
 
 from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
-from shared.files import fsync_dir, write_atomic
+from shared.files import write_all_atomic
 from shared.messages import ABResult, Envelope, Product, ProductsReady, ReportsReady
 
 _log = logging.getLogger(__name__)
@@ -319,8 +319,5 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
 
 
 def write_report_files(texts: Mapping[Path, str]) -> None:
-    """Each report atomically; their directories fsynced once at the end."""
-    for path, text in texts.items():
-        write_atomic(path, text, sync_dir=False)
-    for directory in sorted({path.parent for path in texts}):
-        fsync_dir(directory)
+    """Every report atomically and durably, synced together (one round of syncs for all)."""
+    write_all_atomic(texts)

@@ -140,8 +140,10 @@ class MessageRunner:
         Parameters
         ----------
         prepare : callable, optional
-            Called with the message once the lease is held, before the handler
-            (the composition root removes the run's stale temporary files).
+            Called with the message once the lease is held, before the handler,
+            when an earlier holder of the lease may have left something behind
+            (the composition root removes the run's stale temporary files). The
+            first holder of a (stage, run) lease has no predecessor: skipped.
         lease_wait_limit_s : float
             How long a copy may wait for another copy's lease before its waits
             count as failed attempts.
@@ -218,7 +220,7 @@ class MessageRunner:
             return self._emit(message, incoming, record.events, label="replayed",
                               recorded_for=record.input_message_id)
 
-        if self._prepare is not None:
+        if self._prepare is not None and lease.token > 1:
             try:
                 self._prepare(message)
             except Exception:  # noqa: BLE001 - housekeeping must not stop the work

@@ -548,3 +548,18 @@ def test_a_lease_dies_with_its_holder(tmp_path):
             assert lease.token == 2  # a new token: anything the dead holder meant to write is fenced off
     finally:
         holder.kill()
+
+
+def test_housekeeping_runs_only_when_an_earlier_attempt_may_have_left_something(harness, handler, tmp_path):
+    """The prepare hook (removing an interrupted write's temporary files) costs a walk of the run's
+    directories: a first attempt has nothing to clean, a retry or a redelivery after a crash may."""
+    prepared: list[str] = []
+    r = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, FileLedger(tmp_path / "state"),
+                      build_metrics(CollectorRegistry()), max_attempts=4,
+                      prepare=lambda msg: prepared.append(msg.delivery_id))
+    harness.start(r)
+    harness.publish_raw("delivery.HAWKI", delivery("good-clean").to_json())
+    harness.publish_raw("delivery.HAWKI", delivery("flaky-clean").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    assert handler.calls == {"good-clean": 1, "flaky-clean": 3}
+    assert prepared == ["flaky-clean", "flaky-clean"]  # before the second and the third call

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import pytest
 
 from services.publisher.handlers import handle_reports_ready
 from shared.settings import Settings
@@ -109,21 +112,43 @@ def test_prune_command_against_s3(tmp_path, s3_server, bucket):
     assert left.get("KeyCount", 0) == 0
 
 
-def test_a_batch_syncs_each_directory_once_at_its_end(tmp_path, monkeypatch):
+def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_path, monkeypatch):
     from services.publisher import qcserver
+    from shared import files
 
-    synced: list[Path] = []
-    monkeypatch.setattr(qcserver, "fsync_dir", synced.append)
+    rounds: list[list[Path]] = []
+
+    def record(paths):
+        paths = sorted(paths)
+        rounds.append(paths)
+        files.sync_all(paths)
+
+    monkeypatch.setattr(qcserver, "sync_all", record)
     qc = qcserver.LocalQcServer(tmp_path / "qc")
     qc.put("a/one.txt", b"1", content_type="text/plain")
-    assert synced == [tmp_path / "qc" / "a"]  # outside a batch: each put is durable when it returns
+    # outside a batch each put is durable when it returns: its bytes, then its directory
+    assert len(rounds) == 2 and rounds[1] == [tmp_path / "qc" / "a"]
+    assert (tmp_path / "qc" / "a" / "one.txt").read_bytes() == b"1"
     with qc.batch():
         for i in range(5):
             qc.put(f"b/{i}.txt", str(i).encode(), content_type="text/plain")
         qc.put("c/x.txt", b"x", content_type="text/plain")
-        assert len(synced) == 1
-    assert synced[1:] == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
+        assert len(rounds) == 2
+        assert not (tmp_path / "qc" / "b" / "4.txt").exists()  # nothing shows before it is durable
+    assert len(rounds[2]) == 6 and all(files.is_temp_name(p.name) for p in rounds[2])
+    assert rounds[3] == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
     assert (tmp_path / "qc" / "b" / "4.txt").read_bytes() == b"4"
+    assert qc.head("b/4.txt").sha256 == hashlib.sha256(b"4").hexdigest()
+
+
+def test_a_failing_batch_leaves_no_object_and_no_temporary_file(tmp_path):
+    from services.publisher import qcserver
+
+    qc = qcserver.LocalQcServer(tmp_path / "qc")
+    with pytest.raises(RuntimeError), qc.batch():
+        qc.put("b/1.txt", b"1", content_type="text/plain")
+        raise RuntimeError("the upload of the next file failed")
+    assert [p.name for p in (tmp_path / "qc" / "b").iterdir()] == []
 
 
 def test_a_known_file_on_another_file_system_is_copied_with_its_digest(tmp_path, monkeypatch):
