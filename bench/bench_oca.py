@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from shared.fitsheader import HeaderReader, read_keywords
-from shared.oca import CalibPool, build_abs, load_rules, rule_header_keys
+from shared.oca import FramePool, build_abs, load_rules, rule_header_keys
 
 N_RAW = 10_000
 N_RAW_SMALL = 1_000
@@ -105,7 +105,7 @@ def time_association(rules, raw: dict, calib: dict) -> tuple[float, float, int, 
     n_abs = complete = 0
     for _ in range(REPEATS):
         t0 = time.perf_counter()
-        pool = CalibPool.from_headers(rules, calib)
+        pool = FramePool.from_headers(rules, calib)
         t1 = time.perf_counter()
         abs_ = build_abs(rules, raw, pool)
         t2 = time.perf_counter()

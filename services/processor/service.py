@@ -27,8 +27,8 @@ from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
 from shared.oca import (
     AssociationBlock,
-    CalibPool,
     FileRecord,
+    FramePool,
     HeaderReader,
     RuleSet,
     build_abs,
@@ -110,9 +110,9 @@ class CalibrationPool:
         self._cal_dir = cal_dir
         self._stamps: dict[Path, tuple[int, int]] = {}
         self._records: dict[Path, FileRecord] = {}
-        self._pool = CalibPool()
+        self._pool = FramePool()
 
-    def current(self, rules: RuleSet, reader: HeaderReader) -> CalibPool:
+    def current(self, rules: RuleSet, reader: HeaderReader) -> FramePool:
         files = fits_files([self._cal_dir / sub for sub in CAL_SUBDIRS if (self._cal_dir / sub).is_dir()])
         stamps = {}
         for path in files:
@@ -130,7 +130,7 @@ class CalibrationPool:
         records = {p: r for p, r in self._records.items() if p in stamps and p not in changed}
         records.update({r.path: r for r in make_records(rules, headers)})
         self._records, self._stamps = records, stamps
-        self._pool = CalibPool(records.values())
+        self._pool = FramePool(records.values())
         _log.info("calibration pool: %d files (%d read now)", len(records), len(changed))
         return self._pool
 

@@ -5,7 +5,7 @@ Typical use (the processor; ingest read and classified the raw headers)::
     rules = profile_rules(profile)
     reader = HeaderReader(rule_header_keys(rules))
     headers, bad = reader.read_many(calib_paths)
-    pool = CalibPool(make_records(rules, headers))
+    pool = FramePool(make_records(rules, headers))
     raw = classified_records((f.path, f.headers, f.classification) for f in msg.frames)
     for ab in build_abs(rules, raw, pool, actions=profile.science_actions or None):
         write_ab(ab, ab_dir); write_sof(ab, sof_dir / f"{ab.name}.sof")
@@ -22,16 +22,7 @@ from typing import Any
 
 from shared.fitsheader import FitsHeaderError, HeaderReader
 from shared.oca.abfiles import format_ab, read_ab, write_ab, write_sof
-from shared.oca.associate import (
-    AssociationBlock,
-    CalibPool,
-    FileRecord,
-    Group,
-    build_abs,
-    classified_records,
-    make_records,
-    organise,
-)
+from shared.oca.associate import AssociationBlock, build_abs
 from shared.oca.evaluate import (
     Classification,
     CompiledClassifier,
@@ -41,18 +32,47 @@ from shared.oca.evaluate import (
 )
 from shared.oca.keywords import ENGINE_KEYWORDS, fits_card_name, header_key, header_keys
 from shared.oca.model import RuleSet
+from shared.oca.organise import Group, organise
 from shared.oca.overlay import apply_overlay, load_rules, read_rules
 from shared.oca.parser import OcaSyntaxError, parse_file, parse_rules
+from shared.oca.pool import FileRecord, FramePool, classified_records, make_records
 from shared.oca.preprocess import preprocess
 from shared.oca.printer import format_rules
 
 __all__ = [
-    "AssociationBlock", "CalibPool", "Classification", "CompiledClassifier", "FileRecord",
-    "FitsHeaderError", "Group", "HeaderReader", "OcaSyntaxError", "OcaTypeError", "RuleSet",
-    "apply_overlay", "build_abs", "classified_records", "classify", "fits_card_name",
-    "format_ab", "format_rules", "header_key", "header_keys", "load_rules", "make_records", "organise",
-    "parse_file", "parse_rules", "preprocess", "profile_rules", "read_ab",
-    "read_rules", "rule_header_keys", "rule_keywords", "write_ab", "write_sof",
+    "AssociationBlock",
+    "Classification",
+    "CompiledClassifier",
+    "FileRecord",
+    "FitsHeaderError",
+    "FramePool",
+    "Group",
+    "HeaderReader",
+    "OcaSyntaxError",
+    "OcaTypeError",
+    "RuleSet",
+    "apply_overlay",
+    "build_abs",
+    "classified_records",
+    "classify",
+    "fits_card_name",
+    "format_ab",
+    "format_rules",
+    "header_key",
+    "header_keys",
+    "load_rules",
+    "make_records",
+    "organise",
+    "parse_file",
+    "parse_rules",
+    "preprocess",
+    "profile_rules",
+    "read_ab",
+    "read_rules",
+    "rule_header_keys",
+    "rule_keywords",
+    "write_ab",
+    "write_sof",
 ]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from shared.fitsheader import HeaderReader
 from shared.oca import (
-    CalibPool,
+    FramePool,
     OcaSyntaxError,
     build_abs,
     fits_files,
@@ -148,7 +148,7 @@ def explain(instrument_rules, files: list[Path], calib: list[Path]) -> dict[str,
     raw_headers, raw_bad = reader.read_many(files)
     calib_headers, calib_bad = reader.read_many(fits_files(calib))
     records = make_records(rules, raw_headers)
-    pool = CalibPool.from_headers(rules, calib_headers)
+    pool = FramePool.from_headers(rules, calib_headers)
     by_path = {r.path: r for r in records}
     out_files = []
     for path in files:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.oca import CalibPool, build_abs, format_ab, parse_rules, read_ab, write_ab
+from shared.oca import FramePool, build_abs, format_ab, parse_rules, read_ab, write_ab
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -52,7 +52,7 @@ def _raw():
 
 
 def _pool(rules):
-    return CalibPool.from_headers(rules, {
+    return FramePool.from_headers(rules, {
         "/data/cal/bias.fits": {"ESO PRO CATG": "MASTER_BIAS", "MJD-OBS": 60373.5},
         "/data/cal/flat_I.fits": {"ESO PRO CATG": "MASTER_FLAT", "ESO INS FILT1 NAME": "I",
                                   "MJD-OBS": 60374.0},

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.oca import CalibPool, build_abs, classify, parse_rules
+from shared.oca import FramePool, build_abs, classify, parse_rules
 
 RULES = '''
 if DPR.CATG == "SCIENCE" then { DO.CATG = "SCI"; }
@@ -63,7 +63,7 @@ def _pool(rules, *cals, time_match="MJD-OBS_MOD"):
     headers = {}
     for c in cals:
         headers.update(c)
-    return CalibPool.from_headers(rules, headers, time_match=time_match)
+    return FramePool.from_headers(rules, headers, time_match=time_match)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.oca import CalibPool, build_abs, classify, read_ab, write_ab, write_sof
+from shared.oca import FramePool, build_abs, classify, read_ab, write_ab, write_sof
 
 SCIENCE = {
     "INSTRUME": "HAWKI", "DPR.CATG": "SCIENCE", "DPR.TECH": "IMAGE", "DPR.TYPE": "OBJECT",
@@ -53,7 +53,7 @@ def _pool(rules):
     for catg in ("MASTER_READGAIN", "PHOTCAL_TAB", "MASTER_LOCAL_CATALOGUE_ASTROM",
                  "MASTER_LOCAL_CATALOGUE_PHOTOM", "SCHLEGEL_MAP_NORTH", "SCHLEGEL_MAP_SOUTH"):
         cal[f"/cal/{catg.lower()}.fits"] = _calib(**{"PRO.CATG": catg})
-    return CalibPool.from_headers(rules, cal)
+    return FramePool.from_headers(rules, cal)
 
 
 def _one(result):
@@ -199,6 +199,6 @@ def test_association_closest_in_time_and_incomplete(hawki_rules, tmp_path):
 
 def test_missing_tag_with_no_candidate_at_all(hawki_rules):
     sci = _frames("obj", SCIENCE, 1, 60310.2, "2024-01-02T03:00:00")
-    (ab,) = build_abs(hawki_rules, sci, CalibPool())
+    (ab,) = build_abs(hawki_rules, sci, FramePool())
     assert ab.missing["MASTER_DARK"] == "no file with PRO.CATG == 'MASTER_DARK' in calibFiles"
     assert len(ab.missing) == 9

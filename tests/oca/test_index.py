@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from shared.oca import CalibPool, build_abs, make_records
+from shared.oca import FramePool, build_abs, make_records
 from shared.oca.evaluate import compile_expr
 
 
@@ -36,7 +36,7 @@ def test_indexed_choice_equals_full_scan(hawki_rules):
             "ESO INS FILT2 NAME": "OPEN"}
     for catg in ("MASTER_READGAIN", "PHOTCAL_TAB", "SCHLEGEL_MAP_NORTH"):
         cal[f"/cal/{catg}.fits"] = {"ESO PRO CATG": catg, "MJD-OBS": 60001.0}
-    pool = CalibPool.from_headers(hawki_rules, cal)
+    pool = FramePool.from_headers(hawki_rules, cal)
     raw = {}
     for i in range(40):
         raw[f"/raw/{i:03d}.fits"] = {

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.oca import (
-    CalibPool,
+    FramePool,
     OcaSyntaxError,
     build_abs,
     load_rules,
@@ -58,7 +58,7 @@ def _headers():
 def _summary(rules):
     raw, cal = _headers()
     records = make_records(rules, raw)
-    pool = CalibPool.from_headers(rules, cal)
+    pool = FramePool.from_headers(rules, cal)
     return ([(str(r.path), r.category) for r in records],
             [(ab.action, ab.name, [str(p) for p, _ in ab.raw],
               {t: [str(p) for p in ps] for t, ps in ab.calibs.items()}, ab.complete, ab.missing)

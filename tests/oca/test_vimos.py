@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shared.oca import CalibPool, build_abs, classify
+from shared.oca import FramePool, build_abs, classify
 
 CHIPS = ("BRIAN", "Keith", "Tom", "DAVID")
 
@@ -41,7 +41,7 @@ def _pool(rules, flat_filters=("R", "I")):
     for catg in ("MASTER_READGAIN", "PHOTCAL_TAB", "MASTER_LOCAL_CATALOGUE_ASTROM",
                  "MASTER_LOCAL_CATALOGUE_PHOTOM", "SCHLEGEL_MAP_NORTH", "SCHLEGEL_MAP_SOUTH"):
         cal[f"/cal/{catg.lower()}.fits"] = {"ESO PRO CATG": catg}
-    return CalibPool.from_headers(rules, cal)
+    return FramePool.from_headers(rules, cal)
 
 
 def test_preimaging_classification(vimos_shipped):
@@ -96,7 +96,7 @@ def test_maybe_equal_lets_other_quadrants_match(vimos_rules):
     # when the keyword is missing on either side.
     files = _quadrants("pre", 60310.1, "2024-01-02T03:00:00")
     pool = _pool(vimos_rules, flat_filters=())
-    pool.add(next(iter(CalibPool.from_headers(vimos_rules, {"/cal/flat_q3.fits": {
+    pool.add(next(iter(FramePool.from_headers(vimos_rules, {"/cal/flat_q3.fits": {
         "ESO PRO CATG": "MASTER_TWILIGHT_FLAT", "ESO INS FILT3 NAME": "I"}}).records)))
     (ab,) = build_abs(vimos_rules, files, pool, actions=["vmImPreimaging"])
     assert ab.calibs["MASTER_TWILIGHT_FLAT"] == [Path("/cal/flat_q3.fits")]
