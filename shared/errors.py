@@ -15,6 +15,16 @@ class RetryableError(PreimgError):
     """A passing fault (broker, S3 or SMTP down, disk full): try the message again later."""
 
 
+class OperatorActionRequired(PreimgError):
+    """A refusal only an operator can mend (no such bucket, access denied, bad credentials).
+
+    Retrying before someone acts only delays the answer, so the runner does
+    not: the message is dead-lettered at once with this reason, AOG gets a
+    RunFailed saying so, and ``preimg dlq replay`` finishes the run once the
+    configuration is mended. The text must name what to fix.
+    """
+
+
 class PermanentError(PreimgError):
     """The input cannot be processed as it is; retrying will not help.
 

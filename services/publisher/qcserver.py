@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from shared.errors import RetryableError
+from shared.errors import OperatorActionRequired, RetryableError
 from shared.files import CHUNK, TEMP_NAME, _temp_beside, sync_all
 
 _log = logging.getLogger(__name__)
@@ -358,6 +358,16 @@ RETRYABLE_CODES = {
     "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed",
     "503", "500", "502", "504",
 }
+#: Refusals only an operator can mend, with what to check.
+OPERATOR_CODES = {
+    "NoSuchBucket": "create the bucket or correct PREIMG_S3_BUCKET",
+    "AccessDenied": "grant the publisher's identity write access to the bucket and prefix (PREIMG_S3_PREFIX)",
+    "AllAccessDisabled": "the bucket's access is disabled; an S3 administrator must enable it",
+    "InvalidAccessKeyId": "correct PREIMG_S3_ACCESS_KEY_ID",
+    "SignatureDoesNotMatch": "correct PREIMG_S3_SECRET_ACCESS_KEY",
+    "InvalidBucketName": "correct PREIMG_S3_BUCKET",
+    "AccountProblem": "the S3 account has a problem; an S3 administrator must look at it",
+}
 #: The server computed another SHA-256 than the one sent with the bytes.
 CHECKSUM_MISMATCH_CODES = {"BadDigest", "XAmzContentChecksumMismatch", "InvalidDigest"}
 
@@ -545,24 +555,33 @@ class S3QcServer:
             raise refused from e
 
     def _refused(self, what: str, error: Exception) -> Exception:
-        """An S3 answer that is not transient: a configuration problem an operator must fix.
+        """An S3 answer that is not transient, as the runner must treat it.
 
-        It stays retryable (the runner retries, then dead-letters it with this
-        reason), so the delivery can be replayed once the bucket or credentials are right.
+        A refusal only configuration can mend (no such bucket, access denied,
+        bad credentials) is :class:`OperatorActionRequired`: dead-lettered at
+        once with the reason, replayed once mended. A checksum the server
+        disputes is worth another try (damaged in transit). botocore already
+        retried what is transient inside this attempt.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+        where = f"{self.endpoint_url or 'AWS'} (bucket {self.bucket})"
         if isinstance(error, ClientError):
-            code = error.response.get("Error", {}).get("Code", "")
+            code = str(error.response.get("Error", {}).get("Code", ""))
             if code in CHECKSUM_MISMATCH_CODES:
                 return RetryableError(
                     f"S3 {what}: the server received bytes whose SHA-256 is not the one sent with "
                     f"them ({code}): damaged in transit, or the file changed after it was hashed"
                 )
-            return RetryableError(
-                f"S3 {what} refused by {self.endpoint_url or 'AWS'} (bucket {self.bucket}): {code}: "
-                f"{error}; check PREIMG_S3_BUCKET, PREIMG_S3_PREFIX and the credentials"
-            )
+            if code in OPERATOR_CODES:
+                return OperatorActionRequired(
+                    f"S3 {what} refused by {where}: {code}: {error}; {OPERATOR_CODES[code]}"
+                )
+            return RetryableError(f"S3 {what} refused by {where}: {code}: {error}")
+        if isinstance(error, NoCredentialsError):
+            return OperatorActionRequired(
+                f"S3 {what} at {where}: no credentials; set PREIMG_S3_ACCESS_KEY_ID and "
+                "PREIMG_S3_SECRET_ACCESS_KEY (or the pod's credentials)")
         if isinstance(error, BotoCoreError):
             return RetryableError(f"S3 {what} failed: {error}")
         return error

@@ -55,6 +55,7 @@ from shared.bus.topology import (
 from shared.errors import (
     IgnorableMessage,
     InvalidMessage,
+    OperatorActionRequired,
     PermanentError,
     PublishFailed,
     RetryableError,
@@ -303,13 +304,19 @@ class MessageRunner:
         reason = f"{type(error).__name__}: {error}"
         if error.__cause__ is not None:
             reason += f" (caused by {type(error.__cause__).__name__}: {error.__cause__})"
-        if attempt < self._max_attempts:
+        needs_operator = isinstance(error, OperatorActionRequired)
+        if attempt < self._max_attempts and not needs_operator:
             _log.warning("attempt %d of %d failed, will retry: %s", attempt, self._max_attempts, reason)
             self._count(stage, instrument, "retried")
             self._metrics.retries.labels(stage, instrument).inc()
             return Outcome("retry", reason=reason, next_attempt=attempt, label="retried")
-        _log.error("giving up after %d attempts: %s", attempt, reason, exc_info=error)
-        final = f"{self.service} gave up after {attempt} attempts: {reason}"
+        if needs_operator:
+            _log.error("an operator must act; not retrying: %s", reason)
+            final = (f"{self.service} needs an operator: {error}. Once mended, replay the dead letter "
+                     f"(preimg dlq replay {self.queue})")
+        else:
+            _log.error("giving up after %d attempts: %s", attempt, reason, exc_info=error)
+            final = f"{self.service} gave up after {attempt} attempts: {reason}"
         outcome = self._dead_letter(final, stage, instrument)
         if isinstance(message, RunFailed):
             return outcome

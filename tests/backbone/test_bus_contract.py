@@ -31,7 +31,13 @@ from shared.bus.topology import (
     QueueSpec,
     dead_letter_queue,
 )
-from shared.errors import IgnorableMessage, PermanentError, PublishFailed, RetryableError
+from shared.errors import (
+    IgnorableMessage,
+    OperatorActionRequired,
+    PermanentError,
+    PublishFailed,
+    RetryableError,
+)
 from shared.ledger import FileLedger, LeaseBusy
 from shared.messages import (
     DeliveredFile,
@@ -75,6 +81,8 @@ class ScriptedHandler:
             raise RetryableError(f"disk busy (call {n})")
         if kind == "crash":
             raise RuntimeError("boom")
+        if kind == "operator":
+            raise OperatorActionRequired("S3 put refused: NoSuchBucket; create the bucket")
         return [RawDataReady(run_id=msg.run_id, delivery_id=msg.delivery_id, instrument=msg.instrument,
                              raw_dir="/nowhere", frames=(), delivered_at=msg.created_at)]
 
@@ -563,3 +571,13 @@ def test_housekeeping_runs_only_when_an_earlier_attempt_may_have_left_something(
     harness.wait(lambda: len(harness.sink()) >= 2)
     assert handler.calls == {"good-clean": 1, "flaky-clean": 3}
     assert prepared == ["flaky-clean", "flaky-clean"]  # before the second and the third call
+
+
+def test_a_refusal_only_an_operator_can_mend_is_dead_lettered_at_once_with_an_answer(harness, runner, handler):
+    harness.publish_raw("delivery.HAWKI", delivery("operator-1").to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1 and len(harness.dead_letters()) >= 1)
+    [event] = harness.sink()
+    assert isinstance(event, RunFailed) and event.details["attempts"] == 1
+    assert "needs an operator" in event.reason and "create the bucket" in event.reason
+    assert f"preimg dlq replay {SPEC.name}" in event.reason
+    assert handler.calls == {"operator-1": 1}  # not retried: nothing changes until someone acts

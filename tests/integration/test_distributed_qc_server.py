@@ -80,7 +80,7 @@ def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rab
     cluster = Cluster(rabbitmq_url, tmp_path, extra_env={
         "PREIMG_QC_MODE": "s3", "PREIMG_S3_ENDPOINT_URL": s3.url, "PREIMG_S3_BUCKET": bucket,
         "PREIMG_S3_ACCESS_KEY_ID": "testing", "PREIMG_S3_SECRET_ACCESS_KEY": "testing",
-        "PREIMG_S3_MAX_ATTEMPTS": "1", "PREIMG_RETRY_DELAYS_MS": "[100]", "PREIMG_MAX_ATTEMPTS": "2",
+        "PREIMG_S3_MAX_ATTEMPTS": "1", "PREIMG_RETRY_DELAYS_MS": "[100]", "PREIMG_MAX_ATTEMPTS": "4",
     }).start()
     watcher = CompletionWatcher(rabbitmq_url)
     try:  # the bucket does not exist yet: a misconfigured QC server
@@ -89,7 +89,12 @@ def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rab
             client.sender.publish(DeliveryAnnounced(run_id="dlq-1", delivery_id="dlq-1", instrument="FORS2",
                                                     test=True, files=tuple(describe_files(frames, cluster.delivery_area))))
         [failed] = watcher.collect(until=1, timeout=30)
-        assert failed["type"] == "preimg.run_failed.v1" and "gave up after 2 attempts" in failed["reason"], failed
+        # Only an operator can create the bucket: no retries, an answer at once that says what to fix.
+        assert failed["type"] == "preimg.run_failed.v1", failed
+        assert "needs an operator" in failed["reason"] and "NoSuchBucket" in failed["reason"], failed
+        assert "create the bucket or correct PREIMG_S3_BUCKET" in failed["reason"], failed
+        assert "preimg dlq replay preimg.publisher" in failed["reason"], failed
+        assert failed["details"]["attempts"] == 1, failed
 
         listed = subprocess.run(PREIMG + ["dlq", "list", "preimg.publisher"], env=cluster.env(), cwd=REPO,
                                 capture_output=True, text=True, timeout=60, check=False)
@@ -97,7 +102,7 @@ def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rab
         # The publisher could not record the failed row either (same bucket): both wait in its DLQ.
         assert set(entries) == {"preimg.reports_ready.v1", "preimg.run_failed.v1"}, listed.stdout
         entry = entries["preimg.reports_ready.v1"]
-        assert entry["run_id"] == "dlq-1" and "gave up after 2 attempts" in entry["reason"]
+        assert entry["run_id"] == "dlq-1" and "needs an operator" in entry["reason"]
 
         s3.create_bucket(bucket)  # the operator mends the fault, then replays
         replay = subprocess.run(PREIMG + ["dlq", "replay", "preimg.publisher"], env=cluster.env(), cwd=REPO,

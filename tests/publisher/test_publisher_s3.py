@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from services.publisher.handlers import handle_reports_ready, handle_run_failed
-from shared.errors import PermanentError, RetryableError
+from shared.errors import OperatorActionRequired, PermanentError, RetryableError
 from shared.messages import PreImagingCompleted, RunFailed, derived_message_id
 from shared.profiles import load_profile
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
@@ -269,7 +269,26 @@ def test_s3_back_within_the_retry_window_completes_in_one_call(tmp_path, own_s3)
     _assert_package_complete(own_s3, "qc-outage", event)
 
 
-def test_s3_refusal_is_retryable_with_a_readable_reason(tmp_path, s3_server):
+def test_a_missing_bucket_needs_an_operator_and_says_what_to_fix(tmp_path, s3_server):
     settings = s3_settings(tmp_path, s3_server, "no-such-bucket")
-    with pytest.raises(RetryableError, match="NoSuchBucket"):
+    with pytest.raises(OperatorActionRequired, match="NoSuchBucket.*create the bucket or correct PREIMG_S3_BUCKET"):
         handle_reports_ready(reports_ready(tmp_path), ports_for(settings))
+
+
+@pytest.mark.parametrize(("code", "names"), [
+    ("InvalidAccessKeyId", "PREIMG_S3_ACCESS_KEY_ID"),
+    ("SignatureDoesNotMatch", "PREIMG_S3_SECRET_ACCESS_KEY"),
+    ("AccessDenied", "write access"),
+])
+def test_refusals_of_the_credentials_need_an_operator_and_name_the_setting(code, names):
+    """The classification alone (moto does not check credentials): S3's error codes for a bad
+    identity are answered at once, naming the setting to correct; an unknown code stays retryable."""
+    from botocore.exceptions import ClientError
+
+    from services.publisher.qcserver import S3QcServer
+
+    qc = S3QcServer(endpoint_url="http://s3.invalid", bucket="qc")
+    refused = qc._refused("put x", ClientError({"Error": {"Code": code, "Message": "no"}}, "PutObject"))
+    assert isinstance(refused, OperatorActionRequired) and names in str(refused)
+    other = qc._refused("put x", ClientError({"Error": {"Code": "SomethingNew", "Message": "?"}}, "PutObject"))
+    assert isinstance(other, RetryableError)
