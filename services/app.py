@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry
 from services import housekeeping
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
-from shared.bus.topology import QueueSpec, dead_letter_queue, queue_name
+from shared.bus.topology import QueueSpec, answer_keys, dead_letter_queue, queue_name
 from shared.files import file_digest
 from shared.ledger import FileLedger
 from shared.messages import (
@@ -262,7 +262,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
         spec = QueueSpec.for_service(service, service_instrument)
         bus.subscribe(spec.name, build_runner(service, settings, metrics, service_instrument).process)
         specs.append(spec)
-    bus.declare_sink(SINK_QUEUE, ("completed.*", "run_failed.*"))
+    bus.declare_sink(SINK_QUEUE, answer_keys())
 
     delivery = DeliveryAnnounced(
         run_id=run_id,

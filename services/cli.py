@@ -11,7 +11,6 @@ modules listed in ``COMMAND_MODULES``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import json
 import logging
@@ -125,6 +124,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     """
     from services.app import describe_files, new_run_id
     from shared.bus.rabbitmq import BrokerUnavailable, RabbitClient
+    from shared.bus.topology import answer_keys
     from shared.errors import PublishFailed
     from shared.messages import DeliveryAnnounced, decode
     from shared.profiles import available_instruments
@@ -147,9 +147,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
                           instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms) as client:
             if args.wait is not None:
-                channel, queue = client.bind_private_queue(
-                    (f"completed.{args.instrument}", f"run_failed.{args.instrument}")
-                )
+                channel, queue = client.bind_private_queue(answer_keys(args.instrument))
             client.sender.publish(delivery)
             if args.wait is None:
                 print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id,
@@ -183,42 +181,39 @@ def _is_for(body: bytes, delivery_id: str) -> bool:
 
 
 def cmd_dlq(args: argparse.Namespace) -> int:
-    """Operators' view of dead letters: one JSON object per message, or replay them."""
+    """Operators' view of dead letters: one JSON object per message, or replay them.
+
+    Exit codes: 0 done, 2 no such service queue, 3 the broker could not be reached.
+    """
     from shared.bus.rabbitmq import BrokerUnavailable, RabbitClient
-    from shared.bus.topology import (
-        HEADER_ATTEMPT,
-        HEADER_FAILED_AT,
-        HEADER_REASON,
-        dead_letter_queue,
-    )
+    from shared.bus.topology import HEADER_ATTEMPT, HEADER_FAILED_AT, HEADER_REASON, topology_specs
     from shared.profiles import available_instruments
 
     settings = Settings()
+    instruments = available_instruments()
+    queues = [spec.name for spec in topology_specs(instruments)]
+    if args.queue not in queues:
+        print(f"preimg dlq: {args.queue!r} is not a service queue; one of: {', '.join(queues)}", file=sys.stderr)
+        return 2
     try:
-        client = RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
-                              instruments=available_instruments(),
-                              retry_delays_ms=settings.retry_delays_ms).__enter__()
+        with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s, instruments=instruments,
+                          retry_delays_ms=settings.retry_delays_ms) as client:
+            if args.action == "replay":
+                moved = client.replay_dead_letters(args.queue, args.limit)
+                print(json.dumps({"queue": args.queue, "replayed": moved}))
+                return 0
+            for body, headers in client.browse_dead_letters(args.queue):
+                try:
+                    fields = json.loads(body)
+                    summary = {k: v for k, v in fields.items() if k in ("type", "run_id", "delivery_id", "instrument")}
+                except (ValueError, AttributeError):
+                    summary = {"body": body[:200].decode(errors="replace")}
+                print(json.dumps({**summary, "reason": headers.get(HEADER_REASON),
+                                  "attempts": headers.get(HEADER_ATTEMPT),
+                                  "failed_at": headers.get(HEADER_FAILED_AT)}, default=str))
     except BrokerUnavailable as e:
         print(f"preimg dlq: {e}", file=sys.stderr)
         return 3
-    with contextlib.closing(client):
-        if args.action == "replay":
-            moved = client.replay_dead_letters(args.queue, args.limit)
-            print(json.dumps({"queue": args.queue, "replayed": moved}))
-            return 0
-        channel = client.channel
-        while True:  # browse without consuming: everything is requeued when the channel closes
-            method, props, body = channel.basic_get(dead_letter_queue(args.queue), auto_ack=False)
-            if method is None:
-                break
-            headers = props.headers or {}
-            try:
-                summary = {k: v for k, v in json.loads(body).items() if k in ("type", "run_id", "delivery_id", "instrument")}
-            except ValueError:
-                summary = {"body": body[:200].decode(errors="replace")}
-            print(json.dumps({**summary, "reason": headers.get(HEADER_REASON), "attempts": headers.get(HEADER_ATTEMPT),
-                              "failed_at": headers.get(HEADER_FAILED_AT)}, default=str))
-        channel.close()
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
+from shared.errors import PreimgError
 from shared.profiles import ProfileError, load_profile
 from shared.settings import Settings
 
@@ -36,19 +38,23 @@ def run_prune(args: argparse.Namespace, settings: Settings | None = None) -> int
     from services.publisher.service import build_qc_server, build_templates, utc_now
 
     if not args.test:
-        print("monitor prune: only test runs can be pruned; say so with --test")
+        print("preimg monitor prune: only test runs can be pruned; say so with --test", file=sys.stderr)
         return 2
     settings = settings or Settings()
     instrument = args.instrument.upper()
     try:
         profile = load_profile(instrument)
     except ProfileError as e:
-        print(f"monitor prune: {e}")
+        print(f"preimg monitor prune: {e}", file=sys.stderr)
         return 2
     qc = build_qc_server(settings)
     base = qc_base(profile)
     render = render_monitor(build_templates(), instrument, utc_now(), settings.monitor_max_rows)
-    removed = prune_test_runs(qc, base, render, remove_files=not args.keep_files)
+    try:
+        removed = prune_test_runs(qc, base, render, remove_files=not args.keep_files)
+    except PreimgError as e:  # the QC server is unreachable or refuses: nothing half-claimed
+        print(f"preimg monitor prune: {e}", file=sys.stderr)
+        return 1
     for run_id in removed:
         print(f"removed test run {run_id}")
     print(f"{len(removed)} test run(s) removed from {qc.url(page_key(base))}")

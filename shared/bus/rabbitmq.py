@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Self
 
 import pika
@@ -480,6 +480,23 @@ class RabbitClient:
             channel.basic_ack(method.delivery_tag)
             moved += 1
         return moved
+
+    def browse_dead_letters(self, queue: str) -> Iterator[tuple[bytes, dict[str, Any]]]:
+        """Each message waiting in ``queue``'s dead-letter queue (body, headers), none consumed.
+
+        The messages are taken unacknowledged on a channel of their own and
+        all go back to the queue, in order, when it closes.
+        """
+        channel = self.channel
+        try:
+            while True:
+                method, props, body = channel.basic_get(dead_letter_queue(queue), auto_ack=False)
+                if method is None:
+                    return
+                yield body, dict(props.headers or {})
+        finally:
+            if channel.is_open:
+                channel.close()
 
     def get_all(self, queue: str) -> list[tuple[bytes, dict[str, Any]]]:
         """Drain ``queue`` with basic_get (tests and operators reading a dead-letter queue)."""

@@ -71,6 +71,11 @@ def routing_key(stage: str, instrument: str) -> str:
     return f"{stage}.{instrument}"
 
 
+def answer_keys(instrument: str = "*") -> tuple[str, ...]:
+    """Routing keys of a run's answer to AOG (completion or failure): one instrument's, or all (``*``)."""
+    return tuple(routing_key(stage, instrument) for stage in TERMINAL_STAGES)
+
+
 def queue_name(service: str, instrument: str | None = None) -> str:
     if service not in SERVICES:
         raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICES)}")

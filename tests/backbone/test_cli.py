@@ -61,6 +61,17 @@ def test_deliver_refuses_missing_files_before_touching_the_broker(tmp_path):
     assert out.returncode == 2 and "no such file" in out.stderr
 
 
+def test_dlq_names_the_queues_it_knows_when_given_another(tmp_path):
+    out = preimg("dlq", "list", "preimg.processor.NOSUCH")
+    assert out.returncode == 2 and out.stdout == ""
+    assert "not a service queue" in out.stderr and "preimg.processor.HAWKI" in out.stderr
+
+
+def test_prune_without_test_flag_is_refused_on_stderr(tmp_path):
+    out = preimg("monitor", "prune", "-i", "HAWKI")
+    assert out.returncode == 2 and out.stdout == "" and "only test runs" in out.stderr
+
+
 def touch(path: Path, age_h: float = 0.0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("x")
