@@ -84,7 +84,7 @@ def ingest_seconds(frames: list[Path], area: Path, data_root: Path, run_id: str)
     from services.app import describe_files
     from services.ingest.handlers import handle_delivery
     from services.ingest.service import build_ports as ingest_ports
-    from services.reporter.service import report_keywords
+    from shared.userreport_config import report_keywords
     from shared.messages import DeliveryAnnounced
     from shared.settings import Settings
 

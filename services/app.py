@@ -9,6 +9,7 @@ in-process bus. Nothing here runs at import time.
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import signal
 import threading
@@ -31,11 +32,7 @@ from shared.ledger import FileLedger
 from shared.messages import (
     DeliveredFile,
     DeliveryAnnounced,
-    Envelope,
     PreImagingCompleted,
-    ProductsReady,
-    RawDataReady,
-    ReportsReady,
     RunFailed,
     decode,
 )
@@ -48,41 +45,20 @@ _log = logging.getLogger(__name__)
 SINK_QUEUE = "preimg.embedded.completions"
 
 
+#: Where each service's ``build(settings, metrics, instrument)`` lives: its handlers bound to real ports.
+SERVICE_MODULES: dict[str, str] = {
+    "ingest": "services.ingest.service",
+    "processor": "services.processor.service",
+    "reporter": "services.reporter.service",
+    "publisher": "services.publisher.service",
+}
+
+
 def build_runner(service: str, settings: Settings, metrics: Metrics, instrument: str | None = None) -> MessageRunner:
     """The MessageRunner of ``service`` with its handlers bound to real ports."""
-    handlers: dict[type[Envelope], Callable[[Any], list[Envelope]]]
-    if service == "ingest":
-        from services.ingest.handlers import handle_delivery
-        from services.ingest.service import build_ports as ingest_ports
-        from services.reporter.service import report_keywords
-
-        handlers = {DeliveryAnnounced: functools.partial(
-            handle_delivery, ports=ingest_ports(settings, report_keys=report_keywords("raw")))}
-    elif service == "processor":
-        if not instrument:
-            raise ValueError("the processor serves one instrument: give --instrument")
-        from services.processor.handlers import handle_raw_ready
-        from services.processor.service import build_ports as processor_ports
-        from services.reporter.service import report_keywords
-
-        ports = processor_ports(settings, instrument, metrics, report_keys=report_keywords("products"))
-        handlers = {RawDataReady: functools.partial(handle_raw_ready, ports=ports)}
-    elif service == "reporter":
-        from services.reporter.handlers import handle_products_ready
-        from services.reporter.service import build_ports as reporter_ports
-
-        handlers = {ProductsReady: functools.partial(handle_products_ready, ports=reporter_ports(settings))}
-    elif service == "publisher":
-        from services.publisher import handlers as publisher
-        from services.publisher.service import build_ports as publisher_ports
-
-        ports = publisher_ports(settings, metrics)
-        handlers = {
-            ReportsReady: functools.partial(publisher.handle_reports_ready, ports=ports),
-            RunFailed: functools.partial(publisher.handle_run_failed, ports=ports),
-        }
-    else:
-        raise ValueError(f"unknown service {service!r}")
+    if service not in SERVICE_MODULES:
+        raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICE_MODULES)}")
+    handlers = importlib.import_module(SERVICE_MODULES[service]).build(settings, metrics, instrument)
     return MessageRunner(
         service=service,
         queue=queue_name(service, instrument),

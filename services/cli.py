@@ -223,6 +223,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.service == "processor" and not args.instrument:
         print("preimg serve processor: give the instrument with -i/--instrument", file=sys.stderr)
         return 2
+    if args.service != "processor" and args.instrument:
+        print(f"preimg serve {args.service}: serves every instrument; -i/--instrument is for the processor",
+              file=sys.stderr)
+        return 2
     return serve(args.service, Settings(), args.instrument)
 
 

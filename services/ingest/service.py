@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from services.ingest.handlers import IngestPorts
+import functools
+
+from services.ingest.handlers import IngestPorts, handle_delivery
 from services.ingest.staging import DeliveryArea
+from shared.bus.runner import Handlers
 from shared.headers import FrameInspector
+from shared.messages import DeliveryAnnounced
+from shared.metrics import Metrics
 from shared.profiles import available_instruments
 from shared.settings import Settings
+from shared.userreport_config import report_keywords
+
+
+def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
+    """Ingest's handlers bound to real ports (the composition root's entry point). No I/O here."""
+    if instrument:
+        raise ValueError("ingest serves every instrument: no --instrument")
+    ports = build_ports(settings, report_keys=report_keywords("raw"))
+    return {DeliveryAnnounced: functools.partial(handle_delivery, ports=ports)}
 
 
 def build_ports(settings: Settings, report_keys: tuple[str, ...] = ()) -> IngestPorts:

@@ -11,6 +11,7 @@ renameProducts + moveProducts + updateAB for one AB.
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import threading
@@ -19,8 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from services.processor.esorex import kill_leftover_recipes, run_recipe
-from services.processor.handlers import ABOutcome, ProcessorPorts
+from services.processor.handlers import ABOutcome, ProcessorPorts, handle_raw_ready
 from services.processor.products import first_date_obs, move_logs, move_products, package_raw_frames
+from shared.bus.runner import Handlers
 from shared.errors import PermanentError
 from shared.files import write_atomic
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
@@ -42,6 +44,7 @@ from shared.oca import (
 from shared.oca.abfiles import format_ab
 from shared.profiles import Profile, load_profile
 from shared.settings import RunDirs, Settings
+from shared.userreport_config import report_keywords
 
 _log = logging.getLogger(__name__)
 
@@ -73,6 +76,14 @@ class PlannedAB:
     @property
     def name(self) -> str:
         return self.ab.name
+
+
+def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
+    """The processor's handlers for ``instrument``, bound to real ports (the composition root's entry point)."""
+    if not instrument:
+        raise ValueError("the processor serves one instrument: give --instrument")
+    ports = build_ports(settings, instrument, metrics, report_keys=report_keywords("products"))
+    return {RawDataReady: functools.partial(handle_raw_ready, ports=ports)}
 
 
 def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: Profile | None = None,

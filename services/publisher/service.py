@@ -12,11 +12,14 @@ from typing import Any
 
 import jinja2
 
-from services.publisher.handlers import PublisherPorts
+from services.publisher.handlers import PublisherPorts, handle_reports_ready, handle_run_failed
 from services.publisher.mailer import SmtpMailer
 from services.publisher.qcserver import MIB, LocalQcServer, QcServer, S3QcServer
+from shared.bus.runner import Handlers
 from shared.files import fsync_dir, remove_stale_temp_files, write_atomic
 from shared.logs import current_context
+from shared.messages import ReportsReady, RunFailed
+from shared.metrics import Metrics
 from shared.profiles import ProfileError, load_profile
 from shared.settings import Settings
 
@@ -79,6 +82,15 @@ def build_qc_server(settings: Settings, on_retry: Callable[[str], None] | None =
             on_retry=on_retry,
         )
     return LocalQcServer(settings.qc_local_dir(), public_url=settings.qc_public_url)
+
+
+def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
+    """The publisher's handlers bound to real ports (the composition root's entry point). No I/O here."""
+    if instrument:
+        raise ValueError("the publisher serves every instrument: no --instrument")
+    ports = build_ports(settings, metrics)
+    return {ReportsReady: functools.partial(handle_reports_ready, ports=ports),
+            RunFailed: functools.partial(handle_run_failed, ports=ports)}
 
 
 def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -> PublisherPorts:

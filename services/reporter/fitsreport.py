@@ -3,7 +3,7 @@
 DFOS's ``fitsreport`` tabulated header keywords of a set of FITS files with the
 columns named in a configuration file; processPreImg ran it twice (OB report,
 frame report) with ``fitsreport_preimg.cfg`` and merged the output into the
-USERREPORT. :func:`parse_config` reads that file (syntax in its header) and
+USERREPORT. ``shared.userreport_config`` reads that file and
 :func:`build_tables` turns header dictionaries into :class:`Table` objects the
 templates render as text or HTML.
 """
@@ -14,42 +14,13 @@ import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+from shared.userreport_config import ReportSpec, normalise_keyword
 
 _log = logging.getLogger(__name__)
 
-AGGREGATES = ("first", "count", "sum", "min", "max", "list")
-SOURCES = ("raw", "products")
 MISSING = "-"
-
-
-class FitsreportConfigError(ValueError):
-    """The configuration file is invalid; the message names the file and line."""
-
-
-@dataclass(frozen=True)
-class ColumnSpec:
-    keyword: str
-    width: int
-    fmt: str
-    aggregate: str
-    title: str
-
-    @property
-    def numeric(self) -> bool:
-        return bool(re.search(r"%[-+ 0#]*\d*(\.\d+)?[dfeEgGi]$", self.fmt))
-
-
-@dataclass(frozen=True)
-class ReportSpec:
-    report_id: str
-    title: str
-    source: str = "raw"
-    rows: str = "file"
-    group: str = ""
-    sort: str = ""
-    columns: tuple[ColumnSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -76,100 +47,9 @@ class Table:
     groups: tuple[Group, ...] = field(default_factory=tuple)
 
 
-def normalise_keyword(keyword: str) -> str:
-    """The dotted form of a header keyword: ``HIERARCH ESO OBS ID`` -> ``OBS.ID``."""
-    key = keyword.strip().upper()
-    key = key.removeprefix("HIERARCH ")
-    key = key.removeprefix("ESO ")
-    return ".".join(key.split())
-
-
 def normalise_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     """Header values keyed by dotted keyword, whatever spelling the producer used."""
     return {normalise_keyword(k): v for k, v in headers.items()}
-
-
-def parse_config(path: Path) -> tuple[ReportSpec, ...]:
-    """Read a fitsreport configuration file.
-
-    Parameters
-    ----------
-    path
-        The configuration file, e.g. ``services/reporter/fitsreport_preimg.cfg``.
-
-    Returns
-    -------
-    tuple of ReportSpec
-        The report sections in file order.
-
-    Raises
-    ------
-    FitsreportConfigError
-        With the file and line number of the first problem.
-    """
-    reports: list[dict[str, Any]] = []
-    for number, raw_line in enumerate(path.read_text().splitlines(), start=1):
-        line = raw_line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{path}:{number}"
-        statement, _, rest = line.partition(" ")
-        statement = statement.upper()
-        rest = rest.strip()
-        if statement == "REPORT":
-            report_id, _, title = rest.partition(" ")
-            if not report_id:
-                raise FitsreportConfigError(f"{where}: REPORT needs an id and a title")
-            reports.append({"report_id": report_id, "title": title.strip() or report_id,
-                            "columns": []})
-            continue
-        if not reports:
-            raise FitsreportConfigError(f"{where}: {statement} before the first REPORT")
-        current = reports[-1]
-        if statement == "SOURCE":
-            if rest not in SOURCES:
-                raise FitsreportConfigError(f"{where}: SOURCE must be one of {SOURCES}, not {rest!r}")
-            current["source"] = rest
-        elif statement == "ROWS":
-            if rest not in ("file", "group"):
-                raise FitsreportConfigError(f"{where}: ROWS must be file or group, not {rest!r}")
-            current["rows"] = rest
-        elif statement in ("GROUP", "SORT"):
-            if not rest or " " in rest:
-                raise FitsreportConfigError(f"{where}: {statement} takes one keyword")
-            current[statement.lower()] = rest
-        elif statement == "COLUMN":
-            current["columns"].append(_parse_column(rest, where))
-        else:
-            raise FitsreportConfigError(f"{where}: unknown statement {statement!r}")
-    specs = []
-    for data in reports:
-        data["columns"] = tuple(data["columns"])
-        spec = ReportSpec(**data)
-        if not spec.columns:
-            raise FitsreportConfigError(f"{path}: report {spec.report_id!r} has no COLUMN")
-        if spec.rows == "group" and not spec.group:
-            raise FitsreportConfigError(f"{path}: report {spec.report_id!r}: ROWS group needs GROUP")
-        specs.append(spec)
-    if not specs:
-        raise FitsreportConfigError(f"{path}: no REPORT section")
-    return tuple(specs)
-
-
-def _parse_column(text: str, where: str) -> ColumnSpec:
-    parts = text.split(None, 4)
-    if len(parts) < 5:
-        raise FitsreportConfigError(
-            f"{where}: COLUMN needs <keyword> <width> <format> <aggregate> <title>"
-        )
-    keyword, width, fmt, aggregate, title = parts
-    if not width.isdigit() or int(width) < 1:
-        raise FitsreportConfigError(f"{where}: width must be a positive integer, not {width!r}")
-    if not fmt.startswith("%"):
-        raise FitsreportConfigError(f"{where}: format must be printf style (%s, %.3f), not {fmt!r}")
-    if aggregate not in AGGREGATES + ("-",):
-        raise FitsreportConfigError(f"{where}: aggregate must be one of {AGGREGATES} or '-'")
-    return ColumnSpec(keyword, int(width), fmt, "first" if aggregate == "-" else aggregate, title)
 
 
 def format_value(value: Any, fmt: str) -> str:

@@ -9,34 +9,22 @@ from pathlib import Path
 
 import jinja2
 
-from services.reporter.fitsreport import fit, parse_config
-from services.reporter.handlers import ReporterPorts, write_report_files
+from services.reporter.fitsreport import fit
+from services.reporter.handlers import ReporterPorts, handle_products_ready, write_report_files
+from shared.bus.runner import Handlers
+from shared.messages import ProductsReady
+from shared.metrics import Metrics
 from shared.settings import Settings
+from shared.userreport_config import USERREPORT_CONFIG, parse_config
 
 _log = logging.getLogger(__name__)
 
 SERVICE_DIR = Path(__file__).resolve().parent
 TEMPLATE_DIR = SERVICE_DIR / "templates"
-FITSREPORT_CONFIG = SERVICE_DIR / "fitsreport_preimg.cfg"
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def report_keywords(source: str, config_path: Path = FITSREPORT_CONFIG) -> tuple[str, ...]:
-    """Header keywords (dotted) the USERREPORT tabulates for ``source`` (``raw`` or ``products``).
-
-    Ingest and the processor read these with the rest of a header, once, and
-    pass them on in the messages: the reporter itself opens no FITS file.
-    Keywords added to the configuration reach the messages after those
-    services restart.
-    """
-    keywords: set[str] = set()
-    for spec in parse_config(config_path):
-        if spec.source == source:
-            keywords |= {c.keyword for c in spec.columns} | {spec.group, spec.sort}
-    return tuple(sorted(k for k in keywords if k and not k.startswith("@")))
 
 
 def _is_html(name: str | None) -> bool:
@@ -63,7 +51,14 @@ def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
     return env
 
 
-def build_ports(settings: Settings, config_path: Path = FITSREPORT_CONFIG) -> ReporterPorts:
+def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
+    """The reporter's handler bound to real ports (the composition root's entry point). No I/O here."""
+    if instrument:
+        raise ValueError("the reporter serves every instrument: no --instrument")
+    return {ProductsReady: functools.partial(handle_products_ready, ports=build_ports(settings))}
+
+
+def build_ports(settings: Settings, config_path: Path = USERREPORT_CONFIG) -> ReporterPorts:
     """Wire the reporter's real adapters. No I/O happens here.
 
     ``settings`` is taken for the uniform ``build_ports(settings)`` entry point

@@ -77,6 +77,8 @@ from shared.metrics import Metrics
 _log = logging.getLogger(__name__)
 
 Handler = Callable[[Any], list[Envelope]]
+#: A service's handlers by the message type each takes (what a service's ``build`` returns).
+Handlers = Mapping[type[Envelope], Handler]
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def test_prune_command_removes_test_runs_locally(tmp_path):
     assert sorted(_rows(qc)) == ["ops-1", "test-1"]
 
     refused = _preimg("monitor", "prune", "-i", "HAWKI", env={"PREIMG_DATA_ROOT": str(tmp_path)})
-    assert refused.returncode == 2 and "--test" in refused.stdout
+    assert refused.returncode == 2 and "--test" in refused.stderr and refused.stdout == ""
 
     done = _preimg("monitor", "prune", "-i", "HAWKI", "--test",
                    env={"PREIMG_DATA_ROOT": str(tmp_path)})

@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from services.reporter.fitsreport import (
-    FitsreportConfigError,
-    build_table,
-    fit,
-    format_value,
-    normalise_keyword,
-    parse_config,
-)
+from services.reporter.fitsreport import build_table, fit, format_value
 from services.reporter.handlers import handle_products_ready
-from services.reporter.service import FITSREPORT_CONFIG, build_ports
+from services.reporter.service import build_ports
 from shared.errors import RetryableError
 from shared.messages import ReportsReady, derived_message_id
 from shared.settings import Settings
+from shared.userreport_config import (
+    USERREPORT_CONFIG,
+    FitsreportConfigError,
+    normalise_keyword,
+    parse_config,
+)
 from tests.reporter.sample import REPORTED, XSS, products_ready
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -116,7 +115,7 @@ def test_replay_rewrites_the_same_files(tmp_path, ports):
 
 
 def test_shipped_config_parses():
-    specs = parse_config(FITSREPORT_CONFIG)
+    specs = parse_config(USERREPORT_CONFIG)
     assert [s.report_id for s in specs] == ["ob", "frames", "products"]
     assert specs[0].rows == "group" and specs[0].group == "OBS.ID"
 
