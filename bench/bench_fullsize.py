@@ -84,9 +84,9 @@ def ingest_seconds(frames: list[Path], area: Path, data_root: Path, run_id: str)
     from services.app import describe_files
     from services.ingest.handlers import handle_delivery
     from services.ingest.service import build_ports as ingest_ports
-    from shared.userreport_config import report_keywords
     from shared.messages import DeliveryAnnounced
     from shared.settings import Settings
+    from shared.userreport_config import report_keywords
 
     settings = Settings(data_root=data_root, delivery_area=area)
     ports = ingest_ports(settings, report_keys=report_keywords("raw"))  # as services.app builds them

@@ -28,6 +28,7 @@ from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
 from shared.bus.topology import QueueSpec, answer_keys, dead_letter_queue, queue_name
 from shared.files import file_digest
+from shared.layout import FITS_GLOBS, is_fits_name
 from shared.ledger import FileLedger
 from shared.messages import (
     DeliveredFile,
@@ -223,9 +224,9 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     if not raw_dir.is_dir():
         raise FileNotFoundError(f"raw directory {raw_dir} does not exist")
     settings = settings.model_copy(update={"delivery_area": raw_dir})
-    files = sorted(p for p in raw_dir.iterdir() if p.is_file() and p.name.lower().endswith((".fits", ".fits.fz", ".fit")))
+    files = sorted(p for p in raw_dir.iterdir() if p.is_file() and is_fits_name(p.name))
     if not files:
-        raise FileNotFoundError(f"no FITS files (*.fits, *.fit, *.fits.fz) in {raw_dir}")
+        raise FileNotFoundError(f"no FITS files ({', '.join(FITS_GLOBS)}) in {raw_dir}")
     load_profile(instrument)  # an unknown instrument stops here, before anything is staged
     run_id = run_id or new_run_id(instrument)
     registry = registry if registry is not None else CollectorRegistry()

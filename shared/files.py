@@ -84,7 +84,7 @@ def write_all_atomic(contents: Mapping[Path, bytes | str], mode: int = 0o644) ->
 
 def _write_temp(path: Path, data: bytes | str | Path, mode: int, *, durable: bool) -> Path:
     """``data`` in a new temporary file beside ``path`` (fsynced when ``durable``); its path."""
-    fd, name = _temp_beside(path)
+    fd, name = temp_file_beside(path)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -104,7 +104,8 @@ def _write_temp(path: Path, data: bytes | str | Path, mode: int, *, durable: boo
     return tmp
 
 
-def _temp_beside(path: Path) -> tuple[int, str]:
+def temp_file_beside(path: Path) -> tuple[int, str]:
+    """A new temporary file in ``path``'s directory, named for :func:`is_temp_name`: (fd, name)."""
     # A concurrent clean-up may remove the directory just made empty; make it again.
     for attempt in range(5):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
 
-INSTRUMENT_PATTERN = r"^[A-Z][A-Z0-9_]{1,15}$"
+from shared.layout import INSTRUMENT_PATTERN
+
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 #: sha256 (64 hex digits) or md5 (32); the digits in either case on the wire.
 CHECKSUM_PATTERN = r"^(sha256:[0-9a-fA-F]{64}|md5:[0-9a-fA-F]{32})$"

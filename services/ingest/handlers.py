@@ -75,7 +75,7 @@ def handle_delivery(msg: DeliveryAnnounced, ports: IngestPorts) -> list[Envelope
     return [
         RawDataReady(
             **msg.follow_up("raw_ready"),
-                        raw_dir=str(dirs.raw),
+            raw_dir=str(dirs.raw),
             frames=tuple(frames),
             delivered_at=received,
         )

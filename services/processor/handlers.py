@@ -92,7 +92,7 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
     return [
         ProductsReady(
             **msg.follow_up("products_ready"),
-                        raw_dir=msg.raw_dir,
+            raw_dir=msg.raw_dir,
             sci_dir=str(dirs.sci),
             log_dir=str(dirs.logs),
             frames=msg.frames,

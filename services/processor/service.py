@@ -25,6 +25,7 @@ from services.processor.products import first_date_obs, move_logs, move_products
 from shared.bus.runner import Handlers
 from shared.errors import PermanentError
 from shared.files import write_atomic
+from shared.layout import CAL_SUBDIRS
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
 from shared.oca import (
@@ -48,7 +49,6 @@ from shared.userreport_config import report_keywords
 
 _log = logging.getLogger(__name__)
 
-CAL_SUBDIRS = ("2099-99-99", "gen")
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.layout import CAL_SUBDIRS, is_fits_name
 from shared.oca import profile_rules
 from shared.profiles import Profile
 
@@ -189,7 +190,7 @@ def calibration_catalogue(dirs: Iterable[Path]) -> dict[str, list[Path]]:
         if not d.is_dir():
             continue
         for path in sorted(d.iterdir()):
-            if not path.is_file() or not path.name.lower().endswith((".fits", ".fit", ".fits.fz")):
+            if not path.is_file() or not is_fits_name(path.name):
                 continue
             try:
                 catg = str(fits.getheader(path, 0).get("HIERARCH ESO PRO CATG", "") or "")
@@ -271,7 +272,7 @@ def check_instrument(profile: Profile, cal_root: Path, *, esorex: Path | None = 
                 missing.append(f"recipe {recipe} (action {action}) not installed in {recipe_dir}")
 
     root = Path(cal_root) / instr
-    dirs = [root / "2099-99-99", root / "gen"]
+    dirs = [root / sub for sub in CAL_SUBDIRS]
     for d in dirs:
         if not d.is_dir():
             missing.append(f"calibration directory {d} does not exist")

@@ -45,6 +45,7 @@ from services.publisher.monitor import MonitorRow, page_key, read_row, record_ro
 from services.publisher.qcserver import QcServer
 from shared.errors import PermanentError
 from shared.files import sha256_of
+from shared.layout import is_fits_name
 from shared.messages import (
     Envelope,
     ManifestEntry,
@@ -132,7 +133,7 @@ def package_prefix(base: str, run_id: str) -> str:
 def _content_type(name: str) -> str:
     if name.endswith(".html"):
         return "text/html; charset=utf-8"
-    if name.endswith((".fits", ".fits.fz", ".fz")):
+    if is_fits_name(name):
         return "application/fits"
     if name.endswith((".log", ".txt", ".ab", ".sof")) or name.startswith(REPORT_PREFIXES) \
             or name == CHECKSUM_FILE:
@@ -384,7 +385,7 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
     return [
         PreImagingCompleted(
             **msg.follow_up("completed"),
-                        status=msg.status,
+            status=msg.status,
             package_dir=msg.sci_dir,
             package_url=package_url,
             monitor_url=monitor_url,

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from shared.errors import OperatorActionRequired, RetryableError
-from shared.files import CHUNK, TEMP_NAME, _temp_beside, sync_all
+from shared.files import CHUNK, TEMP_NAME, sync_all, temp_file_beside
 
 _log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _stage_object(target: Path, body: bytes | Path, sha256: str | None) -> tuple
         linked = _link_temp(body, target, sha256)
         if linked is not None:
             return _StagedObject(linked, target, sync=False), sha256
-    fd, name = _temp_beside(target)
+    fd, name = temp_file_beside(target)
     tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:

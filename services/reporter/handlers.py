@@ -298,7 +298,7 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
     return [
         ReportsReady(
             **msg.follow_up("reports_ready"),
-                        report=str(names.report),
+            report=str(names.report),
             userreport=str(names.userreport),
             list_mcalib=str(names.list_mcalib),
             raw_dir=msg.raw_dir,

@@ -338,7 +338,6 @@ class RabbitConsumer:
                 body=body,
                 routing_key=method.routing_key,
                 headers=dict(properties.headers or {}),
-                redelivered=bool(method.redelivered),
             )
             tag = method.delivery_tag
 

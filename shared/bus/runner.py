@@ -60,10 +60,10 @@ from shared.errors import (
     PublishFailed,
     RetryableError,
 )
+from shared.layout import INSTRUMENT_PATTERN
 from shared.ledger import CorruptRecord, FileLedger, Lease, LeaseBusy, LeaseLost
 from shared.logs import log_context
 from shared.messages import (
-    INSTRUMENT_PATTERN,
     RUN_ID_PATTERN,
     Envelope,
     MessageDecodeError,
@@ -88,7 +88,6 @@ class Incoming:
     body: bytes
     routing_key: str
     headers: Mapping[str, Any] = field(default_factory=dict)
-    redelivered: bool = False
 
     @property
     def attempt(self) -> int:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.fitsheader import FitsHeaderError, HeaderReader
+from shared.layout import FITS_GLOBS
 from shared.oca.abfiles import format_ab, read_ab, write_ab, write_sof
 from shared.oca.associate import AssociationBlock, build_abs
 from shared.oca.evaluate import (
@@ -105,13 +106,13 @@ def rule_header_keys(rules: RuleSet) -> list[str]:
 
 
 def fits_files(directories: Iterable[str | os.PathLike]) -> list[Path]:
-    """FITS files (``*.fits``, ``*.fits.fz``, ``*.fit``) under the directories, sorted."""
+    """FITS files (:data:`shared.layout.FITS_GLOBS`) under the directories, sorted."""
     out: list[Path] = []
     for d in directories:
         d = Path(d)
         if d.is_file():
             out.append(d)
             continue
-        for pattern in ("*.fits", "*.fit", "*.fits.fz"):
+        for pattern in FITS_GLOBS:
             out.extend(d.rglob(pattern))
     return sorted(set(out))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -522,24 +522,3 @@ def classify(
         out[Path(path)] = classifier.classify_record(Path(path), record)
     return out
 
-
-def iter_keywords(expr: Expr) -> Iterable[Keyword]:
-    """Keywords of an expression in the order written (for messages)."""
-    if isinstance(expr, Keyword):
-        yield expr
-    elif isinstance(expr, Compare):
-        yield from iter_keywords(expr.left)
-        if expr.op != "is":
-            yield from iter_keywords(expr.right)
-    elif isinstance(expr, Arith):
-        yield from iter_keywords(expr.left)
-        yield from iter_keywords(expr.right)
-    elif isinstance(expr, Between):
-        yield from iter_keywords(expr.item)
-        yield from iter_keywords(expr.low)
-        yield from iter_keywords(expr.high)
-    elif isinstance(expr, Not):
-        yield from iter_keywords(expr.item)
-    elif isinstance(expr, (And, Or)):
-        for item in expr.items:
-            yield from iter_keywords(item)

@@ -33,6 +33,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared.layout import INSTRUMENT_PATTERN
 from shared.messages import describe_validation_error
 
 _log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class ProfileError(ValueError):
 class Profile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    instrument: str = Field(pattern=r"^[A-Z][A-Z0-9_]{1,15}$")
+    instrument: str = Field(pattern=INSTRUMENT_PATTERN)
     pipe_support: bool = True
     email_note: bool = False
     email_to: tuple[str, ...] = ()

@@ -22,7 +22,7 @@ import pytest
 
 from services.publisher.handlers import handle_reports_ready
 from services.publisher.qcserver import SHA256_XATTR, LocalQcServer, S3QcServer
-from shared.errors import RetryableError
+from shared.errors import OperatorActionRequired, RetryableError
 from shared.messages import ReportsReady
 from shared.settings import Settings
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
@@ -326,8 +326,10 @@ def test_transient_and_permanent_s3_errors_are_told_apart():
     server = S3QcServer(endpoint_url="http://x", bucket="b")
     with pytest.raises(RetryableError, match="not the one sent with them"):
         server._call("put k", failing(client_error(400, "BadDigest")))
-    with pytest.raises(RetryableError, match="check PREIMG_S3_BUCKET"):
+    with pytest.raises(OperatorActionRequired, match="write access to the bucket"):
         server._call("put k", failing(client_error(403, "AccessDenied")))
+    with pytest.raises(OperatorActionRequired, match="create the bucket or correct PREIMG_S3_BUCKET"):
+        server._call("put k", failing(client_error(404, "NoSuchBucket")))
 
 
 def test_transfer_threads_see_the_run_of_the_caller():
