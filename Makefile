@@ -58,8 +58,9 @@ demo: system-deps venv
 test: system-deps node-deps venv oca-rules
 	$(PY) -m pytest
 
+# No broker, no esorex, no browser/S3/SMTP server processes: about a minute.
 test-fast: venv
-	$(PY) -m pytest -m "not esorex and not slow"
+	$(PY) -m pytest -m "not rabbitmq and not esorex and not slow"
 
 bench: system-deps venv
 	@for b in bench/bench_*.py; do $(PY) $$b || exit 1; done

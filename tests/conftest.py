@@ -11,6 +11,27 @@ REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+#: Fixtures that mean a test needs what a marker names: the marker follows from the fixture,
+#: so ``-m "not rabbitmq and not esorex and not slow"`` cannot pick a test that needs more.
+MARKER_FIXTURES = {
+    "rabbitmq": {"rabbitmq_url", "rabbitmq_available", "private_broker", "private_broker_module", "cluster"},
+    "esorex": {"esorex_available", "esorex_installed", "hawki_cal", "vimos_cal", "hawki_fullsize_cal",
+               "synth_cal_root", "hawki_recipe_dir", "vimos_recipe_dir"},
+    "slow": {"s3_server", "own_s3", "bucket", "smtp_server", "private_broker", "private_broker_module"},
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "rabbitmq" in params.values():  # a contract test run against the real broker
+            used.add("rabbitmq_url")
+        for marker, fixtures in MARKER_FIXTURES.items():
+            if used & fixtures and not item.get_closest_marker(marker):
+                item.add_marker(getattr(pytest.mark, marker))
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
@@ -52,6 +73,8 @@ def rabbitmq_url(rabbitmq_available: None):
 
     ctl = shutil.which("rabbitmqctl")
     if ctl is None:
+        if IN_CI:
+            pytest.fail("rabbitmqctl is not installed in CI (apt-get install rabbitmq-server)")
         pytest.skip("rabbitmqctl is needed to make a private virtual host")
     vhost = f"preimg-test-{uuid.uuid4().hex[:10]}"
     subprocess.run([ctl, "-q", "add_vhost", vhost], check=True, capture_output=True, timeout=60)

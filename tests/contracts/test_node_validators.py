@@ -27,6 +27,9 @@ from shared.messages import (
 from tests.backbone.test_messages import COMMON, examples
 from tests.conftest import IN_CI
 
+#: npm installs the validators on first use (minutes on a cold cache).
+pytestmark = pytest.mark.slow
+
 HERE = Path(__file__).parent
 STAMP = HERE / "node_modules" / ".preimg-lock-sha256"
 DELIVERY = "preimg.delivery_announced.v1"
