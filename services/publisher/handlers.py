@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -42,7 +41,7 @@ import jinja2
 
 from services.publisher.mailer import MAIL_ERRORS, Mailer
 from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
-from services.publisher.qcserver import QcServer
+from services.publisher.qcserver import HEX_SHA256, QcServer
 from shared.errors import PermanentError
 from shared.files import sha256_of
 from shared.layout import is_fits_name
@@ -63,7 +62,6 @@ NOTIFIED_FILE = "publisher.notified.json"
 EXECUTED_FILE = "EXECUTED"
 CHECKSUM_FILE = "SHA256SUMS"
 REPORT_PREFIXES = ("REPORT_", "USERREPORT_", "list_mcalib_")
-_HEX_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -75,8 +73,8 @@ class PublisherPorts:
     settings
         Typed settings (state directories, operator address, EXECUTED flag).
     qc
-        The QC server: :class:`~services.publisher.qcserver.S3QcServer` or
-        :class:`~services.publisher.qcserver.LocalQcServer`.
+        The QC server: :class:`~services.publisher.qc_s3.S3QcServer` or
+        :class:`~services.publisher.qc_local.LocalQcServer`.
     mailer
         Sends the operator note.
     templates
@@ -198,7 +196,7 @@ def known_checksums(msg: ReportsReady) -> dict[str, str]:
     known = {}
     for path, checksum in msg.checksums.items():
         algorithm, _, digest = checksum.lower().partition(":")
-        if algorithm == "sha256" and _HEX_SHA256.match(digest):
+        if algorithm == "sha256" and HEX_SHA256.match(digest):
             known[str(Path(path))] = digest
     return known
 

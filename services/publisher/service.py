@@ -14,7 +14,9 @@ import jinja2
 
 from services.publisher.handlers import PublisherPorts, handle_reports_ready, handle_run_failed
 from services.publisher.mailer import SmtpMailer
-from services.publisher.qcserver import MIB, LocalQcServer, QcServer, S3QcServer
+from services.publisher.qc_local import LocalQcServer
+from services.publisher.qc_s3 import S3QcServer
+from services.publisher.qcserver import MIB, QcServer
 from shared.bus.runner import Handlers
 from shared.files import fsync_dir, remove_stale_temp_files, write_atomic
 from shared.logs import current_context

@@ -113,7 +113,7 @@ def test_prune_command_against_s3(tmp_path, s3_server, bucket):
 
 
 def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_path, monkeypatch):
-    from services.publisher import qcserver
+    from services.publisher import qc_local
     from shared import files
 
     rounds: list[list[Path]] = []
@@ -123,8 +123,8 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
         rounds.append(paths)
         files.sync_all(paths)
 
-    monkeypatch.setattr(qcserver, "sync_all", record)
-    qc = qcserver.LocalQcServer(tmp_path / "qc")
+    monkeypatch.setattr(qc_local, "sync_all", record)
+    qc = qc_local.LocalQcServer(tmp_path / "qc")
     qc.put("a/one.txt", b"1", content_type="text/plain")
     # outside a batch each put is durable when it returns: its bytes, then its directory
     assert len(rounds) == 2 and rounds[1] == [tmp_path / "qc" / "a"]
@@ -142,9 +142,9 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
 
 
 def test_a_failing_batch_leaves_no_object_and_no_temporary_file(tmp_path):
-    from services.publisher import qcserver
+    from services.publisher import qc_local
 
-    qc = qcserver.LocalQcServer(tmp_path / "qc")
+    qc = qc_local.LocalQcServer(tmp_path / "qc")
     with pytest.raises(RuntimeError), qc.batch():
         qc.put("b/1.txt", b"1", content_type="text/plain")
         raise RuntimeError("the upload of the next file failed")
@@ -155,7 +155,7 @@ def test_a_known_file_on_another_file_system_is_copied_with_its_digest(tmp_path,
     import errno
     import hashlib
 
-    from services.publisher import qcserver
+    from services.publisher import qc_local
 
     def cross_device(src, dst):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -163,8 +163,8 @@ def test_a_known_file_on_another_file_system_is_copied_with_its_digest(tmp_path,
     source = tmp_path / "product.fits"
     source.write_bytes(b"x" * 5000)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
-    monkeypatch.setattr(qcserver.os, "link", cross_device)
-    qc = qcserver.LocalQcServer(tmp_path / "qc")
+    monkeypatch.setattr(qc_local.os, "link", cross_device)
+    qc = qc_local.LocalQcServer(tmp_path / "qc")
     assert qc.put("runs/r/product.fits", source, content_type="application/fits", sha256=digest) == digest
     copy = tmp_path / "qc" / "runs" / "r" / "product.fits"
     assert copy.read_bytes() == source.read_bytes() and copy.stat().st_ino != source.stat().st_ino

@@ -21,7 +21,8 @@ from typing import ClassVar
 import pytest
 
 from services.publisher.handlers import handle_reports_ready
-from services.publisher.qcserver import SHA256_XATTR, LocalQcServer, S3QcServer
+from services.publisher.qc_local import SHA256_XATTR, LocalQcServer
+from services.publisher.qc_s3 import S3QcServer
 from shared.errors import OperatorActionRequired, RetryableError
 from shared.messages import ReportsReady
 from shared.settings import Settings
@@ -334,7 +335,7 @@ def test_transient_and_permanent_s3_errors_are_told_apart():
 
 def test_transfer_threads_see_the_run_of_the_caller():
     """Part uploads run in s3transfer's threads; their retries are counted for the right run."""
-    from services.publisher.qcserver import _ContextThreadPool
+    from services.publisher.qc_s3 import _ContextThreadPool
     from shared.logs import current_context, log_context
 
     with _ContextThreadPool(max_workers=2) as pool, log_context(run_id="r-1", instrument="HAWKI"):

@@ -285,7 +285,7 @@ def test_refusals_of_the_credentials_need_an_operator_and_name_the_setting(code,
     identity are answered at once, naming the setting to correct; an unknown code stays retryable."""
     from botocore.exceptions import ClientError
 
-    from services.publisher.qcserver import S3QcServer
+    from services.publisher.qc_s3 import S3QcServer
 
     qc = S3QcServer(endpoint_url="http://s3.invalid", bucket="qc")
     refused = qc._refused("put x", ClientError({"Error": {"Code": code, "Message": "no"}}, "PutObject"))
