@@ -29,7 +29,7 @@ from shared.settings import RunDirs
 _log = logging.getLogger(__name__)
 
 #: (instrument, path) -> header values by dotted name; raises for an unreadable header.
-HeaderReader = Callable[[str, Path], Mapping[str, Any]]
+ReadHeader = Callable[[str, Path], Mapping[str, Any]]
 #: (instrument, header values) -> classification, e.g. {"DO.CATG": "OBJECT"}.
 Classifier = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
@@ -46,7 +46,7 @@ class IngestPorts:
     stage: Stager
     run_dirs: Callable[[str, str], RunDirs]
     known_instruments: Callable[[], list[str]]
-    read_header: HeaderReader
+    read_header: ReadHeader
     classify: Classifier
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
 

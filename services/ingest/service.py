@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import functools
 
+from services.ingest.frames import FrameInspector
 from services.ingest.handlers import IngestPorts, handle_delivery
 from services.ingest.staging import DeliveryArea
 from shared.bus.runner import Handlers
-from shared.headers import FrameInspector
 from shared.messages import DeliveryAnnounced
 from shared.metrics import Metrics
 from shared.profiles import available_instruments

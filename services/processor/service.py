@@ -25,6 +25,7 @@ from services.processor.products import first_date_obs, move_logs, move_products
 from shared.bus.runner import Handlers
 from shared.errors import PermanentError
 from shared.files import write_atomic
+from shared.fitsheader import HeaderReader
 from shared.layout import CAL_SUBDIRS
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
 from shared.metrics import Metrics
@@ -32,7 +33,6 @@ from shared.oca import (
     AssociationBlock,
     FileRecord,
     FramePool,
-    HeaderReader,
     RuleSet,
     build_abs,
     classified_records,

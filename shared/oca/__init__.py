@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from shared.fitsheader import FitsHeaderError, HeaderReader
+from shared.fitsheader import FitsHeaderError
 from shared.layout import FITS_GLOBS
 from shared.oca.abfiles import format_ab, read_ab, write_ab, write_sof
 from shared.oca.associate import AssociationBlock, build_abs
@@ -48,7 +48,6 @@ __all__ = [
     "FitsHeaderError",
     "FramePool",
     "Group",
-    "HeaderReader",
     "OcaSyntaxError",
     "OcaTypeError",
     "RuleSet",
@@ -101,7 +100,7 @@ def profile_rules(profile: Any) -> RuleSet | None:
 
 
 def rule_header_keys(rules: RuleSet) -> list[str]:
-    """astropy keys of every keyword the rules and the engine read (for a HeaderReader)."""
+    """astropy keys of every keyword the rules and the engine read (for a ``shared.fitsheader.HeaderReader``)."""
     return header_keys(rule_keywords(rules) | set(ENGINE_KEYWORDS))
 
 
