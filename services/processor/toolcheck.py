@@ -120,7 +120,7 @@ PREIMAGING_DPR = {"DPR.CATG": "SCIENCE", "DPR.TYPE": "OBJECT", "DPR.TECH": "IMAG
 
 def preimaging_category(rules: Any, instrument: str) -> str:
     """DO.CATG the rules give a pre-imaging frame of ``instrument`` ("" if none)."""
-    from shared.oca.evaluate import classify
+    from shared.oca.classify import classify
 
     header = {"INSTRUME": instrument, **PREIMAGING_DPR}
     result = classify(rules, {Path("prototype"): header})

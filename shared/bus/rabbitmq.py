@@ -20,6 +20,11 @@
   the redelivered copy is answered from it. On SIGTERM the consumer stops
   taking new messages, lets the message in hand finish (or hands it back
   unacked when the grace period runs out) and closes.
+
+Why one module of about 500 lines: the house rule is that pika lives in one
+module, so everything that touches a pika object (declaring, publishing,
+consuming, the operators' dead-letter browsing) is here; the broker-free
+parts (layout, routing, retry tiers) are in ``shared.bus.topology``.
 """
 
 from __future__ import annotations

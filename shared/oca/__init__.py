@@ -24,13 +24,8 @@ from shared.fitsheader import FitsHeaderError
 from shared.layout import FITS_GLOBS
 from shared.oca.abfiles import format_ab, read_ab, write_ab, write_sof
 from shared.oca.associate import AssociationBlock, build_abs
-from shared.oca.evaluate import (
-    Classification,
-    CompiledClassifier,
-    OcaTypeError,
-    classify,
-    rule_keywords,
-)
+from shared.oca.classify import Classification, CompiledClassifier, classify
+from shared.oca.evaluate import OcaTypeError, rule_keywords
 from shared.oca.keywords import ENGINE_KEYWORDS, fits_card_name, header_key, header_keys
 from shared.oca.model import RuleSet
 from shared.oca.organise import Group, organise

@@ -27,12 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.oca.evaluate import (
-    CATEGORY_KEYWORDS,
-    CompiledClassifier,
-    OcaTypeError,
-    normalise_record,
-)
+from shared.oca.classify import CATEGORY_KEYWORDS, CompiledClassifier
+from shared.oca.evaluate import OcaTypeError, normalise_record
 from shared.oca.model import (
     Literal,
     RuleSet,

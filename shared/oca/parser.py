@@ -44,6 +44,10 @@ or ``_`` follows it; ``-`` before a digit or a blank is subtraction, so
 is one (unknown) keyword: write ``MJD-OBS - EXPTIME``.
 A bare ``T`` or ``F`` operand is the constant true or false (``if (T) then``).
 Words (``and``, ``like``, ...) are matched case-insensitively.
+
+Why one module of about 600 lines: a recursive-descent parser is one function
+per production, and the productions call each other; split, the grammar above
+would be read across files. The tokenizer, the only separable part, is short.
 """
 
 from __future__ import annotations

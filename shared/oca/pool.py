@@ -20,12 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared.oca.evaluate import (
-    Classification,
-    CompiledClassifier,
-    _as_number,
-    normalise_record,
-)
+from shared.oca.classify import Classification, CompiledClassifier
+from shared.oca.evaluate import _as_number, normalise_record
 from shared.oca.keywords import to_dotted
 from shared.oca.model import (
     RuleSet,

@@ -11,7 +11,7 @@ from astropy.io import fits
 
 from services.cli import main as preimg
 from services.processor import esorex, products, synth
-from shared.oca.evaluate import classify
+from shared.oca.classify import classify
 from shared.oca.parser import parse_file
 from shared.profiles import OVERLAY_ENV, ProfileError, load_profile
 
