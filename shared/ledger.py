@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.files import write_atomic
+from shared.files import write_all_atomic, write_atomic
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
@@ -143,8 +143,13 @@ class FileLedger:
         except (ValueError, KeyError, TypeError, MessageDecodeError) as e:
             raise CorruptRecord(path, e) from e
 
-    def record(self, stage: str, source: Envelope, events: list[Envelope], lease: Lease | None = None) -> StageRecord:
-        """Write what ``stage`` emitted for ``source``; with ``lease``, only while it is still ours."""
+    def record(self, stage: str, source: Envelope, events: list[Envelope], lease: Lease | None = None,
+               terminal: Envelope | None = None) -> StageRecord:
+        """Write what ``stage`` emitted for ``source``; with ``lease``, only while it is still ours.
+
+        ``terminal``: the run's answer to AOG among ``events``, kept as ``terminal.json``
+        in the same round of syncs as the record.
+        """
         if lease is not None and lease.current_token() != lease.token:
             raise LeaseLost(f"{lease.path}: token {lease.token} is no longer current; not recording")
         rec = StageRecord(
@@ -164,9 +169,15 @@ class FileLedger:
             "recorded_at": rec.recorded_at,
             "lease_token": rec.lease_token,
         }
-        # Each event is serialised once, straight into the record.
-        body = json.dumps(meta)[:-1] + ', "events": [' + ", ".join(e.to_json().decode() for e in events) + "]}"
-        write_atomic(self._path(stage, source.instrument, source.run_id), body.encode())
+        # Each event is serialised once, straight into the record (and the answer's copy from it).
+        texts = {id(e): e.to_json() for e in events}
+        body = json.dumps(meta)[:-1] + ', "events": [' + ", ".join(t.decode() for t in texts.values()) + "]}"
+        record_path = self._path(stage, source.instrument, source.run_id)
+        if terminal is None:
+            write_atomic(record_path, body.encode())
+        else:
+            answer = texts.get(id(terminal)) or terminal.to_json()
+            write_all_atomic({record_path: body.encode(), self._terminal_path(terminal): answer})
         return rec
 
     def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
@@ -193,8 +204,10 @@ class FileLedger:
 
     def record_terminal(self, event: Envelope) -> None:
         """Keep the run's latest terminal event (completion or failure)."""
-        path = self.run_dir(event.instrument, event.run_id) / "terminal.json"
-        write_atomic(path, event.to_json())
+        write_atomic(self._terminal_path(event), event.to_json())
+
+    def _terminal_path(self, event: Envelope) -> Path:
+        return self.run_dir(event.instrument, event.run_id) / "terminal.json"
 
     def terminal(self, instrument: str, run_id: str) -> Envelope | None:
         path = self.run_dir(instrument, run_id) / "terminal.json"

@@ -258,10 +258,8 @@ class MessageRunner:
         return self._emit(message, incoming, tuple(events))
 
     def _record(self, message: Envelope, events: list[Envelope], lease: Lease | None) -> None:
-        self._ledger.record(message.stage, message, events, lease=lease)
-        for event in events:
-            if event.stage in TERMINAL_STAGES:
-                self._ledger.record_terminal(event)
+        answers = [e for e in events if e.stage in TERMINAL_STAGES]
+        self._ledger.record(message.stage, message, events, lease=lease, terminal=answers[-1] if answers else None)
 
     def _emit(self, message: Envelope, incoming: Incoming, events: tuple[Envelope, ...],
               label: str = "ok", recorded_for: str | None = None) -> Outcome:
