@@ -51,7 +51,7 @@ def run_prune(args: argparse.Namespace, settings: Settings | None = None) -> int
     base = qc_base(profile)
     render = render_monitor(build_templates(), instrument, utc_now(), settings.monitor_max_rows)
     try:
-        removed = prune_test_runs(qc, base, render, remove_files=not args.keep_files)
+        removed = prune_test_runs(qc, base, render, settings.monitor_max_rows, remove_files=not args.keep_files)
     except PreimgError as e:  # the QC server is unreachable or refuses: nothing half-claimed
         print(f"preimg monitor prune: {e}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from pathlib import Path
@@ -40,7 +40,7 @@ from typing import Protocol
 import jinja2
 
 from services.publisher.mailer import MAIL_ERRORS, Mailer
-from services.publisher.monitor import MonitorRow, page_key, read_row, record_row
+from services.publisher.monitor import MonitorRow, RowCache, page_key, read_row, record_row
 from services.publisher.qcserver import HEX_SHA256, QcServer
 from shared.errors import PermanentError
 from shared.files import sha256_of
@@ -85,6 +85,10 @@ class PublisherPorts:
         Instrument profile by name (qc_prefix, readme_name, email_note, email_to).
     count_notification_failure
         Called with the instrument each time an e-mail cannot be sent.
+    files
+        The run's local files (README copy, REPORT note, e-mail marker, EXECUTED).
+    monitor_rows
+        Monitor rows this publisher already parsed, by index key and ETag.
     """
 
     settings: Settings
@@ -95,6 +99,7 @@ class PublisherPorts:
     load_profile: Callable[[str], Profile]
     count_notification_failure: Callable[[str], None]
     files: RunFiles
+    monitor_rows: RowCache = field(default_factory=dict)
 
 
 class RunFiles(Protocol):
@@ -371,7 +376,8 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
         objects=msg.objects, prog_ids=msg.prog_ids,
     )
     record_row(ports.qc, base, row,
-               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows))
+               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
+               ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
 
     if profile.email_note:
         _notify(msg, ports, profile, package_url, monitor_url, notes)
@@ -419,5 +425,6 @@ def handle_run_failed(msg: RunFailed, ports: PublisherPorts) -> list[Envelope]:
         completed_at=now, status="failed", reason=f"{msg.failed_stage}: {msg.reason}",
     )
     record_row(ports.qc, base, row,
-               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows))
+               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
+               ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
     return []

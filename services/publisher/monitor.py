@@ -3,29 +3,34 @@
 processPreImg fetched the page with wget, edited it and copied it back with
 scp: two runs at once could lose a row, and a rerun added a second one. Here
 every run owns one row object, ``<base>/monitor/rows/<run_id>.json``, and the
-page is a view rebuilt from all row objects:
+page is a view rebuilt from the newest rows:
 
 - one row per run however often a message is replayed: the row's key is the
   run id, a replay overwrites it;
+- a copy of each row sits in an index, ``<base>/monitor/recent/<K>_<run_id>.json``,
+  whose key ``K`` orders the newest delivery first; the page is rendered from
+  the first ``max_rows`` keys of a listing in key order (S3 lists in key order
+  and can stop after N keys), so a publish costs the same with 10,000 past
+  runs as with 10; rows already parsed are kept per process by ETag;
 - two publishers at the same moment lose no row: after writing its row, a
-  publisher lists the rows, renders the page, puts it, and lists again; if the
-  listing changed meanwhile (a row added, rewritten or removed: keys and ETags
-  are compared), it renders again. Whoever puts the page last has listed after
-  its own put, so its page holds every row written before that; a row written
-  later is followed by its writer's own rebuild. S3 (and MinIO) list with
-  read-after-write consistency, and a PUT replaces an object atomically, so
-  this needs no lock and no conditional write.
+  publisher lists the newest rows, renders the page, puts it, and lists again;
+  if the listing changed meanwhile (keys or ETags), it renders again. Whoever
+  puts the page last has listed after its own put, so its page holds every
+  newest row written before that; a row written later is followed by its
+  writer's own rebuild. S3 (and MinIO) list with read-after-write consistency,
+  and a PUT replaces an object atomically, so this needs no lock and no
+  conditional write;
 - the page is created from scratch whenever it is missing: it is never edited,
-  always rendered from the rows. Deleting ``monitor/rows/`` resets the monitor.
+  always rendered from the rows. An index shorter than ``max_rows`` is filled
+  from ``rows/`` (rows written before the index existed). Deleting
+  ``monitor/`` resets the monitor.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
@@ -35,6 +40,8 @@ from shared.errors import RetryableError
 _log = logging.getLogger(__name__)
 
 MONITOR_PAGE = "preimgMonitor.html"
+#: Index keys count down from here, so the newest delivery sorts first.
+NEWEST_FIRST = 10**15
 #: Rebuild rounds before giving up (a storm of concurrent runs); the message is retried later.
 MAX_ROUNDS = 25
 
@@ -72,27 +79,70 @@ def row_key(base: str, run_id: str) -> str:
     return f"{rows_prefix(base)}{run_id}.json"
 
 
+def recent_prefix(base: str) -> str:
+    return f"{base}/monitor/recent/"
+
+
+def recent_key(base: str, row: MonitorRow) -> str:
+    """The row's index key: newest delivery first in key order (milliseconds before year 33658)."""
+    millis = int(row.delivered_at.timestamp() * 1000)
+    return f"{recent_prefix(base)}{NEWEST_FIRST - millis:016d}_{row.run_id}.json"
+
+
 def read_row(qc: QcServer, base: str, run_id: str) -> MonitorRow | None:
     data = qc.get(row_key(base, run_id))
     return MonitorRow.model_validate_json(data) if data is not None else None
 
 
-def _read_rows(qc: QcServer, keys: list[str]) -> list[MonitorRow]:
+#: A publisher's parsed rows by index key: (ETag, row). Only keys still listed are kept.
+RowCache = dict[str, tuple[str, MonitorRow]]
+
+
+def _read_rows(qc: QcServer, listing: dict[str, str], cache: RowCache) -> list[MonitorRow]:
     rows = []
-    for key in keys:
+    for key in sorted(listing, key=str.encode):
+        etag = listing[key]
+        hit = cache.get(key)
+        if hit is not None and hit[0] == etag:
+            rows.append(hit[1])
+            continue
         data = qc.get(key)
         if data is None:
             continue  # removed since the listing; the second listing will notice
         try:
-            rows.append(MonitorRow.model_validate_json(data))
+            row = MonitorRow.model_validate_json(data)
         except ValueError as e:
             # One damaged row must not take the page down; say which object to fix.
             _log.error("monitor row %s is not valid, left off the page: %s", key, e)
+            continue
+        cache[key] = (etag, row)
+        rows.append(row)
+    for key in [k for k in cache if k not in listing]:
+        del cache[key]
     return rows
 
 
-def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], str]) -> int:
-    """Render the page from every row object until the rows stay still across a put.
+def _fill_index(qc: QcServer, base: str, listing: dict[str, str]) -> bool:
+    """Index the rows that have no index entry (written before the index existed); True if any."""
+    indexed = {key.rsplit("/", 1)[-1].split("_", 1)[-1] for key in qc.list(recent_prefix(base))}
+    added = False
+    for key in qc.list(rows_prefix(base)):
+        if key.rsplit("/", 1)[-1] in indexed:
+            continue
+        data = qc.get(key)
+        try:
+            row = MonitorRow.model_validate_json(data) if data is not None else None
+        except ValueError:
+            row = None  # reported by the page rebuild if it ever reaches the page
+        if row is not None:
+            qc.put(recent_key(base, row), data, content_type="application/json")
+            added = True
+    return added
+
+
+def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], str], max_rows: int,
+                 cache: RowCache | None = None) -> int:
+    """Render the page from the newest ``max_rows`` rows until they stay still across a put.
 
     Returns
     -------
@@ -104,14 +154,17 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
     RetryableError
         The rows kept changing for ``MAX_ROUNDS`` rounds.
     """
-    prefix = rows_prefix(base)
-    listing = qc.list(prefix)
+    cache = {} if cache is None else cache
+    prefix = recent_prefix(base)
+    listing = qc.list(prefix, limit=max_rows)
+    if len(listing) < max_rows and _fill_index(qc, base, listing):
+        listing = qc.list(prefix, limit=max_rows)
     for _ in range(MAX_ROUNDS):
-        rows = _read_rows(qc, sorted(listing))
+        rows = _read_rows(qc, listing, cache)
         page = render(rows).encode()
         # The page is a view of the rows, rebuilt whenever it is missing: not worth a sync.
         qc.put(page_key(base), page, content_type="text/html; charset=utf-8", durable=False)
-        after = qc.list(prefix)
+        after = qc.list(prefix, limit=max_rows)
         if after == listing:
             return len(rows)
         _log.info("monitor rows changed while the page was written (%d -> %d); rendering again",
@@ -121,17 +174,27 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
 
 
 def record_row(
-    qc: QcServer, base: str, row: MonitorRow, render: Callable[[list[MonitorRow]], str]
+    qc: QcServer, base: str, row: MonitorRow, render: Callable[[list[MonitorRow]], str], max_rows: int,
+    *, previous: MonitorRow | None = None, cache: RowCache | None = None,
 ) -> None:
-    """Write (or overwrite) the run's row and bring the page up to date."""
+    """Write (or overwrite) the run's row and its index entry, and bring the page up to date.
+
+    ``previous``: the run's row before this one, whose index entry goes when
+    the new row sorts elsewhere (a failure shown before the delivery time was known).
+    """
     data = row.model_dump_json(indent=1).encode()
-    qc.put(row_key(base, row.run_id), data, content_type="application/json")
-    count = rebuild_page(qc, base, render)
+    with qc.batch():  # the row and its index entry appear together
+        qc.put(row_key(base, row.run_id), data, content_type="application/json")
+        qc.put(recent_key(base, row), data, content_type="application/json")
+    if previous is not None and recent_key(base, previous) != recent_key(base, row):
+        qc.delete(recent_key(base, previous))
+    count = rebuild_page(qc, base, render, max_rows, cache)
     _log.info("monitor %s updated with run %s (%d rows)", page_key(base), row.run_id, count)
 
 
 def prune_test_runs(
-    qc: QcServer, base: str, render: Callable[[list[MonitorRow]], str], *, remove_files: bool = True
+    qc: QcServer, base: str, render: Callable[[list[MonitorRow]], str], max_rows: int, *,
+    remove_files: bool = True,
 ) -> list[str]:
     """Remove the test runs from the monitor (and their packages) and rebuild the page.
 
@@ -148,16 +211,16 @@ def prune_test_runs(
         if data is None:
             continue
         try:
-            row: dict[str, Any] = json.loads(data)
+            row = MonitorRow.model_validate_json(data)
         except ValueError:
             continue
-        if not row.get("test"):
+        if not row.test:
             continue
-        run_id = str(row.get("run_id", ""))
-        if remove_files and run_id:
-            for file_key in qc.list(f"{base}/runs/{run_id}/"):
+        if remove_files:
+            for file_key in qc.list(f"{base}/runs/{row.run_id}/"):
                 qc.delete(file_key)
+        qc.delete(recent_key(base, row))
         qc.delete(key)
-        removed.append(run_id)
-    rebuild_page(qc, base, render)
+        removed.append(row.run_id)
+    rebuild_page(qc, base, render, max_rows)
     return removed

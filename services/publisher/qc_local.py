@@ -13,13 +13,14 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.publisher.qcserver import HEX_SHA256, ObjectInfo, safe_key
 from shared.errors import RetryableError
-from shared.files import CHUNK, TEMP_NAME, sync_all, temp_file_beside
+from shared.files import CHUNK, TEMP_NAME, is_temp_name, sync_all, temp_file_beside
 
 _log = logging.getLogger(__name__)
 
@@ -236,14 +237,16 @@ class LocalQcServer:
             raise RetryableError(f"cannot write {key} into the QC directory {self.root}: {e}") from e
         return digest
 
-    def list(self, prefix: str) -> dict[str, str]:
+    def list(self, prefix: str, limit: int | None = None) -> dict[str, str]:
         base = self.root / prefix.rstrip("/") if prefix else self.root
         found: dict[str, str] = {}
         if not base.is_dir():
             return found
+        if limit is not None and prefix.endswith("/"):
+            return self._list_first(base, prefix, limit)
         for dirpath, _dirs, files in os.walk(base):
             for name in files:
-                if name.startswith(".") and name.endswith(".tmp"):
+                if is_temp_name(name):
                     continue  # another writer's file in flight
                 path = Path(dirpath) / name
                 key = path.relative_to(self.root).as_posix()
@@ -253,6 +256,26 @@ class LocalQcServer:
                     found[key] = self._etag(path.stat())
                 except FileNotFoundError:
                     continue  # deleted while we walked
+        if limit is not None:
+            return {k: found[k] for k in sorted(found, key=lambda k: k.encode())[:limit]}
+        return found
+
+    def _list_first(self, base: Path, prefix: str, limit: int) -> dict[str, str]:
+        """The first ``limit`` files directly in ``base`` by name: the names are listed, only those stat'ed."""
+        try:
+            names = sorted((n for n in os.listdir(base) if not is_temp_name(n)), key=str.encode)
+        except FileNotFoundError:
+            return {}
+        found: dict[str, str] = {}
+        for name in names:
+            if len(found) == limit:
+                break
+            try:
+                info = os.stat(base / name)
+            except FileNotFoundError:
+                continue  # deleted since the listing
+            if stat.S_ISREG(info.st_mode):
+                found[prefix + name] = self._etag(info)
         return found
 
     def delete(self, key: str) -> None:

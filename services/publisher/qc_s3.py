@@ -364,11 +364,13 @@ class S3QcServer:
             raise RetryableError(f"S3 upload of {key} not verified: the server holds {held}, "
                                  f"{sent} were sent; will upload again")
 
-    def list(self, prefix: str) -> dict[str, str]:
+    def list(self, prefix: str, limit: int | None = None) -> dict[str, str]:
         def request() -> dict[str, str]:
             found: dict[str, str] = {}
             paginator = self._s3().get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix):
+            pages = {"PageSize": min(limit, 1000), "MaxItems": limit} if limit is not None else {}
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix + prefix,
+                                           PaginationConfig=pages):
                 for item in page.get("Contents", ()):
                     found[item["Key"][len(self.prefix):]] = item["ETag"]
             return found

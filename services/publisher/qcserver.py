@@ -59,8 +59,12 @@ class QcServer(Protocol):
         sync to be durable may skip that; readers still never see half of it.
         """
 
-    def list(self, prefix: str) -> dict[str, str]:
-        """Every key under ``prefix`` with its ETag (changes whenever the object changes)."""
+    def list(self, prefix: str, limit: int | None = None) -> dict[str, str]:
+        """Keys under ``prefix`` with their ETags (an ETag changes whenever the object changes).
+
+        With ``limit``, only the first ``limit`` keys in key order (S3's order:
+        by UTF-8 bytes), which a store can answer without walking the rest.
+        """
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -201,3 +202,70 @@ def test_run_files_port_missing_readme_noted_once_and_executed_flag(tmp_path):
     report = files.read_text(Path(msg.report))
     assert report.startswith("REPORT\n") and report.count("was not found on the QC server") == 1
     assert files.touched == [Path(msg.sci_dir) / "EXECUTED"] * 2
+
+
+class CountingQc:
+    """The real local QC server, counting the objects read (``get``)."""
+
+    def __init__(self, root: Path):
+        from services.publisher.qc_local import LocalQcServer
+
+        self._qc = LocalQcServer(root)
+        self.gets: list[str] = []
+
+    def get(self, key: str):
+        self.gets.append(key)
+        return self._qc.get(key)
+
+    def __getattr__(self, name: str):
+        return getattr(self._qc, name)
+
+
+def test_a_publish_reads_only_the_newest_rows_and_the_page_shows_them_newest_first(tmp_path):
+    from datetime import timedelta
+
+    settings = Settings(data_root=tmp_path, monitor_max_rows=3)
+    qc = CountingQc(settings.qc_local_dir())
+    ports = ports_for(settings, qc=qc)
+    for i in range(8):  # delivered one hour apart, published in a shuffled order
+        n = (5, 2, 7, 0, 3, 6, 1, 4)[i]
+        msg = reports_ready(tmp_path / f"r{n}", run_id=f"run-{n}")
+        msg = msg.model_copy(update={"delivered_at": msg.delivered_at + timedelta(hours=n)})
+        handle_reports_ready(msg, ports)
+    assert _rows(settings.qc_local_dir()) == ["run-7", "run-6", "run-5"]
+
+    qc.gets.clear()
+    msg = reports_ready(tmp_path / "r8", run_id="run-8")
+    handle_reports_ready(msg.model_copy(update={"delivered_at": msg.delivered_at + timedelta(hours=8)}), ports)
+    assert _rows(settings.qc_local_dir()) == ["run-8", "run-7", "run-6"]
+    monitor_reads = [k for k in qc.gets if "/monitor/" in k]
+    # its own previous row, and the one new index entry: the other rows are known by their ETags
+    assert len(monitor_reads) <= 2, monitor_reads
+
+
+def test_rows_written_before_the_index_existed_reach_the_page(tmp_path):
+    settings = Settings(data_root=tmp_path)
+    ports = ports_for(settings)
+    handle_reports_ready(reports_ready(tmp_path / "a", run_id="run-a"), ports)
+    monitor = settings.qc_local_dir() / BASE / "monitor"
+    shutil.rmtree(monitor / "recent")  # as a deployment from before the index left it
+    (monitor / "rows" / "legacy-1.json").write_text(
+        (monitor / "rows" / "run-a.json").read_text().replace("run-a", "legacy-1"))
+    handle_reports_ready(reports_ready(tmp_path / "b", run_id="run-b"), ports)
+    assert sorted(_rows(settings.qc_local_dir())) == ["legacy-1", "run-a", "run-b"]
+    assert len(list((monitor / "recent").iterdir())) == 3
+
+
+def test_a_failure_shown_before_the_delivery_time_was_known_leaves_one_row(tmp_path):
+    from services.publisher.handlers import handle_run_failed
+    from shared.messages import RunFailed
+
+    settings = Settings(data_root=tmp_path)
+    ports = ports_for(settings)
+    msg = reports_ready(tmp_path, run_id="run-late")
+    failed = RunFailed(run_id="run-late", delivery_id=msg.delivery_id, instrument=msg.instrument, test=msg.test,
+                       failed_stage="publisher", reason="S3 down")
+    handle_run_failed(failed, ports)
+    handle_reports_ready(msg, ports)  # replayed after the fault was mended
+    assert _rows(settings.qc_local_dir()) == ["run-late"]
+    assert len(list((settings.qc_local_dir() / BASE / "monitor" / "recent").iterdir())) == 1
