@@ -173,13 +173,15 @@ class Recipe:
 
 
 @dataclass(frozen=True)
-class Product:
+class ProductRule:
+    """A ``product NAME { KEY = VALUE; ... }`` statement of an action: a product the rules describe."""
+
     name: str
     assignments: tuple[Assignment, ...] = ()
     line: int = field(default=0, compare=False)
 
 
-ActionStatement = Setting | FileSelect | Recipe | Product
+ActionStatement = Setting | FileSelect | Recipe | ProductRule
 
 
 @dataclass(frozen=True)
@@ -199,8 +201,8 @@ class Action:
         return recipes[-1] if recipes else None
 
     @property
-    def products(self) -> tuple[Product, ...]:
-        return tuple(s for s in self.statements if isinstance(s, Product))
+    def products(self) -> tuple[ProductRule, ...]:
+        return tuple(s for s in self.statements if isinstance(s, ProductRule))
 
 
 @dataclass(frozen=True)

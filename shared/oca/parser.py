@@ -76,7 +76,7 @@ from shared.oca.model import (
     Not,
     Or,
     OrganisationRule,
-    Product,
+    ProductRule,
     Recipe,
     RuleSet,
     Setting,
@@ -431,7 +431,7 @@ class _Parser:
                 while not self.accept("}"):
                     self.check_unclosed(brace)
                     assignments.append(self.parse_assignment())
-                statements.append(Product(product, tuple(assignments), line=token.line))
+                statements.append(ProductRule(product, tuple(assignments), line=token.line))
             elif self.tok.kind == "name":
                 token = self.tok
                 self.pos += 1

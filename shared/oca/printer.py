@@ -21,7 +21,7 @@ from shared.oca.model import (
     Not,
     Or,
     OrganisationRule,
-    Product,
+    ProductRule,
     Recipe,
     RuleSet,
     Setting,
@@ -117,7 +117,7 @@ def format_action(action: Action) -> str:
                 lines.append("  }")
             else:
                 lines.append(f"  recipe {st.name};")
-        elif isinstance(st, Product):
+        elif isinstance(st, ProductRule):
             lines.append(f"  product {st.name}")
             lines.append("  {")
             lines += _assignments(st.assignments, "    ")
