@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 from datetime import UTC
 
 from services.processor import esorex, synth
-from shared.profiles import load_profile
+from shared.profiles import RecipeCheck, load_profile
 
 Sof = Sequence[tuple[Path, str]]
 
@@ -82,12 +82,13 @@ def bare_esorex_total(runs: Sequence[tuple[str, Sof, Path | None, Sequence[str]]
 
 
 def run_recipe_seconds(recipe: str, sof: Sof, recipe_dir: Path | None, options: Sequence[str] = (),
-                       scratch: Path | None = None) -> float:
+                       scratch: Path | None = None, check: RecipeCheck | None = None) -> float:
     """Wall time of :func:`services.processor.esorex.run_recipe` on one SOF, end to end."""
     parent = Path(tempfile.mkdtemp(prefix="runner-", dir=scratch))
     try:
         started = time.perf_counter()
-        result = esorex.run_recipe(recipe, sof, parent / "ab", recipe_dir=recipe_dir, options=options)
+        result = esorex.run_recipe(recipe, sof, parent / "ab", recipe_dir=recipe_dir, options=options,
+                                   check=check)
         elapsed = time.perf_counter() - started
         if not result.ok:
             raise RuntimeError(result.reason)
@@ -185,11 +186,12 @@ def _stats(values: list[float]) -> dict[str, float]:
 def bench_recipe(instrument: str, recipe: str, sof: Sof, repeat: int, scratch: Path) -> None:
     recipe_dir = load_profile(instrument).resolve_recipe_dir()
     options = tuple(load_profile(instrument).recipe_options.get(recipe, ()))
+    check = load_profile(instrument).recipe_checks.get(recipe)  # judged as the processor judges it
     bare, runner = [], []
     bare_esorex_seconds(recipe, sof, recipe_dir, options, scratch)  # warm the page cache
     for _ in range(repeat):  # interleaved, so drift hits both equally
         bare.append(bare_esorex_seconds(recipe, sof, recipe_dir, options, scratch))
-        runner.append(run_recipe_seconds(recipe, sof, recipe_dir, options, scratch))
+        runner.append(run_recipe_seconds(recipe, sof, recipe_dir, options, scratch, check))
     common = {"instrument": instrument, "recipe": recipe, "sof_lines": len(sof)}
     print(json.dumps({"name": "esorex_bare_s", **common, **_stats(bare), "unit": "s"}), flush=True)
     print(json.dumps({"name": "run_recipe_s", **common, **_stats(runner), "unit": "s"}), flush=True)

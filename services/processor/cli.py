@@ -113,7 +113,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     report = check_instrument(profile, cal_root)
     if args.json:
         print(json.dumps({"instrument": report.instrument, "ok": report.ok,
-                          "missing": list(report.missing), "found": list(report.found)}))
+                          "missing": list(report.missing), "found": list(report.found),
+                          "warnings": list(report.warnings)}))
     else:
         print(report.format())
     return 0 if report.ok else 1

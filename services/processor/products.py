@@ -1,4 +1,4 @@
-"""renameProducts and moveProducts: product names from header values, then files into place.
+"""The products of one recipe run: read once, renamed from header values, moved into place.
 
 Naming scheme
 -------------
@@ -26,26 +26,129 @@ A product without PRO.CATG (a recipe that died while writing) is named with
 Log files of an AB go to the run's log directory as ``<AB>.ab`` (the AB),
 ``<AB>.rblog`` (the esorex log), ``<AB>.sof`` (the SOF) and ``<AB>.out``
 (esorex's stdout and stderr).
+
+Reading the products
+--------------------
+What a recipe wrote is read here too (:func:`read_products`, one
+:class:`RecipeProduct` per file): PRO.CATG, the QC cards and the header
+keywords the reports want, and the checksum, all in the one pass over the
+header blocks. It sits beside the naming and moving because those are its
+only users and change with it (a new card to read is a new field to carry
+into the message); running the recipe (``esorex``) and judging the run
+(``judging``) only look at ``pro_catg``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from services.processor.esorex import Product
-from shared.files import fsync_dir, fsync_file
-from shared.messages import Product as MessageProduct
-from shared.messages import RawFrame
+from shared.files import file_digest, fsync_dir, fsync_file
+from shared.fitsheader import FitsHeaderError, card_value, iter_header_texts, parse_value
+from shared.messages import Product, RawFrame
+from shared.oca.keywords import header_key
 
 _log = logging.getLogger(__name__)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.:+-]")
+
+
+@dataclass(frozen=True)
+class RecipeProduct:
+    """One product file written by a recipe (the message model is :class:`shared.messages.Product`).
+
+    Attributes
+    ----------
+    path : Path
+        Where the file is now.
+    pro_catg : str
+        ``HIERARCH ESO PRO CATG`` of the primary header ("" when absent).
+    qc : dict
+        ``HIERARCH ESO QC *`` keywords of all HDUs, flattened: primary-header
+        keys as ``"QC MAGZPT"``, extension keys prefixed with the extension
+        name, ``"CHIP1.INT1:QC DARK MED"`` (``"HDU2:QC ..."`` when unnamed).
+    """
+
+    path: Path
+    pro_catg: str
+    qc: dict[str, Any] = field(default_factory=dict)
+    header: dict[str, Any] = field(default_factory=dict)
+    checksum: str = ""
+
+
+def read_product(path: Path, keywords: Sequence[str] = ()) -> RecipeProduct:
+    """PRO.CATG, QC keywords and the primary-header ``keywords`` (dotted) of one product file.
+
+    Only the header blocks are read (``shared.fitsheader``), not the data: on a
+    delivery this runs for every product, and astropy would parse every card.
+    This is the one read of a product: the reports take what they need from
+    the message, and the file's SHA-256 (``checksum``, ``sha256:<hex>``) is
+    computed in the same pass, for the manifest and the upload. A product the
+    recipe left half-written (it died while saving) still yields a RecipeProduct;
+    the keywords that could be read are returned.
+    """
+    pro_catg = ""
+    qc: dict[str, Any] = {}
+    header: dict[str, Any] = {}
+    digest = hashlib.sha256()
+    try:
+        for index, text in enumerate(iter_header_texts(path, digest)):
+            if index == 0:
+                pro_catg = str(card_value(text, "ESO PRO CATG", path) or "")
+                for keyword in keywords:
+                    value = card_value(text, header_key(keyword), path)
+                    if value is not None:
+                        header[keyword] = value
+                prefix = ""
+            else:
+                prefix = f"{card_value(text, 'EXTNAME', path) or f'HDU{index}'}:"
+            for key, value_text in _qc_cards(text):
+                qc[f"{prefix}{key}"] = parse_value(value_text, path, key)
+    except (OSError, FitsHeaderError) as e:  # truncated or corrupt product
+        _log.warning("cannot read product %s: %s", path, e)
+        return RecipeProduct(path=path, pro_catg=pro_catg, qc=qc, header=header,
+                       checksum=f"sha256:{file_digest(path)}" if path.is_file() else "")
+    return RecipeProduct(path=path, pro_catg=pro_catg, qc=qc, header=header, checksum=f"sha256:{digest.hexdigest()}")
+
+
+def _qc_cards(text: str) -> Iterator[tuple[str, str]]:
+    """(``QC ...`` key, value text) of every ``HIERARCH ESO QC`` card of a header."""
+    for pos in range(0, len(text), 80):
+        card = text[pos:pos + 80]
+        if card.startswith("HIERARCH ESO QC "):
+            key, sep, value = card[len("HIERARCH ESO "):].partition("=")
+            if sep:
+                yield " ".join(key.split()), value
+
+
+def read_products(workdir: Path, keywords: Sequence[str] = ()) -> list[RecipeProduct]:
+    """The products listed in ``<workdir>/products.json``, or found in ``products/``.
+
+    esorex writes ``products.json`` only when the recipe returns; after a
+    signal death the partial files in the output directory are reported.
+    """
+    listing = workdir / "products.json"
+    paths: list[Path] = []
+    if listing.is_file():
+        try:
+            for entry in json.loads(listing.read_text() or "[]"):
+                p = Path(entry["name"])
+                paths.append(p if p.is_absolute() else workdir / p)
+        except (ValueError, KeyError, TypeError) as e:
+            _log.warning("unreadable %s: %s", listing, e)
+    if not paths:
+        out = workdir / "products"
+        paths = sorted(out.glob("*.fits")) if out.is_dir() else []
+    return [read_product(p, keywords) for p in paths if p.is_file()]
+
 
 
 def _natural_key(name: str) -> list[object]:
@@ -73,7 +176,7 @@ def product_name(instrument: str, date_obs: str, pro_catg: str, index: int) -> s
     return f"{instrument.upper()}.{date_obs}_{catg}_{index:04d}.fits"
 
 
-def plan_names(products: Sequence[Product], instrument: str, date_obs: str) -> list[tuple[Product, str]]:
+def plan_names(products: Sequence[RecipeProduct], instrument: str, date_obs: str) -> list[tuple[RecipeProduct, str]]:
     """New names for the products of one AB, without touching any file."""
     counters: dict[str, int] = {}
     planned = []
@@ -84,8 +187,8 @@ def plan_names(products: Sequence[Product], instrument: str, date_obs: str) -> l
     return planned
 
 
-def move_products(products: Sequence[Product], sci_dir: Path, instrument: str | None = None,
-                  date_obs: str | None = None) -> list[Product]:
+def move_products(products: Sequence[RecipeProduct], sci_dir: Path, instrument: str | None = None,
+                  date_obs: str | None = None) -> list[RecipeProduct]:
     """renameProducts + moveProducts: each product file renamed into the science directory, once.
 
     With ``instrument`` and ``date_obs`` the files get the names of the scheme
@@ -144,7 +247,7 @@ def move_logs(workdir: Path, log_dir: Path, ab_name: str) -> dict[str, Path]:
     return written
 
 
-def package_raw_frames(frames: Sequence[RawFrame], sci_dir: Path) -> list[MessageProduct]:
+def package_raw_frames(frames: Sequence[RawFrame], sci_dir: Path) -> list[Product]:
     """PIPE_SUPPORT=NO: the raw frames themselves are the package (hard links, or copies).
 
     Their checksums are the ones ingest verified; nothing is read.
@@ -157,5 +260,5 @@ def package_raw_frames(frames: Sequence[RawFrame], sci_dir: Path) -> list[Messag
                 os.link(frame.path, target)
             except OSError:
                 shutil.copyfile(frame.path, target)
-        products.append(MessageProduct(path=str(target), pro_catg="RAW", ab="", checksum=frame.checksum))
+        products.append(Product(path=str(target), pro_catg="RAW", ab="", checksum=frame.checksum))
     return products

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from services.processor.esorex import kill_leftover_recipes, run_recipe
+from services.processor.esorex import run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts, handle_raw_ready
 from services.processor.products import first_date_obs, move_logs, move_products, package_raw_frames
+from services.processor.recipe_processes import kill_leftover_recipes
 from shared.bus.runner import Handlers
 from shared.errors import PermanentError
 from shared.files import write_atomic
@@ -241,6 +242,7 @@ class AbExecutor:
             recipe_dir=self._profile.resolve_recipe_dir(),
             options=options,
             timeout_s=self._profile.recipe_timeout_s,
+            check=self._profile.recipe_checks.get(ab.recipe),
             header_keywords=self._report_keys,
         )
         self._metrics.recipe_duration.labels(self._profile.instrument, ab.recipe, result.status).observe(result.duration_s)
@@ -287,4 +289,7 @@ def check_instrument(profile: Profile, settings: Settings) -> list[str]:
     """What is missing for this instrument to be processed (empty when all is there)."""
     from services.processor.toolcheck import check_instrument as consistency_check
 
-    return list(consistency_check(profile, settings.cal_dir()).missing)
+    report = consistency_check(profile, settings.cal_dir())
+    for warning in report.warnings:
+        _log.warning("%s: %s", profile.instrument, warning)
+    return list(report.missing)

@@ -56,6 +56,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.profiles import RecipeCheck
+
 _log = logging.getLogger(__name__)
 
 #: Bump when the generated data change in a way that needs a rebuild.
@@ -891,10 +893,24 @@ def write_schlegel(path: Path, instrument: str, pro_catg: str) -> Path:
 # ==============================================================================
 
 
+#: What the calibration recipes must write. Only synth runs them (the services process SCIENCE
+#: ABs), so their checks live here rather than in the instrument profiles.
+CALIBRATION_CHECKS: dict[str, RecipeCheck] = {
+    "hawki_dark_combine": RecipeCheck(expected_products=frozenset({"MASTER_DARK"})),
+    "hawki_twilight_flat_combine": RecipeCheck(
+        expected_products=frozenset({"MASTER_TWILIGHT_FLAT", "MASTER_CONF", "MASTER_BPM"})),
+    "vimos_ima_bias": RecipeCheck(expected_products=frozenset({"MASTER_BIAS"})),
+    "vimos_ima_dark": RecipeCheck(expected_products=frozenset({"MASTER_DARK"})),
+    "vimos_ima_twilight_flat": RecipeCheck(
+        expected_products=frozenset({"MASTER_TWILIGHT_FLAT", "MASTER_CONF", "MASTER_BPM"})),
+}
+
+
 def _run(recipe: str, sof: list[tuple[Path, str]], workdir: Path, recipe_dir: Path | None) -> dict[str, Path]:
     from services.processor import esorex
 
-    result = esorex.run_recipe(recipe, sof, workdir, recipe_dir=recipe_dir, timeout_s=600)
+    result = esorex.run_recipe(recipe, sof, workdir, recipe_dir=recipe_dir, timeout_s=600,
+                               check=CALIBRATION_CHECKS[recipe])
     if not result.ok:
         raise SynthError(f"building synthetic calibrations: {result.reason} (log: {result.log_path})")
     return {p.pro_catg: p.path for p in result.products}

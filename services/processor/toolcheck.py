@@ -26,6 +26,11 @@ that is createAB's job; this check answers "can anything work at all".
 
 An instrument without pipeline support (``pipe_support = false``) only needs
 its tools.
+
+A SCIENCE recipe the profile has no ``[recipe_checks.<recipe>]`` for is a
+*warning*, not a missing piece: the run works, but is judged SUCCESSFUL on
+rc 0 and no ``[ ERROR ]`` line alone, with no expected products. A new
+instrument can start that way; the warning keeps it from staying so unnoticed.
 """
 
 from __future__ import annotations
@@ -62,11 +67,14 @@ class CheckReport:
         One line per missing thing, each saying what and where it was looked for.
     found : tuple of str
         What was verified, for the operator's confidence.
+    warnings : tuple of str
+        What works but is weaker than it should be (does not make the check fail).
     """
 
     instrument: str
     missing: tuple[str, ...] = ()
     found: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -75,6 +83,7 @@ class CheckReport:
     def format(self) -> str:
         lines = [f"{self.instrument}: {'OK' if self.ok else 'MISSING ' + str(len(self.missing))}"]
         lines += [f"  ok       {item}" for item in self.found]
+        lines += [f"  WARNING  {item}" for item in self.warnings]
         lines += [f"  MISSING  {item}" for item in self.missing]
         return "\n".join(lines)
 
@@ -221,6 +230,7 @@ def check_instrument(profile: Profile, cal_root: Path, *, esorex: Path | None = 
 
     missing: list[str] = []
     found: list[str] = []
+    warnings: list[str] = []
     instr = profile.instrument
 
     for tool in profile.required_tools:
@@ -231,7 +241,7 @@ def check_instrument(profile: Profile, cal_root: Path, *, esorex: Path | None = 
             found.append(f"tool {tool} ({exe})")
     if not profile.pipe_support:
         found.append("no pipeline support (PIPE_SUPPORT=NO): raw frames are packaged, no recipes needed")
-        return CheckReport(instr, tuple(missing), tuple(found))
+        return CheckReport(instr, tuple(missing), tuple(found), tuple(warnings))
 
     recipe_dir = profile.resolve_recipe_dir()
     if recipe_dir is None:
@@ -270,6 +280,15 @@ def check_instrument(profile: Profile, cal_root: Path, *, esorex: Path | None = 
                 found.append(f"recipe {recipe} (action {action})")
             else:
                 missing.append(f"recipe {recipe} (action {action}) not installed in {recipe_dir}")
+    for recipe in dict.fromkeys(needs.recipes.values()):
+        check = profile.recipe_checks.get(recipe)
+        if check is None:
+            warnings.append(f"recipe {recipe}: no [recipe_checks.{recipe}] in the profile, so a run with "
+                            "rc 0 and no [ ERROR ] line counts as SUCCESSFUL whatever it wrote")
+        else:
+            per = check.per_exposure
+            found.append(f"recipe check {recipe}: {len(check.expected_products)} expected products"
+                         + (f", one {per.product} per {per.files} {per.raw_tag}" if per else ""))
 
     root = Path(cal_root) / instr
     dirs = [root / sub for sub in CAL_SUBDIRS]
@@ -293,4 +312,4 @@ def check_instrument(profile: Profile, cal_root: Path, *, esorex: Path | None = 
                 f"calibration {cat} (needed by {', '.join(sorted(set(why)))}): "
                 f"no file with PRO.CATG={cat} in {dirs[0]} or {dirs[1]}"
             )
-    return CheckReport(instr, tuple(missing), tuple(found))
+    return CheckReport(instr, tuple(missing), tuple(found), tuple(warnings))

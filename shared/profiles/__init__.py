@@ -19,6 +19,18 @@ or the environment variable ``PREIMG_PROFILE_OVERLAY`` (paths separated by
 ``:``), read at each call. An overlay for another instrument is skipped, so
 one list can serve several instruments. Tables (``recipe_options``) are merged
 key by key, other fields replaced. ``Profile.overlays`` names the files applied.
+
+What makes a recipe run SUCCESSFUL beyond rc 0 and no ``[ ERROR ]`` line is
+configuration too: ``[recipe_checks.<recipe>]`` lists the PRO.CATG values the
+run must have written and, optionally, one product per exposure::
+
+    [recipe_checks.vimos_ima_science]
+    expected_products = ["BASIC_CALIBRATED_SCI", "JITTERED_IMAGE_SCI"]
+    per_exposure = {raw_tag = "OBJECT", files = 4, product = "BASIC_CALIBRATED_SCI"}
+
+A recipe the profile has no check for has no expected products; ``preimg
+check`` warns about every SCIENCE recipe of the rules without one. (The
+calibration recipes only ``preimg synth`` runs keep their checks in ``synth``.)
 """
 
 from __future__ import annotations
@@ -29,9 +41,9 @@ import os
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from shared.layout import INSTRUMENT_PATTERN
 from shared.messages import describe_validation_error
@@ -46,6 +58,42 @@ _announced: set[tuple[str, str]] = set()
 
 class ProfileError(ValueError):
     """A profile is missing or invalid; the message names the file and the field."""
+
+
+#: A PRO.CATG value (``BASIC_CALIBRATED_SCI``) or a SOF tag (``OBJECT``).
+Category = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]*$")]
+#: A recipe name (``hawki_science_process``).
+RecipeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+class PerExposure(BaseModel):
+    """One ``product`` per exposure: ``files`` raw files tagged ``raw_tag`` in the SOF make one exposure.
+
+    VIMOS writes one file per quadrant, so 4 OBJECT files are one exposure.
+    Without LST the VIMOS recipe silently processes only the first exposure
+    (ESOREX.md §4.6); this check turns that into a failure.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    raw_tag: Category
+    files: int = Field(1, ge=1)
+    product: Category
+
+
+class RecipeCheck(BaseModel):
+    """What a recipe must have written for a run with rc 0 and no errors to count as SUCCESSFUL.
+
+    ``expected_products`` are the PRO.CATG values the reports and the PI need;
+    optional products (e.g. MEAN_SKY, written only when a sky is made) are not
+    listed. A recipe without a check has no expected products: rc 0 and no
+    ``[ ERROR ]`` line are then enough (``preimg check`` warns about it).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    expected_products: frozenset[Category] = frozenset()
+    per_exposure: PerExposure | None = None
 
 
 class Profile(BaseModel):
@@ -72,6 +120,8 @@ class Profile(BaseModel):
     #: esorex plugin directory of this instrument's pipeline (glob; avoids the libcasu clash).
     recipe_dir: str = ""
     recipe_options: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    #: Per recipe, the products a successful run must have written (``[recipe_checks.<recipe>]``).
+    recipe_checks: dict[RecipeName, RecipeCheck] = Field(default_factory=dict)
     recipe_timeout_s: float = Field(900.0, gt=0)
     max_parallel_abs: int = Field(2, ge=1)
     #: The processing is for SCIENCE ABs only, as in processPreImg.

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.processor import esorex
-from services.processor.esorex import PID_FILE, death_guard, kill_leftover_recipes
+from services.processor import esorex, recipe_processes
+from services.processor.recipe_processes import PID_FILE, death_guard, kill_leftover_recipes
 from shared.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def sleeper():
 
 
 def group(pgid: int) -> list[int]:
-    return esorex._group_members(pgid)
+    return recipe_processes._group_members(pgid)
 
 
 def record(workdir: Path, pid: int, **changes) -> Path:
@@ -172,7 +172,7 @@ def test_run_recipe_removes_its_record_when_the_recipe_ends(tmp_path):
     # the record is written right after the start: give it a moment
     fake.write_text("#!/bin/sh\nfor i in $(seq 100); do test -f esorex.pid && echo recorded && exit; sleep 0.05; done\n")
     fake.chmod(0o755)
-    result = esorex.run_recipe("hawki_fake", [], tmp_path / "AB1", esorex=fake, expected=())
+    result = esorex.run_recipe("hawki_fake", [], tmp_path / "AB1", esorex=fake)
     assert result.ok, result.reason
     assert (tmp_path / "AB1" / "esorex.out").read_text() == "recorded\n"
     assert not (tmp_path / "AB1" / PID_FILE).exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from services.processor.esorex import read_product
+from services.processor.products import read_product
 from shared.files import file_digest
 from shared.fitsheader import FitsHeaderError, iter_header_texts
 

@@ -12,9 +12,15 @@ from pathlib import Path
 import pytest
 
 from services.processor import esorex, products, synth
+from services.processor.judging import FAILED
 from shared.fitsheader import read_keywords
+from shared.profiles import load_profile
 
 pytestmark = pytest.mark.esorex
+
+#: What the processor judges these recipes by: the shipped profiles' checks.
+HAWKI_CHECK = load_profile("HAWKI", overlays=[]).recipe_checks["hawki_science_process"]
+VIMOS_CHECK = load_profile("VIMOS", overlays=[]).recipe_checks["vimos_ima_science"]
 
 
 def _qc(result: esorex.RecipeResult, catg: str, key: str) -> list[float]:
@@ -44,12 +50,12 @@ def _processes_in(workdir: Path) -> list[int]:
 def test_hawki_science_process_succeeds(hawki_cal, hawki_raw, hawki_recipe_dir, tmp_path):
     result = esorex.run_recipe(
         "hawki_science_process", synth.science_sof(hawki_raw, hawki_cal), tmp_path / "ab",
-        recipe_dir=hawki_recipe_dir,
+        recipe_dir=hawki_recipe_dir, check=HAWKI_CHECK,
     )
 
     assert result.ok, result.reason
     assert result.rc == 0 and result.signal is None and result.errors == ()
-    assert esorex.EXPECTED_PRODUCTS["hawki_science_process"] <= result.product_catgs()
+    assert HAWKI_CHECK.expected_products <= result.product_catgs()
     assert sum(p.pro_catg == "BASIC_CALIBRATED_SCI" for p in result.products) == 3
     assert result.log_path is not None and result.log_path.name == "esorex.log"
     # The instrument's own plugin directory is on the command line (libcasu clash, §6.4).
@@ -65,11 +71,11 @@ def test_hawki_science_process_succeeds(hawki_cal, hawki_raw, hawki_recipe_dir, 
 def test_vimos_ima_science_succeeds(vimos_cal, vimos_raw, vimos_recipe_dir, tmp_path):
     result = esorex.run_recipe(
         "vimos_ima_science", synth.science_sof(vimos_raw, vimos_cal), tmp_path / "ab",
-        recipe_dir=vimos_recipe_dir,
+        recipe_dir=vimos_recipe_dir, check=VIMOS_CHECK,
     )
 
     assert result.ok, result.reason
-    assert esorex.EXPECTED_PRODUCTS["vimos_ima_science"] <= result.product_catgs()
+    assert VIMOS_CHECK.expected_products <= result.product_catgs()
     # One exposure = four quadrant files = one BASIC_CALIBRATED_SCI with 4 extensions.
     assert sum(p.pro_catg == "BASIC_CALIBRATED_SCI" for p in result.products) == 1
     zp = _qc(result, "JITTERED_IMAGE_SCI", "QC MAGZPT")
@@ -83,7 +89,7 @@ def test_vimos_ima_science_succeeds(vimos_cal, vimos_raw, vimos_recipe_dir, tmp_
 def test_products_are_renamed_and_moved(hawki_cal, hawki_raw, hawki_recipe_dir, tmp_path):
     result = esorex.run_recipe(
         "hawki_science_process", synth.science_sof(hawki_raw, hawki_cal), tmp_path / "ab",
-        recipe_dir=hawki_recipe_dir,
+        recipe_dir=hawki_recipe_dir, check=HAWKI_CHECK,
     )
     assert result.ok, result.reason
 
@@ -110,10 +116,10 @@ def test_truncated_raw_frame_fails_with_reason(hawki_cal, hawki_raw, hawki_recip
 
     result = esorex.run_recipe(
         "hawki_science_process", synth.science_sof(hawki_raw, hawki_cal), tmp_path / "ab",
-        recipe_dir=hawki_recipe_dir,
+        recipe_dir=hawki_recipe_dir, check=HAWKI_CHECK,
     )
 
-    assert result.status == esorex.FAILED
+    assert result.status == FAILED
     assert hawki_raw[1].name in result.reason
     assert "expected 4" in result.reason  # "Frame ... has N extensions, expected 4"
     assert result.log_path is not None and result.log_path.is_file()
@@ -123,10 +129,10 @@ def test_recipe_killed_by_signal_fails_naming_it(hawki_cal, hawki_raw, hawki_rec
     # Background cells larger than the 128-px image make the sky code divide by zero (§3.7).
     result = esorex.run_recipe(
         "hawki_science_process", synth.science_sof(hawki_raw, hawki_cal), tmp_path / "ab",
-        recipe_dir=hawki_recipe_dir, options=("--psm_nbsize=256", "--stk_cat_nbsize=256"),
+        recipe_dir=hawki_recipe_dir, options=("--psm_nbsize=256", "--stk_cat_nbsize=256"), check=HAWKI_CHECK,
     )
 
-    assert result.status == esorex.FAILED
+    assert result.status == FAILED
     assert result.signal == "SIGFPE" and result.rc == -8
     assert "killed by SIGFPE" in result.reason
     assert result.log_path is not None and result.log_path.is_file()
@@ -135,10 +141,10 @@ def test_recipe_killed_by_signal_fails_naming_it(hawki_cal, hawki_raw, hawki_rec
 def test_timeout_kills_the_recipe(hawki_cal, hawki_raw, hawki_recipe_dir, tmp_path):
     result = esorex.run_recipe(
         "hawki_science_process", synth.science_sof(hawki_raw, hawki_cal), tmp_path / "ab",
-        recipe_dir=hawki_recipe_dir, timeout_s=0.3,
+        recipe_dir=hawki_recipe_dir, timeout_s=0.3, check=HAWKI_CHECK,
     )
 
-    assert result.status == esorex.FAILED and result.timed_out
+    assert result.status == FAILED and result.timed_out
     assert "timed out after 0.3 s" in result.reason
     assert result.duration_s < 0.3 + 6  # TERM, then KILL after the grace period at worst
     assert _processes_in(result.workdir) == []
@@ -147,9 +153,10 @@ def test_timeout_kills_the_recipe(hawki_cal, hawki_raw, hawki_recipe_dir, tmp_pa
 def test_missing_calibration_fails_with_esorex_message(hawki_cal, hawki_raw, hawki_recipe_dir, tmp_path):
     sof = [entry for entry in synth.science_sof(hawki_raw, hawki_cal) if entry[1] != "MASTER_CONF"]
 
-    result = esorex.run_recipe("hawki_science_process", sof, tmp_path / "ab", recipe_dir=hawki_recipe_dir)
+    result = esorex.run_recipe("hawki_science_process", sof, tmp_path / "ab", recipe_dir=hawki_recipe_dir,
+                               check=HAWKI_CHECK)
 
-    assert result.status == esorex.FAILED and result.rc == 255
+    assert result.status == FAILED and result.rc == 255
     assert "No master confidence map file found" in result.reason
 
 

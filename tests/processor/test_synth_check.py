@@ -10,10 +10,11 @@ import pytest
 from astropy.io import fits
 
 from services.cli import main as preimg
-from services.processor import esorex, products, synth
+from services.processor import esorex, judging, products, synth
+from services.processor.products import RecipeProduct
 from shared.oca.classify import classify
 from shared.oca.parser import parse_file
-from shared.profiles import OVERLAY_ENV, ProfileError, load_profile
+from shared.profiles import OVERLAY_ENV, ProfileError, RecipeCheck, load_profile
 
 #: Keywords the OCA rules of HAWK-I classify, group and associate on.
 HAWKI_OCA_KEYS = (
@@ -212,6 +213,11 @@ def test_profile_overlay_is_merged_for_its_instrument_only(tmp_path, monkeypatch
     ('instrument = "HAWKI"\nrecipe_timeout = 1\n', "recipe_timeout"),
     ('instrument = "HAWKI"\nrecipe_timeout_s = -1\n', "recipe_timeout_s"),
     ('instrument = "HAWKI"\n[recipe', "not valid TOML"),
+    ('instrument = "HAWKI"\n[recipe_checks.hawki_science_process]\nexpected_products = ["jittered"]\n',
+     "recipe_checks"),
+    (('instrument = "HAWKI"\n[recipe_checks.hawki_science_process]\n'
+     'per_exposure = {raw_tag = "OBJECT", files = 0, product = "BASIC_CALIBRATED_SCI"}\n'), "files"),
+    ('instrument = "HAWKI"\n[recipe_checks.hawki_science_process]\nexpected = []\n', "expected"),
 ])
 def test_a_bad_profile_overlay_is_named(tmp_path, text, message):
     path = tmp_path / "overlay.toml"
@@ -233,13 +239,14 @@ def test_small_synthetic_window_runs_with_the_overlay_synth_writes(esorex_availa
     monkeypatch.setenv(OVERLAY_ENV, str(cal.profile_overlay))
     options = load_profile("HAWKI").recipe_options["hawki_science_process"]
     assert options == ("--psm_nbsize=32", "--stk_cat_nbsize=32")
+    check = load_profile("HAWKI").recipe_checks["hawki_science_process"]
     result = esorex.run_recipe("hawki_science_process", synth.science_sof(raw, cal), tmp_path / "ab",
-                               recipe_dir=hawki_recipe_dir, options=options)
+                               recipe_dir=hawki_recipe_dir, options=options, check=check)
     assert result.ok, result.reason
     assert sum(p.pro_catg == "BASIC_CALIBRATED_SCI" for p in result.products) == 3
     # Without them the recipe's 128-px cells do not fit the 64-px chips (SIGFPE, ESOREX.md §3.7).
     bare = esorex.run_recipe("hawki_science_process", synth.science_sof(raw, cal), tmp_path / "ab2",
-                             recipe_dir=hawki_recipe_dir)
+                             recipe_dir=hawki_recipe_dir, check=check)
     assert not bare.ok and "SIGFPE" in bare.reason
 
 
@@ -271,6 +278,20 @@ def test_check_json_and_missing_dirs(esorex_available, tmp_path, capsys):
 
 
 @pytest.mark.esorex
+def test_check_warns_about_a_science_recipe_without_a_product_check(esorex_available, tmp_path, capsys):
+    from services.processor.toolcheck import check_instrument
+
+    profile = load_profile("HAWKI", overlays=[])
+    assert check_instrument(profile, tmp_path).warnings == ()
+    report = check_instrument(profile.model_copy(update={"recipe_checks": {}}), tmp_path)
+    assert report.warnings == (("recipe hawki_science_process: no [recipe_checks.hawki_science_process] in the "
+                               "profile, so a run with rc 0 and no [ ERROR ] line counts as SUCCESSFUL "
+                               "whatever it wrote"),)
+    assert "  WARNING  recipe hawki_science_process: no [recipe_checks" in report.format()
+    assert set(report.missing) == set(check_instrument(profile, tmp_path).missing)  # a warning fails nothing
+
+
+@pytest.mark.esorex
 def test_check_finds_the_synthetic_set(hawki_cal, synth_cal_root, capsys):
     preimg(["check", "-i", "HAWKI", "--cal-root", str(synth_cal_root)])
     out = capsys.readouterr().out
@@ -285,29 +306,35 @@ def test_check_without_pipeline_needs_no_recipes(tmp_path, capsys):
 # -- pure helpers -------------------------------------------------------------------------
 
 
-def _p(name: str, catg: str) -> esorex.Product:
-    return esorex.Product(Path("/w/products") / name, catg)
+def _p(name: str, catg: str) -> RecipeProduct:
+    return RecipeProduct(Path("/w/products") / name, catg)
 
 
 def test_judge_requires_rc0_no_errors_and_products():
     good = [_p("a.fits", "MASTER_DARK")]
-    assert esorex.judge("hawki_dark_combine", 0, [], good) == (esorex.SUCCESSFUL, "")
-    status, reason = esorex.judge("hawki_dark_combine", 0, ["x: Object and dark dimensions don't match"], good)
-    assert status == esorex.FAILED and "dimensions don't match" in reason
-    status, reason = esorex.judge("hawki_dark_combine", 0, [], [])
-    assert status == esorex.FAILED and "missing: MASTER_DARK" in reason
-    status, reason = esorex.judge("hawki_dark_combine", -11, ["r: Unable to load x -- Bad file format"], [])
+    check = RecipeCheck(expected_products=frozenset({"MASTER_DARK"}))
+    assert judging.judge("hawki_dark_combine", 0, [], good, check=check) == (judging.SUCCESSFUL, "")
+    status, reason = judging.judge("hawki_dark_combine", 0, ["x: Object and dark dimensions don't match"], good,
+                                   check=check)
+    assert status == judging.FAILED and "dimensions don't match" in reason
+    status, reason = judging.judge("hawki_dark_combine", 0, [], [], check=check)
+    assert status == judging.FAILED and "missing: MASTER_DARK" in reason
+    # No check for a recipe: no expected products.
+    assert judging.judge("hawki_dark_combine", 0, [], []) == (judging.SUCCESSFUL, "")
+    status, reason = judging.judge("hawki_dark_combine", -11, ["r: Unable to load x -- Bad file format"], [])
     assert reason.startswith("recipe hawki_dark_combine killed by SIGSEGV (rc -11)") and "Bad file format" in reason
-    status, reason = esorex.judge("x", None, [], [], timed_out=True, timeout_s=900)
+    status, reason = judging.judge("x", None, [], [], timed_out=True, timeout_s=900)
     assert reason == "recipe x timed out after 900 s and was killed"
 
 
 def test_judge_counts_exposures():
-    prods = [_p(f"{c.lower()}.fits", c) for c in esorex.EXPECTED_PRODUCTS["vimos_ima_science"]]
-    status, reason = esorex.judge("vimos_ima_science", 0, [], prods, n_exposures=3)
-    assert status == esorex.FAILED and "1 BASIC_CALIBRATED_SCI for 3 exposures" in reason
+    check = load_profile("VIMOS", overlays=[]).recipe_checks["vimos_ima_science"]
+    prods = [_p(f"{c.lower()}.fits", c) for c in check.expected_products]
+    status, reason = judging.judge("vimos_ima_science", 0, [], prods, check=check, n_exposures=3)
+    assert status == judging.FAILED and "1 BASIC_CALIBRATED_SCI for 3 exposures" in reason
     sof = [(Path(f"q{i}"), "OBJECT") for i in range(12)] + [(Path("b"), "MASTER_BIAS")]
-    assert esorex.count_exposures("vimos_ima_science", sof) == 3
+    assert judging.count_exposures(check, sof) == 3
+    assert judging.count_exposures(None, sof) is None
 
 
 def test_error_lines_merge_stdout_and_log():
@@ -316,10 +343,10 @@ def test_error_lines_merge_stdout_and_log():
               "[WARNING] esorex: Unable to open directory /usr/lib/cpl/plugins\n")
     log = ("18:14:32 [ ERROR ] hawki_science_process: [tid=000] No master confidence map file found\n"
            "18:14:32 [ ERROR ] : [tid=000] Execution of recipe 'hawki_science_process' failed, status = -1\n")
-    errors = esorex.error_lines(stdout, log)
+    errors = judging.error_lines(stdout, log)
     assert errors == ["hawki_science_process: No master confidence map file found",
                       "esorex: Execution of recipe 'hawki_science_process' failed, status = -1"]
-    assert esorex.main_error(errors) == errors[0]
+    assert judging.main_error(errors) == errors[0]
 
 
 def test_product_names_follow_the_scheme():
@@ -341,5 +368,5 @@ def test_move_products_never_overwrites(tmp_path):
     (tmp_path / "sci").mkdir()
     (tmp_path / "sci" / "a.fits").write_text("old")
     with pytest.raises(FileExistsError):
-        products.move_products([esorex.Product(src, "X")], tmp_path / "sci")
+        products.move_products([RecipeProduct(src, "X")], tmp_path / "sci")
     assert (tmp_path / "sci" / "a.fits").read_text() == "old"
