@@ -69,7 +69,7 @@ contracts: venv
 	$(PY) -m shared.contracts docs
 
 lint: venv
-	$(VENV)/bin/ruff check shared services tests bench
+	$(VENV)/bin/ruff check shared services synth tests bench
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache $(DEMO_ROOT) test-artifacts

@@ -41,7 +41,8 @@ sys.path.insert(0, str(REPO))
 from bench_processor import bare_esorex_seconds
 from prometheus_client import CollectorRegistry
 
-from services.processor import esorex, synth
+import synth
+from services.processor import esorex
 from shared.profiles import OVERLAY_ENV, load_profile
 
 INSTRUMENT = "HAWKI"

@@ -33,7 +33,8 @@ sys.path.insert(0, str(REPO))
 
 from datetime import UTC
 
-from services.processor import esorex, synth
+import synth
+from services.processor import esorex
 from shared.profiles import RecipeCheck, load_profile
 
 Sof = Sequence[tuple[Path, str]]

@@ -59,7 +59,14 @@ def _parse_start(text: str | None) -> datetime | None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from services.processor import synth
+    # Test-data tooling beside the services (synth -> services -> shared), imported only here: an
+    # image without it (the ingest/reporter/publisher image) says so instead of failing on import.
+    try:
+        import synth
+    except ImportError as e:
+        print(f"preimg synth: the synthetic-data package is not installed here ({e}); "
+              "it ships with the repository and the processor image", file=sys.stderr)
+        return 2
 
     try:
         start = _parse_start(args.start) or synth.DEFAULT_START

@@ -156,7 +156,7 @@ def test_corrupt_fits_is_staged_with_its_problem_and_others_still_described(sett
 
 
 def test_frames_are_classified_by_the_instruments_oca_rules(tmp_path, area):
-    from services.processor import synth
+    import synth
     from shared.profiles import load_profile
 
     if load_profile("HAWKI").resolve_rules() is None:

@@ -19,7 +19,7 @@ from typing import TypeVar
 
 import pytest
 
-from services.processor import synth
+import synth
 from shared.profiles import OVERLAY_ENV, load_profile
 from tests.conftest import IN_CI
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pika
 import pytest
 
+import synth
 from services.app import describe_files
-from services.processor import synth
 from shared.bus.rabbitmq import RabbitClient
 from shared.files import is_temp_name
 from shared.ledger import FileLedger

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from services.processor import synth
+import synth
 from shared.profiles import OVERLAY_ENV, load_profile
 
 pytestmark = [pytest.mark.esorex, pytest.mark.slow]

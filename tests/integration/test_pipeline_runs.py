@@ -1,6 +1,6 @@
 """Whole deliveries through the real recipe chain: `preimg run` and the processor with real esorex.
 
-Synthetic pre-imaging frames (services.processor.synth) and a calibration set
+Synthetic pre-imaging frames (synth) and a calibration set
 made by the real calibration recipes (cached under .cache/synth/cal). QC values
 are not bit-reproducible (ESOREX.md 6.5): presence and plausible ranges only.
 """
@@ -17,10 +17,10 @@ import pytest
 from astropy.io import fits
 from prometheus_client import CollectorRegistry
 
+import synth
 from services.app import describe_files
 from services.ingest.handlers import handle_delivery
 from services.ingest.service import build_ports as ingest_ports
-from services.processor import synth
 from services.processor.handlers import handle_raw_ready
 from services.processor.service import build_ports
 from shared.messages import DeliveryAnnounced, ProductsReady

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import synth
 from services.app import describe_files
-from services.processor import synth
 from shared.bus.rabbitmq import RabbitClient
 from shared.ledger import FileLedger
 from shared.messages import DeliveryAnnounced

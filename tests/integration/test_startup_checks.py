@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
+import synth
 from services.app import describe_files
-from services.processor import synth
 from shared.bus.rabbitmq import RabbitClient
 from shared.bus.topology import queue_name
 from shared.messages import DeliveryAnnounced

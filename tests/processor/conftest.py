@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from services.processor import synth
+import synth
 from services.processor.esorex import find_esorex
 from shared.profiles import load_profile
 

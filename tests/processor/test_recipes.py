@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from services.processor import esorex, products, synth
+import synth
+from services.processor import esorex, products
 from services.processor.judging import FAILED
 from shared.fitsheader import read_keywords
 from shared.profiles import load_profile

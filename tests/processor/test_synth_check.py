@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
+import synth
 from services.cli import main as preimg
-from services.processor import esorex, judging, products, synth
+from services.processor import esorex, judging, products
 from services.processor.products import RecipeProduct
 from shared.oca.classify import classify
 from shared.oca.parser import parse_file
