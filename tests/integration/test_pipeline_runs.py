@@ -28,6 +28,7 @@ from shared.metrics import build_metrics
 from shared.oca import read_ab
 from shared.profiles import load_profile
 from shared.settings import Settings
+from tests.faults import truncate_file
 
 pytestmark = [pytest.mark.esorex, pytest.mark.slow]
 
@@ -109,7 +110,7 @@ def _two_templates(raw: Path) -> tuple[list[Path], list[Path]]:
 def test_truncated_frame_fails_its_ab_while_the_other_ab_succeeds(tmp_path, hawki_cal):
     raw = tmp_path / "incoming"
     _, second = _two_templates(raw)
-    synth.truncate_file(second[1])
+    truncate_file(second[1])
     doc = preimg_run("HAWKI", raw, tmp_path / "data", hawki_cal)
     assert doc["status"] == "partial", doc
     state = json.loads(next(Path(doc["paths"]["state"]).glob("raw_ready.json")).read_text())

@@ -16,6 +16,7 @@ from services.processor import esorex, products
 from services.processor.judging import FAILED
 from shared.fitsheader import read_keywords
 from shared.profiles import load_profile
+from tests.faults import truncate_file
 
 pytestmark = pytest.mark.esorex
 
@@ -113,7 +114,7 @@ def test_products_are_renamed_and_moved(hawki_cal, hawki_raw, hawki_recipe_dir, 
 
 
 def test_truncated_raw_frame_fails_with_reason(hawki_cal, hawki_raw, hawki_recipe_dir, tmp_path):
-    synth.truncate_file(hawki_raw[1])
+    truncate_file(hawki_raw[1])
 
     result = esorex.run_recipe(
         "hawki_science_process", synth.science_sof(hawki_raw, hawki_cal), tmp_path / "ab",

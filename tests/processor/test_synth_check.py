@@ -16,6 +16,8 @@ from services.processor.products import RecipeProduct
 from shared.oca.classify import classify
 from shared.oca.parser import parse_file
 from shared.profiles import OVERLAY_ENV, ProfileError, RecipeCheck, load_profile
+from synth import calibration_set
+from tests.faults import truncate_file
 
 #: Keywords the OCA rules of HAWK-I classify, group and associate on.
 HAWKI_OCA_KEYS = (
@@ -97,9 +99,8 @@ def test_fors2_raw_frames(tmp_path):
 def test_truncate_file_cuts_data(tmp_path):
     path = synth.make_raw_frames("HAWKI", tmp_path, n_frames=1)[0]
     size = path.stat().st_size
-    synth.truncate_file(path)
+    truncate_file(path)
     assert path.stat().st_size < size and path.stat().st_size % 2880 == 0
-    synth.remove_keyword(synth.make_raw_frames("HAWKI", tmp_path / "b", n_frames=1)[0], "MJD-OBS")
 
 
 # -- calibration set ----------------------------------------------------------------------
@@ -137,7 +138,7 @@ def test_calibration_set_is_cached(hawki_cal, synth_cal_root):
     assert manifest["params"]["version"] == synth.SYNTH_VERSION
     # A different version or size is not "up to date".
     other = dict(manifest["params"], version=synth.SYNTH_VERSION + 1)
-    assert synth._manifest_current(hawki_cal.root, other) is None
+    assert calibration_set._manifest_current(hawki_cal.root, other) is None
 
 
 @pytest.mark.esorex
@@ -147,7 +148,7 @@ def test_calibration_sets_follow_the_science_window(hawki_cal):
         assert fits.getdata(hawki_cal.files[tag], 1).shape == (128, 128), tag
     params = synth.read_manifest(hawki_cal.root)["params"]
     assert params["science_size"] == 128 and params["flat_size"] == synth.HAWKI_FLAT_SIZE
-    assert synth._params("HAWKI", 2048, synth.DEFAULT_SETUPS["HAWKI"])["flat_size"] == 2048
+    assert calibration_set._params("HAWKI", 2048, synth.DEFAULT_SETUPS["HAWKI"])["flat_size"] == 2048
     # The default window runs with the pipeline's defaults: no overlay.
     assert params["recipe_options"] == {} and hawki_cal.profile_overlay is None
     assert not (hawki_cal.root / synth.OVERLAY_NAME).exists()
