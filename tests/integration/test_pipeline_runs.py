@@ -159,6 +159,16 @@ def test_recipe_killed_by_a_signal_fails_the_ab(tmp_path, hawki_cal):
     assert list(Path(event.sci_dir).iterdir()) == []  # partial products are not delivered
 
 
+def test_the_processor_judges_by_the_profiles_recipe_check(tmp_path, hawki_cal):
+    frames = synth.make_raw_frames("HAWKI", tmp_path / "incoming", n_frames=2)
+    shipped = load_profile("HAWKI").recipe_checks["hawki_science_process"]
+    check = shipped.model_copy(update={"expected_products": shipped.expected_products | {"NO_SUCH_PRODUCT"}})
+    event = _processor_event(tmp_path, hawki_cal, {"recipe_checks": {"hawki_science_process": check}}, frames)
+    [ab] = event.abs
+    assert ab.status == "FAILED" and "products are missing: NO_SUCH_PRODUCT" in ab.reason, ab.reason
+    assert event.products == ()
+
+
 def test_recipe_timeout_fails_the_ab(tmp_path, hawki_cal):
     frames = synth.make_raw_frames("HAWKI", tmp_path / "incoming", n_frames=2)
     event = _processor_event(tmp_path, hawki_cal, {"recipe_timeout_s": 0.3}, frames)
