@@ -54,8 +54,6 @@ This module is the package's public face: the names below are what callers use.
 from __future__ import annotations
 
 from synth.calibration_set import (
-    DATED_DIR,
-    GEN_DIR,
     MANIFEST_NAME,
     OVERLAY_NAME,
     SYNTH_VERSION,
@@ -70,10 +68,8 @@ from synth.hawki import HAWKI_CHIP, HAWKI_DEFAULT_SIZE, HAWKI_EXTNAMES, HAWKI_FL
 from synth.vimos import VIMOS_CHIPS, VIMOS_NX, VIMOS_NY
 
 __all__ = [
-    "DATED_DIR",
     "DEFAULT_SETUPS",
     "DEFAULT_START",
-    "GEN_DIR",
     "HAWKI_CHIP",
     "HAWKI_DEFAULT_SIZE",
     "HAWKI_EXTNAMES",

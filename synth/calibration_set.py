@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.layout import CAL_SUBDIRS, DATED_CAL_DIR, GEN_CAL_DIR
 from synth import hawki, vimos
 from synth.common import DEFAULT_SETUPS, Setup
 from synth.frames import check_size, synthetic_recipe_options
@@ -35,8 +36,6 @@ _log = logging.getLogger(__name__)
 #: Bump when the generated data change in a way that needs a rebuild.
 SYNTH_VERSION = 1
 MANIFEST_NAME = "synth-manifest.json"
-DATED_DIR = "2099-99-99"
-GEN_DIR = "gen"
 
 #: The profile overlay written beside a calibration set whose data need recipe options.
 OVERLAY_NAME = "profile-overlay.toml"
@@ -68,11 +67,11 @@ class CalibrationSet:
 
     @property
     def dated_dir(self) -> Path:
-        return self.root / DATED_DIR
+        return self.root / DATED_CAL_DIR
 
     @property
     def gen_dir(self) -> Path:
-        return self.root / GEN_DIR
+        return self.root / GEN_CAL_DIR
 
 
 
@@ -220,18 +219,18 @@ def make_calibrations(instrument: str, cal_root: Path, *, size: int | None = Non
         _log.info("building synthetic %s calibrations in %s", instrument, root)
         (root / MANIFEST_NAME).unlink(missing_ok=True)
         (root / OVERLAY_NAME).unlink(missing_ok=True)
-        for sub in (DATED_DIR, GEN_DIR):
+        for sub in CAL_SUBDIRS:
             (root / sub).mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
         try:
             if instrument == "HAWKI":
                 assert size is not None
-                files = hawki.build_masters(root / DATED_DIR, work, size, setups, recipe_dir)
+                files = hawki.build_masters(root / DATED_CAL_DIR, work, size, setups, recipe_dir)
             else:
-                files = vimos.build_masters(root / DATED_DIR, work, setups, recipe_dir)
+                files = vimos.build_masters(root / DATED_CAL_DIR, work, setups, recipe_dir)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        files.update(write_gen(root / GEN_DIR, instrument, size or HAWKI_DEFAULT_SIZE))
+        files.update(write_gen(root / GEN_CAL_DIR, instrument, size or HAWKI_DEFAULT_SIZE))
         overlay = _sync_overlay(root, instrument, size)
         manifest = {
             "generator": "preimg.synth",
