@@ -1,0 +1,540 @@
+"""Quick-look PNGs of science products: what the PI and the QC scientist look at first.
+
+One PNG per science product (and a small thumbnail), drawn from the product's
+pixels and WCS:
+
+* every 2-D image extension is a chip; chips are block-averaged down to the
+  quick-look's resolution and drawn onto one WCSAxes in a common sky frame
+  (a TAN projection centred on the mosaic, at the finest chip scale). Each
+  chip is placed by the affine map from its own pixels to the common frame,
+  fitted through its WCS on a grid of points (exact for TAN chips sharing a
+  tangent point; the residual of a ZPN chip over a HAWK-I field is far below
+  a quick-look pixel); no resampling of the data is needed;
+* one ZScale interval over all chips, asinh (default) or linear stretch;
+* RA/Dec axes and grid, the OB's target marked (``TEL TARG ALPHA/DELTA`` of
+  the primary header, else ``RA``/``DEC``), north and east arrows, a scale bar
+  and a title with object, filter, exposure time and date.
+
+Bad input never stops a run: without a usable celestial WCS the quick-look is
+drawn in pixel coordinates with a note; an image without finite pixels, or a
+constant one, gets a labelled placeholder. The product is opened once (header
+and pixels in the same pass). matplotlib and astropy's WCS machinery are
+imported when the first quick-look is drawn, not when the service starts.
+
+The PNG bytes are hashed before they are written, so the checksums listed in
+the manifest come from the bytes themselves without reading the files back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.files import write_atomic
+
+_log = logging.getLogger(__name__)
+
+#: Sub-directory of the run's science directory holding the quick-looks.
+QUICKLOOK_DIR = "quicklook"
+#: Size of the quick-look (pixels, square) and of its thumbnail.
+QUICKLOOK_PX = 1000
+THUMBNAIL_PX = 200
+_DPI = 100
+#: Colour of the target marker (also what the image tests look for).
+TARGET_COLOUR = "#00ff00"
+
+KIND_SKY = "sky"
+KIND_PIXEL = "pixel"
+KIND_PLACEHOLDER = "placeholder"
+
+
+@dataclass(frozen=True)
+class QuickLook:
+    """What :func:`render` wrote: the PNG and thumbnail with their SHA-256 (hex)."""
+
+    png: Path
+    thumbnail: Path
+    png_sha256: str
+    thumbnail_sha256: str
+    kind: str  # sky, pixel or placeholder
+    note: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class _Chip:
+    name: str
+    data: Any  # 2-D float array, block-averaged
+    binning: int
+    wcs: Any = None  # celestial astropy WCS of the full-resolution chip, or None
+    shape: tuple[int, int] = (0, 0)  # full-resolution (ny, nx)
+
+
+@dataclass
+class _Info:
+    title: str
+    target: tuple[float, float] | None = None  # ICRS degrees
+    notes: list[str] = field(default_factory=list)
+
+
+def quicklook_paths(product: Path, sci_dir: Path) -> tuple[Path, Path]:
+    """Where the quick-look of ``product`` and its thumbnail go: ``<sci>/quicklook/<stem>.png``."""
+    stem = product.name
+    for suffix in (".fits.fz", ".fits", ".fit"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    directory = sci_dir / QUICKLOOK_DIR
+    return directory / f"{stem}.png", directory / f"{stem}_thumb.png"
+
+
+# ---------------------------------------------------------------------------
+# header helpers
+# ---------------------------------------------------------------------------
+
+_SEXA = re.compile(r"^\s*([+-]?)(\d{1,3})(\d{2})(\d{2}(?:\.\d*)?)\s*$")
+
+
+def _eso_sexagesimal(value: Any, hours: bool) -> float | None:
+    """``TEL TARG ALPHA`` (HHMMSS.sss) / ``DELTA`` (±DDMMSS.ss) as degrees."""
+    if isinstance(value, (int, float)):
+        text = f"{value:.4f}"
+    elif isinstance(value, str):
+        text = value
+    else:
+        return None
+    text = text.strip()
+    negative = text.startswith("-")
+    body = text.lstrip("+-")
+    whole, _, frac = body.partition(".")
+    whole = whole.zfill(6)
+    match = _SEXA.match(whole + ("." + frac if frac else ""))
+    if not match:
+        return None
+    _, a, b, c = match.groups()
+    degrees = int(a) + int(b) / 60 + float(c) / 3600
+    degrees *= 15 if hours else 1
+    return -degrees if negative else degrees
+
+
+def target_of(header: Mapping[str, Any]) -> tuple[float, float] | None:
+    """The OB's target (ICRS degrees) from a primary header: TEL TARG ALPHA/DELTA, else RA/DEC."""
+    ra = _eso_sexagesimal(_first(header, "ESO TEL TARG ALPHA", "HIERARCH ESO TEL TARG ALPHA"), True)
+    dec = _eso_sexagesimal(_first(header, "ESO TEL TARG DELTA", "HIERARCH ESO TEL TARG DELTA"), False)
+    if ra is not None and dec is not None and -90 <= dec <= 90:
+        return ra % 360, dec
+    try:
+        ra_f, dec_f = float(header["RA"]), float(header["DEC"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if math.isfinite(ra_f) and math.isfinite(dec_f) and -90 <= dec_f <= 90:
+        return ra_f % 360, dec_f
+    return None
+
+
+def _first(header: Mapping[str, Any], *keys: str) -> Any:
+    for key in keys:
+        value = header.get(key)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def title_of(header: Mapping[str, Any], fallback: str) -> str:
+    """Object, filter, exposure time and date, from the primary header."""
+    obj = _first(header, "OBJECT", "ESO OBS TARG NAME", "HIERARCH ESO OBS TARG NAME") or fallback
+    filters = [str(_first(header, f"ESO INS FILT{n} NAME", f"HIERARCH ESO INS FILT{n} NAME") or "")
+               for n in range(1, 5)]
+    filters = [f for f in dict.fromkeys(filters) if f and f.upper() not in ("OPEN", "FREE")]
+    exptime = _first(header, "EXPTIME", "TEXPTIME", "ESO DET DIT", "HIERARCH ESO DET DIT")
+    date = _first(header, "DATE-OBS", "DATE")
+    parts = [str(obj)]
+    parts.append("/".join(filters) if filters else "filter ?")
+    try:
+        parts.append(f"{float(exptime):g} s")
+    except (TypeError, ValueError):
+        parts.append("exptime ?")
+    parts.append(str(date) if date else "date ?")
+    return "  |  ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------
+
+
+def _celestial_wcs(header: Any) -> tuple[Any, str]:
+    """The header's celestial WCS, or (None, why not)."""
+    import warnings
+
+    import numpy as np
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+    except Exception as e:  # noqa: BLE001 - any WCS parsing problem means "no usable WCS"
+        return None, f"WCS unreadable ({type(e).__name__}: {e})"
+    if not wcs.has_celestial:
+        return None, "no celestial WCS in the header"
+    try:
+        scale = wcs.proj_plane_pixel_scales()
+        values = [float(getattr(s, "value", s)) for s in scale]
+        ny, nx = int(header.get("NAXIS2", 1)), int(header.get("NAXIS1", 1))
+        centre = wcs.pixel_to_world_values(nx / 2, ny / 2)
+    except Exception as e:  # noqa: BLE001
+        return None, f"WCS unusable ({type(e).__name__}: {e})"
+    if not all(np.isfinite(values)) or min(values) <= 0 or max(values) > 1.0 \
+            or not all(np.isfinite(np.asarray(centre, dtype=float))):
+        return None, "WCS gives no sensible pixel scale"
+    return wcs, ""
+
+
+def _block_mean(data: Any, factor: int) -> Any:
+    import numpy as np
+
+    if factor <= 1:
+        return np.asarray(data, dtype=np.float32)
+    ny, nx = data.shape
+    ny_b, nx_b = ny // factor, nx // factor
+    if ny_b == 0 or nx_b == 0:
+        return np.asarray(data, dtype=np.float32)
+    trimmed = np.asarray(data[: ny_b * factor, : nx_b * factor], dtype=np.float32)
+    blocks = trimmed.reshape(ny_b, factor, nx_b, factor)
+    with np.errstate(invalid="ignore"):
+        # nanmean without its all-NaN warning: sum and count of the finite pixels
+        finite = np.isfinite(blocks)
+        total = np.where(finite, blocks, 0).sum(axis=(1, 3))
+        count = finite.sum(axis=(1, 3))
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
+
+
+def _read(path: Path, target_px: int) -> tuple[dict[str, Any], list[_Chip], list[str]]:
+    """Primary header and the image chips, block-averaged so the mosaic is about ``target_px`` wide."""
+    from astropy.io import fits
+
+    notes: list[str] = []
+    chips: list[_Chip] = []
+    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
+        primary = dict(hdul[0].header.items())
+        images = []
+        for index, hdu in enumerate(hdul):
+            if not getattr(hdu, "is_image", False) or hdu.header.get("NAXIS", 0) < 2:
+                continue
+            shape = tuple(int(hdu.header.get(f"NAXIS{n}", 0)) for n in (2, 1))
+            if min(shape) < 2:
+                continue
+            images.append((index, hdu, shape))
+        if not images:
+            return primary, [], ["no 2-D image in the file"]
+        # A chip as big as the quick-look alone decides the binning (mosaic ~ 2x2 chips at most).
+        biggest = max(max(shape) for _, _, shape in images)
+        per_row = 2 if len(images) > 1 else 1
+        factor = max(1, biggest * per_row // target_px)
+        for index, hdu, shape in images:
+            data = hdu.data
+            if data.ndim > 2:  # a cube: its first plane
+                data = data.reshape((-1, *data.shape[-2:]))[0]
+            wcs, why = _celestial_wcs(hdu.header if index else hdul[0].header)
+            if wcs is None and why:
+                notes.append(f"{hdu.name or index}: {why}")
+            chips.append(_Chip(str(hdu.name or index), _block_mean(data, factor), factor, wcs, shape))
+    return primary, chips, notes
+
+
+# ---------------------------------------------------------------------------
+# geometry
+# ---------------------------------------------------------------------------
+
+
+def _common_frame(chips: Sequence[_Chip]) -> tuple[Any, int, int]:
+    """A TAN WCS centred on the chips' footprint at their finest scale, and its size (nx, ny), binned."""
+    import numpy as np
+    from astropy.wcs import WCS
+
+    corners = []
+    scales = []
+    for chip in chips:
+        ny, nx = chip.shape
+        xs = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5, nx / 2])
+        ys = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, ny / 2])
+        ra, dec = chip.wcs.pixel_to_world_values(xs, ys)
+        corners.append(np.column_stack([ra, dec]))
+        scales.append(min(float(getattr(s, "value", s)) for s in chip.wcs.proj_plane_pixel_scales()))
+    pts = np.vstack(corners)
+    # Centre: mean unit vector (safe across RA = 0).
+    ra_r, dec_r = np.radians(pts[:, 0]), np.radians(pts[:, 1])
+    vec = np.column_stack([np.cos(dec_r) * np.cos(ra_r), np.cos(dec_r) * np.sin(ra_r), np.sin(dec_r)]).mean(axis=0)
+    ra0 = math.degrees(math.atan2(vec[1], vec[0])) % 360
+    dec0 = math.degrees(math.atan2(vec[2], math.hypot(vec[0], vec[1])))
+    binning = chips[0].binning
+    scale = min(scales) * binning
+    frame = WCS(naxis=2)
+    frame.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    frame.wcs.crval = [ra0, dec0]
+    frame.wcs.cdelt = [-scale, scale]
+    frame.wcs.crpix = [1, 1]
+    frame.wcs.radesys = "ICRS"
+    x, y = frame.world_to_pixel_values(pts[:, 0], pts[:, 1])
+    x0, y0 = math.floor(np.min(x)), math.floor(np.min(y))
+    nx, ny = math.ceil(np.max(x)) - x0 + 1, math.ceil(np.max(y)) - y0 + 1
+    frame.wcs.crpix = [1 - x0, 1 - y0]
+    return frame, int(nx), int(ny)
+
+
+def _chip_to_frame(chip: _Chip, frame: Any) -> tuple[Any, float]:
+    """The 3x3 affine matrix from binned chip pixels to frame pixels, and its worst residual (frame px)."""
+    import numpy as np
+
+    ny, nx = chip.data.shape
+    gx, gy = np.meshgrid(np.linspace(0, nx - 1, 7), np.linspace(0, ny - 1, 7))
+    bx, by = gx.ravel(), gy.ravel()
+    f = chip.binning
+    ra, dec = chip.wcs.pixel_to_world_values(f * bx + (f - 1) / 2, f * by + (f - 1) / 2)
+    fx, fy = frame.world_to_pixel_values(ra, dec)
+    design = np.column_stack([bx, by, np.ones_like(bx)])
+    cx, *_ = np.linalg.lstsq(design, fx, rcond=None)
+    cy, *_ = np.linalg.lstsq(design, fy, rcond=None)
+    residual = float(np.max(np.hypot(design @ cx - fx, design @ cy - fy)))
+    return np.array([cx, cy, [0.0, 0.0, 1.0]]), residual
+
+
+# ---------------------------------------------------------------------------
+# drawing
+# ---------------------------------------------------------------------------
+
+
+def _norm(chips: Sequence[_Chip], stretch: str) -> Any:
+    import numpy as np
+    from astropy.visualization import AsinhStretch, ImageNormalize, LinearStretch, ZScaleInterval
+
+    values = np.concatenate([c.data[np.isfinite(c.data)].ravel() for c in chips])
+    vmin, vmax = ZScaleInterval().get_limits(values)
+    if not vmax > vmin:
+        vmin, vmax = float(np.min(values)), float(np.max(values))
+    chosen = AsinhStretch(0.1) if stretch == "asinh" else LinearStretch()
+    return ImageNormalize(vmin=vmin, vmax=vmax, stretch=chosen, clip=True)
+
+
+def _usable(chips: Sequence[_Chip]) -> str:
+    """Empty when there is something to show, else why not."""
+    import numpy as np
+
+    finite = [c.data[np.isfinite(c.data)] for c in chips]
+    if not chips or all(v.size == 0 for v in finite):
+        return "no finite pixel values (all NaN)"
+    values = np.concatenate([v.ravel() for v in finite])
+    if float(np.max(values)) == float(np.min(values)):
+        return f"constant image (every pixel {float(values[0]):g})"
+    return ""
+
+
+def _figure(size_px: int) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(size_px / _DPI, size_px / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI)
+    return buffer.getvalue()
+
+
+def _placeholder(size_px: int, title: str, why: str) -> bytes:
+    fig = _figure(size_px)
+    fig.patch.set_facecolor("#dddddd")
+    fontsize = max(6, size_px // 50)
+    fig.text(0.5, 0.55, "no quick-look", ha="center", va="center", fontsize=fontsize * 2, color="#333333")
+    fig.text(0.5, 0.45, why, ha="center", va="center", fontsize=fontsize, color="#333333", wrap=True)
+    fig.text(0.5, 0.95, title, ha="center", va="top", fontsize=fontsize, color="#333333", wrap=True)
+    return _png(fig)
+
+
+def _arrows_and_bar(ax: Any, frame: Any, nx: int, ny: int) -> None:
+    """North/east arrows (top left) and a scale bar (bottom right), in frame pixels."""
+    import numpy as np
+
+    scale_deg = abs(float(frame.wcs.cdelt[1]))
+    ra0, dec0 = frame.pixel_to_world_values(nx / 2, ny / 2)
+    step = 30 * scale_deg
+    x0, y0 = frame.world_to_pixel_values(ra0, dec0)
+    xn, yn = frame.world_to_pixel_values(ra0, dec0 + step)
+    xe, ye = frame.world_to_pixel_values(ra0 + step / max(math.cos(math.radians(dec0)), 1e-6), dec0)
+    length = 0.1 * min(nx, ny)
+    origin = np.array([0.15 * nx, 0.82 * ny])
+    for (x, y), label in (((xn, yn), "N"), ((xe, ye), "E")):
+        d = np.array([x - x0, y - y0], dtype=float)
+        d = d / (np.hypot(*d) or 1.0) * length
+        ax.annotate("", xy=origin + d, xytext=origin, xycoords="data",
+                    arrowprops={"arrowstyle": "->", "color": "yellow", "lw": 2})
+        ax.text(*(origin + 1.25 * d), label, color="yellow", fontsize=12, ha="center", va="center",
+                fontweight="bold")
+    # Scale bar: the largest of 10", 30", 1', 2', 5' shorter than a quarter of the width.
+    width_arcsec = nx * scale_deg * 3600
+    bar = max((s for s in (10, 30, 60, 120, 300) if s <= width_arcsec / 4), default=10)
+    bar_px = bar / 3600 / scale_deg
+    bx, by = 0.95 * nx - bar_px, 0.06 * ny
+    ax.plot([bx, bx + bar_px], [by, by], color="yellow", lw=3)
+    ax.text(bx + bar_px / 2, by + 0.02 * ny, f'{bar}"' if bar < 60 else f"{bar // 60}'",
+            color="yellow", fontsize=12, ha="center", va="bottom")
+
+
+def _draw_sky(chips: Sequence[_Chip], info: _Info, size_px: int, stretch: str) -> tuple[bytes, bytes]:
+    import numpy as np
+    from matplotlib.transforms import Affine2D
+
+    frame, nx, ny = _common_frame(chips)
+    norm = _norm(chips, stretch)
+    placed = []
+    for chip in chips:
+        matrix, residual = _chip_to_frame(chip, frame)
+        if residual > 1.0:
+            info.notes.append(f"{chip.name}: chip placed to within {residual:.1f} quick-look pixels")
+        placed.append((chip, matrix))
+
+    fig = _figure(size_px)
+    ax = fig.add_axes([0.14, 0.1, 0.8, 0.8], projection=frame)
+    ax.set_facecolor("black")
+    for chip, matrix in placed:
+        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
+                  transform=Affine2D(matrix) + ax.transData)
+    ax.set_xlim(-0.5, nx - 0.5)
+    ax.set_ylim(-0.5, ny - 0.5)
+    ax.coords.grid(True, color="cyan", ls=":", alpha=0.6)
+    ax.coords[0].set_axislabel("RA (ICRS)")
+    ax.coords[1].set_axislabel("Dec (ICRS)")
+    ax.coords[0].set_major_formatter("hh:mm:ss")
+    ax.coords[1].set_major_formatter("dd:mm:ss")
+    if info.target is not None:
+        tx, ty = frame.world_to_pixel_values(*info.target)
+        if np.isfinite(tx) and np.isfinite(ty):
+            ax.plot([tx], [ty], marker="o", ms=22, mfc="none", mec=TARGET_COLOUR, mew=2.5)
+            fig.text(0.94, 0.045, "green circle: OB target", ha="right", fontsize=9)
+    else:
+        info.notes.append("no target position in the header")
+    _arrows_and_bar(ax, frame, nx, ny)
+    fig.suptitle(info.title, fontsize=12)
+    if info.notes:
+        fig.text(0.5, 0.015, "; ".join(info.notes)[:200], ha="center", fontsize=8, color="#aa0000")
+    full = _png(fig)
+    return full, _thumbnail(placed, norm, nx, ny)
+
+
+def _thumbnail(placed: Sequence[tuple[_Chip, Any]], norm: Any, nx: int, ny: int) -> bytes:
+    from matplotlib.transforms import Affine2D
+
+    fig = _figure(THUMBNAIL_PX)
+    ax = fig.add_axes([0, 0, 1, 1])
+    ax.set_axis_off()
+    fig.patch.set_facecolor("black")
+    for chip, matrix in placed:
+        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
+                  transform=Affine2D(matrix) + ax.transData)
+    side = max(nx, ny)
+    ax.set_xlim((nx - side) / 2 - 0.5, (nx + side) / 2 - 0.5)
+    ax.set_ylim((ny - side) / 2 - 0.5, (ny + side) / 2 - 0.5)
+    return _png(fig)
+
+
+def _draw_pixels(chips: Sequence[_Chip], info: _Info, size_px: int, stretch: str) -> tuple[bytes, bytes]:
+    """No usable WCS: the chips side by side in pixel coordinates, with the reason."""
+    from matplotlib.transforms import Affine2D
+
+    norm = _norm(chips, stretch)
+    placed = []
+    x = 0.0
+    height = max(c.data.shape[0] for c in chips)
+    for chip in chips:
+        placed.append((chip, Affine2D().translate(x, 0).get_matrix()))
+        x += chip.data.shape[1] + 4
+    nx, ny = int(x - 4), int(height)
+    binning = chips[0].binning
+    fig = _figure(size_px)
+    ax = fig.add_axes([0.12, 0.1, 0.82, 0.8])
+    ax.set_facecolor("black")
+    for chip, matrix in placed:
+        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
+                  transform=Affine2D(matrix) + ax.transData)
+    ax.set_xlim(-0.5, nx - 0.5)
+    ax.set_ylim(-0.5, ny - 0.5)
+    ax.set_aspect("equal")
+    ax.set_xlabel(f"x (pixels / {binning})" if binning > 1 else "x (pixels)")
+    ax.set_ylabel(f"y (pixels / {binning})" if binning > 1 else "y (pixels)")
+    fig.suptitle(info.title, fontsize=12)
+    fig.text(0.5, 0.02, "pixel coordinates: " + "; ".join(info.notes)[:180], ha="center", fontsize=9,
+             color="#aa0000")
+    return _png(fig), _thumbnail(placed, norm, nx, ny)
+
+
+def draw(path: Path, *, size_px: int = QUICKLOOK_PX, stretch: str = "asinh",
+         target: tuple[float, float] | None = None) -> tuple[bytes, bytes, str, str]:
+    """The quick-look and thumbnail PNG bytes of a FITS file, its kind and the note on it.
+
+    ``target`` (ICRS degrees) overrides the header's target position.
+    Raises OSError when the file cannot be read at all (the caller decides).
+    """
+    primary, chips, notes = _read(path, size_px)
+    info = _Info(title_of(primary, path.name), target or target_of(primary), list(notes))
+    why = _usable(chips) if chips else "; ".join(notes)
+    if why:
+        return (_placeholder(size_px, info.title, why), _placeholder(THUMBNAIL_PX, "", why),
+                KIND_PLACEHOLDER, why)
+    chips = [c for c in chips if _usable([c]) == ""] or list(chips)
+    if all(c.wcs is not None for c in chips):
+        try:
+            full, thumb = _draw_sky(chips, info, size_px, stretch)
+            return full, thumb, KIND_SKY, "; ".join(info.notes)
+        except Exception as e:  # noqa: BLE001 - a WCS that fails while drawing: fall back to pixels
+            _log.warning("quick-look of %s in sky coordinates failed, drawing pixels: %s", path.name, e)
+            info.notes.append(f"WCS failed while drawing ({type(e).__name__})")
+    elif not info.notes:
+        info.notes.append("no usable WCS")
+    full, thumb = _draw_pixels(chips, info, size_px, stretch)
+    return full, thumb, KIND_PIXEL, "; ".join(info.notes)
+
+
+def render(product: Path, sci_dir: Path, *, size_px: int = QUICKLOOK_PX, stretch: str = "asinh",
+           target: tuple[float, float] | None = None) -> QuickLook:
+    """Write the quick-look and thumbnail of ``product`` under ``<sci_dir>/quicklook/``.
+
+    Never raises for bad data: an unreadable file gets a placeholder naming the error.
+    """
+    started = time.perf_counter()
+    png_path, thumb_path = quicklook_paths(product, sci_dir)
+    try:
+        full, thumb, kind, note = draw(product, size_px=size_px, stretch=stretch, target=target)
+    except Exception as e:  # noqa: BLE001 - a quick-look must never stop a run
+        _log.warning("quick-look of %s failed: %s", product.name, e)
+        note = f"could not read the image: {type(e).__name__}: {e}"
+        full, thumb, kind = _placeholder(size_px, product.name, note), _placeholder(THUMBNAIL_PX, "", note), \
+            KIND_PLACEHOLDER
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(png_path, full)
+    write_atomic(thumb_path, thumb)
+    seconds = time.perf_counter() - started
+    _log.info("quick-look of %s (%s) in %.2f s", product.name, kind, seconds)
+    return QuickLook(png_path, thumb_path, hashlib.sha256(full).hexdigest(), hashlib.sha256(thumb).hexdigest(),
+                     kind, note, seconds)
+
+
+def with_quicklook(product: Any, sci_dir: Path, stretch: str = "asinh") -> Any:
+    """The processor's quick-look port: ``product`` (a ``shared.messages.Product``) with its quick-look."""
+    from shared.messages import QuickLookImage
+
+    look = render(Path(product.path), sci_dir, stretch=stretch)
+    image = QuickLookImage(path=str(look.png), thumbnail=str(look.thumbnail), checksum=f"sha256:{look.png_sha256}",
+                           thumbnail_checksum=f"sha256:{look.thumbnail_sha256}", kind=look.kind, note=look.note)
+    return product.model_copy(update={"quicklook": image})
