@@ -175,6 +175,19 @@ class RawDataReady(Envelope):
 # --------------------------------------------------------------------------
 
 
+class QuickLookImage(_Model):
+    """The quick-look PNG of a science product and its thumbnail, next to the product."""
+
+    path: str = Field(description="The PNG (RA/Dec axes, target, N/E arrows, scale bar)")
+    thumbnail: str = Field(description="A small PNG of the same field, no axes")
+    checksum: Checksum = Field(description="sha256:<hex> of the PNG, computed from the bytes written")
+    thumbnail_checksum: Checksum
+    kind: Literal["sky", "pixel", "placeholder"] = Field(
+        "sky", description="sky: drawn with the WCS; pixel: no usable WCS; placeholder: no usable pixels"
+    )
+    note: str = Field("", description="What the quick-look could not show, for a person")
+
+
 class Product(_Model):
     path: str
     pro_catg: str
@@ -186,6 +199,7 @@ class Product(_Model):
         "read once by the processor, so the reporter opens no FITS file",
     )
     checksum: str = Field("", description="sha256:<hex> of the file, computed once by the processor")
+    quicklook: QuickLookImage | None = Field(None, description="The quick-look of a science product")
 
 
 class CalibrationUsed(_Model):
@@ -259,6 +273,12 @@ class ReportsReady(Envelope):
     prog_ids: tuple[str, ...] = Field(
         default=(), description="Programme ids (OBS.PROG.ID) of the raw frames"
     )
+    reason: str = Field("", description="The first failure's reason when the status is partial or failed")
+    thumbnail: str = Field("", description="Path of the run's first quick-look thumbnail (a file in `files`)")
+    key_qc: dict[str, float] = Field(
+        default_factory=dict,
+        description="The run's key QC values (the profile's qc_ranges keywords), averaged over its products",
+    )
 
 
 # --------------------------------------------------------------------------
@@ -282,6 +302,8 @@ class PreImagingCompleted(Envelope):
     monitor_url: str = ""
     manifest: tuple[ManifestEntry, ...]
     summary: str = ""
+    reason: str = Field("", description="The first failure's reason when the status is partial or failed")
+    run_page_url: str = Field("", description="The run's page on the QC server (runs/<run_id>/index.html)")
 
 
 # --------------------------------------------------------------------------

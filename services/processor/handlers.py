@@ -57,6 +57,9 @@ class ProcessorPorts:
     #: PIPE_SUPPORT=NO: puts the raw frames themselves into the run's science directory.
     package_raw: Callable[[Sequence[RawFrame], Path], list[Product]]
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    #: Draws the quick-look of a science product next to it (the profile's quicklook_catgs) and
+    #: returns the product with it; None: no quick-looks.
+    quicklook: Callable[[Product, Path], Product] | None = None
 
 
 def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]:
@@ -88,6 +91,7 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
         products = [p for o in outcomes for p in o.products]
         ok = sum(r.status == "SUCCESSFUL" for r in results)
         status = "ok" if ok == len(results) else ("partial" if ok else "failed")
+    products = _with_quicklooks(products, dirs.sci, ports)
 
     return [
         ProductsReady(
@@ -103,6 +107,13 @@ def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]
             pipe_support=ports.profile.pipe_support,
         )
     ]
+
+
+def _with_quicklooks(products: list[Product], sci: Path, ports: ProcessorPorts) -> list[Product]:
+    wanted = set(ports.profile.quicklook_catgs)
+    if ports.quicklook is None or not wanted:
+        return products
+    return [ports.quicklook(p, sci) if p.pro_catg in wanted else p for p in products]
 
 
 def _run_all(planned: list[Any], dirs: RunDirs, ports: ProcessorPorts) -> list[ABOutcome]:

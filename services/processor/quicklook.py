@@ -218,14 +218,33 @@ def _block_mean(data: Any, factor: int) -> Any:
         return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
+def _clean(header: Any) -> Any:
+    """The header without cards astropy cannot parse (a recipe's CONTINUE of a long value, say).
+
+    One malformed card must cost that keyword, not the quick-look.
+    """
+    from astropy.io import fits
+
+    cards = []
+    for card in header.cards:
+        try:
+            card.value  # noqa: B018 - parses the card
+            cards.append(card)
+        except Exception as e:  # noqa: BLE001 - astropy raises several kinds for malformed cards
+            _log.debug("quick-look: header card %r left out: %s", card.keyword, e)
+    return fits.Header(cards)
+
+
 def _read(path: Path, target_px: int) -> tuple[dict[str, Any], list[_Chip], list[str]]:
     """Primary header and the image chips, block-averaged so the mosaic is about ``target_px`` wide."""
     from astropy.io import fits
 
     notes: list[str] = []
     chips: list[_Chip] = []
-    with fits.open(path, memmap=True, lazy_load_hdus=True) as hdul:
-        primary = dict(hdul[0].header.items())
+    # Opened here, once: given a name, astropy opens the file a second time to sniff compression.
+    with path.open("rb") as stream, fits.open(stream, memmap=True, lazy_load_hdus=True) as hdul:
+        primary_header = _clean(hdul[0].header)
+        primary = dict(primary_header.items())
         images = []
         for index, hdu in enumerate(hdul):
             if not getattr(hdu, "is_image", False) or hdu.header.get("NAXIS", 0) < 2:
@@ -244,7 +263,7 @@ def _read(path: Path, target_px: int) -> tuple[dict[str, Any], list[_Chip], list
             data = hdu.data
             if data.ndim > 2:  # a cube: its first plane
                 data = data.reshape((-1, *data.shape[-2:]))[0]
-            wcs, why = _celestial_wcs(hdu.header if index else hdul[0].header)
+            wcs, why = _celestial_wcs(_clean(hdu.header) if index else primary_header)
             if wcs is None and why:
                 notes.append(f"{hdu.name or index}: {why}")
             chips.append(_Chip(str(hdu.name or index), _block_mean(data, factor), factor, wcs, shape))

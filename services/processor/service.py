@@ -22,6 +22,7 @@ from pathlib import Path
 from services.processor.esorex import run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts, handle_raw_ready
 from services.processor.products import first_date_obs, move_logs, move_products, package_raw_frames
+from services.processor.quicklook import with_quicklook
 from services.processor.recipe_processes import kill_leftover_recipes
 from shared.bus.runner import Handlers
 from shared.errors import PermanentError
@@ -94,7 +95,8 @@ def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: 
     planner = AbPlanner(profile, settings.cal_dir() / instrument)
     executor = AbExecutor(profile, metrics, report_keys)
     return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute,
-                          prepare_workspace=prepare_workspace, package_raw=package_raw_frames)
+                          prepare_workspace=prepare_workspace, package_raw=package_raw_frames,
+                          quicklook=functools.partial(with_quicklook, stretch=profile.quicklook_stretch))
 
 
 def prepare_workspace(dirs: RunDirs) -> None:

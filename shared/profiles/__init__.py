@@ -96,6 +96,18 @@ class RecipeCheck(BaseModel):
     per_exposure: PerExposure | None = None
 
 
+class QcRange(BaseModel):
+    """A key QC value of the run page and the monitor's trends, and the range it should lie in."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    label: str
+    #: The product whose header carries it (every chip's value is averaged); empty: any product.
+    pro_catg: str = ""
+    min: float | None = None
+    max: float | None = None
+
+
 class Profile(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -129,6 +141,11 @@ class Profile(BaseModel):
     #: PRO.CATG values the calibration directories must hold although the rules
     #: do not name them (e.g. the local catalogues the CASU recipes need, ESOREX.md §4.8).
     required_calibrations: tuple[str, ...] = ()
+    #: PRO.CATG of the products that get a quick-look PNG (``RAW``: the raw frames, PIPE_SUPPORT=NO).
+    quicklook_catgs: tuple[str, ...] = ()
+    quicklook_stretch: str = Field("asinh", pattern="^(asinh|linear)$")
+    #: Key QC values by keyword (``QC MAGZPT``), with the range each should lie in.
+    qc_ranges: dict[str, QcRange] = Field(default_factory=dict)
     #: Overlay files merged over the shipped profile, in order (empty for operational runs).
     overlays: tuple[str, ...] = ()
 

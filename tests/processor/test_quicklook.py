@@ -165,3 +165,17 @@ def test_importing_the_module_does_not_import_matplotlib():
     code = "import sys, services.processor.quicklook; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_malformed_header_card_costs_the_keyword_not_the_quicklook(tmp_path: Path):
+    """A long hostile OBJECT comes back from a recipe as CONTINUE cards astropy cannot parse."""
+    path = _mosaic(tmp_path / "p.fits")
+    raw = bytearray(path.read_bytes())
+    card = b"CONTINUE  = 12345 / not a string value".ljust(80)
+    start = raw.index(b"END" + b" " * 77)  # replace the primary header's END with a bad card + END
+    raw[start:start + 160] = card + (b"END" + b" " * 77)
+    path.write_bytes(bytes(raw))
+    with pytest.raises(Exception):  # noqa: B017 - astropy's own error for the card
+        dict(fits.getheader(path).items())
+    result = quicklook.render(path, tmp_path / "sci")
+    assert result.kind == quicklook.KIND_SKY, result.note
