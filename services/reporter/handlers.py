@@ -27,6 +27,7 @@ from typing import Any
 
 import jinja2
 
+from services.reporter import runpage
 from services.reporter.fitsreport import ReportSpec, build_tables, normalise_headers
 from shared.errors import RetryableError
 from shared.files import write_all_atomic
@@ -63,6 +64,8 @@ class ReporterPorts:
     clock: Callable[[], datetime]
     report_specs: Callable[[], tuple[ReportSpec, ...]]
     write_reports: Callable[[Mapping[Path, str]], None]
+    #: The instrument's profile (key QC ranges, README name) for the run page; None: no profile.
+    load_profile: Callable[[str], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -286,14 +289,24 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
             # Padded last columns leave trailing blanks; diff and mail tools flag them.
             text = "\n".join(line.rstrip() for line in text.split("\n"))
         texts[path] = text
+    profile = ports.load_profile(msg.instrument) if ports.load_profile else None
+    ranges = profile.qc_ranges if profile else {}
+    run_page = Path(msg.log_dir) / runpage.RUN_PAGE
+    texts[run_page] = runpage.render(ports.templates, msg, context, ranges,
+                                     profile.readme_name if profile else "README", now)
     try:
         ports.write_reports(texts)
     except OSError as e:
         raise RetryableError(f"cannot write the reports into {msg.log_dir}: {e}") from e
     _log.info("reports written for %s run %s: %s", msg.instrument, msg.run_id, summary)
 
-    files = [str(path) for path in outputs]
+    files = [str(path) for path in outputs] + [str(run_page)]
     files += [p.path for p in msg.products]
+    looks = [p.quicklook for p in msg.products if p.quicklook is not None]
+    files += [f for q in looks for f in (q.path, q.thumbnail)]
+    checksums = {p.path: p.checksum for p in msg.products if p.checksum}
+    checksums.update({q.path: q.checksum for q in looks})
+    checksums.update({q.thumbnail: q.thumbnail_checksum for q in looks})
     files += [ab.log_path for ab in msg.abs if ab.log_path]
     return [
         ReportsReady(
@@ -311,9 +324,12 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
             delivered_at=msg.delivered_at,
             summary=summary,
             files=tuple(dict.fromkeys(files)),
-            checksums={p.path: p.checksum for p in msg.products if p.checksum},
+            checksums=checksums,
             objects=objects,
             prog_ids=prog_ids,
+            reason=runpage.first_failure(msg) if msg.status != "ok" else "",
+            thumbnail=runpage.thumbnail(msg),
+            key_qc=runpage.key_qc(msg, ranges),
         )
     ]
 

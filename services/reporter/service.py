@@ -14,6 +14,7 @@ from services.reporter.handlers import ReporterPorts, handle_products_ready, wri
 from shared.bus.runner import Handlers
 from shared.messages import ProductsReady
 from shared.metrics import Metrics
+from shared.profiles import load_profile
 from shared.settings import Settings
 from shared.userreport_config import USERREPORT_CONFIG, parse_config
 
@@ -69,4 +70,5 @@ def build_ports(settings: Settings, config_path: Path = USERREPORT_CONFIG) -> Re
         clock=utc_now,
         report_specs=lambda: parse_config(config_path),
         write_reports=write_report_files,
+        load_profile=load_profile,
     )

@@ -178,7 +178,8 @@ def test_handler_with_a_fake_writer_and_a_failing_disk(tmp_path, ports):
     [event] = handle_products_ready(products_ready(tmp_path, with_files=False),
                                     dataclasses.replace(ports, write_reports=written.update))
     assert set(written) == {Path(event.report), Path(event.userreport), Path(event.list_mcalib),
-                            Path(event.report).with_suffix(".html"), Path(event.userreport).with_suffix(".html")}
+                            Path(event.report).with_suffix(".html"), Path(event.userreport).with_suffix(".html"),
+                            Path(event.log_dir) / "index.html"}  # the run page (services/reporter/runpage.py)
     assert "hawki_science_process" in written[Path(event.report)]
 
     def full(texts):
