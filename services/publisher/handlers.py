@@ -42,6 +42,8 @@ import jinja2
 from services.publisher.mailer import MAIL_ERRORS, Mailer
 from services.publisher.monitor import MonitorRow, RowCache, page_key, read_row, record_row
 from services.publisher.qcserver import HEX_SHA256, QcServer
+from services.publisher.runlinks import RUN_PAGE, run_links
+from services.publisher.trends import trend_charts
 from shared.errors import PermanentError
 from shared.files import sha256_of
 from shared.layout import is_fits_name
@@ -136,6 +138,8 @@ def package_prefix(base: str, run_id: str) -> str:
 def _content_type(name: str) -> str:
     if name.endswith(".html"):
         return "text/html; charset=utf-8"
+    if name.endswith(".png"):
+        return "image/png"
     if is_fits_name(name):
         return "application/fits"
     if name.endswith((".log", ".txt", ".ab", ".sof")) or name.startswith(REPORT_PREFIXES) \
@@ -150,6 +154,7 @@ def package_name(path: Path, msg: ReportsReady) -> str:
     The paths are compared as written (made absolute and normalised, no
     symlink lookups): the processor names every file under the run's own
     directories, so a file outside them is a log of some other origin.
+    The reporter's run page (``<log_dir>/index.html``) goes to the top.
     """
     if path.name.startswith(REPORT_PREFIXES):
         return path.name
@@ -157,7 +162,8 @@ def package_name(path: Path, msg: ReportsReady) -> str:
     for directory, folder in ((msg.sci_dir, "products"), (msg.log_dir, "logs")):
         base = Path(os.path.normpath(os.path.abspath(directory)))
         if where.is_relative_to(base):
-            return f"{folder}/{where.relative_to(base).as_posix()}"
+            inside = where.relative_to(base).as_posix()
+            return RUN_PAGE if (folder, inside) == ("logs", RUN_PAGE) else f"{folder}/{inside}"
     return "logs/" + path.name
 
 
@@ -172,6 +178,7 @@ def render_monitor(templates: jinja2.Environment, instrument: str, now: datetime
             rows=ordered[:max_rows],
             total=len(rows),
             generated_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            trends=trend_charts(ordered[:max_rows]),
         )
 
     return render
@@ -373,7 +380,8 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
         abs_ok=msg.abs_ok, abs_failed=msg.abs_failed,
         duration_s=max((completed_at - msg.delivered_at).total_seconds(), 0.0),
         status=msg.status, report_url=f"runs/{msg.run_id}/{Path(msg.report).name}",
-        objects=msg.objects, prog_ids=msg.prog_ids,
+        objects=msg.objects, prog_ids=msg.prog_ids, first_failure=msg.reason,
+        **run_links(msg, {m.name for m in manifest}),
     )
     record_row(ports.qc, base, row,
                render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
@@ -395,6 +403,9 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
             monitor_url=monitor_url,
             manifest=manifest,
             summary=summary,
+            reason=msg.reason,
+            run_page_url=ports.qc.url(package_prefix(base, msg.run_id) + RUN_PAGE)
+            if RUN_PAGE in {m.name for m in manifest} else "",
         )
     ]
 
@@ -419,10 +430,17 @@ def handle_run_failed(msg: RunFailed, ports: PublisherPorts) -> list[Envelope]:
                   msg.run_id, msg.failed_stage)
         return []
     now = ports.clock()
+    delivered_at = previous.delivered_at if previous else msg.created_at
+    page = ports.templates.get_template("runFailed.html.j2").render(
+        run_id=msg.run_id, instrument=msg.instrument, test=msg.test, failed_stage=msg.failed_stage,
+        reason=msg.reason, delivered_at=delivered_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        failed_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"))
+    ports.qc.put(package_prefix(base, msg.run_id) + RUN_PAGE, page.encode(),
+                 content_type=_content_type(RUN_PAGE))
     row = MonitorRow(
         run_id=msg.run_id, instrument=msg.instrument, test=msg.test,
-        delivered_at=previous.delivered_at if previous else msg.created_at,
-        completed_at=now, status="failed", reason=f"{msg.failed_stage}: {msg.reason}",
+        delivered_at=delivered_at, completed_at=now, status="failed",
+        reason=f"{msg.failed_stage}: {msg.reason}", run_url=f"runs/{msg.run_id}/{RUN_PAGE}",
     )
     record_row(ports.qc, base, row,
                render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),

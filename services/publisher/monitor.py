@@ -65,6 +65,13 @@ class MonitorRow(BaseModel):
     objects: tuple[str, ...] = ()
     prog_ids: tuple[str, ...] = ()
     reason: str = ""
+    #: A completed run's first failure (partial runs); ``reason`` is for runs that did not complete.
+    first_failure: str = ""
+    #: The run's page and thumbnail, relative to the monitor page ("" when the run has none).
+    run_url: str = ""
+    thumbnail_url: str = ""
+    #: Key QC values of the run (the profile's qc_ranges keywords), for the trend plots.
+    key_qc: dict[str, float] = {}
 
 
 def page_key(base: str) -> str:
