@@ -24,6 +24,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from services import housekeeping
+from services.progress import STAGE_OF_EVENT, Progress
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import MessageRunner
 from shared.bus.topology import QueueSpec, answer_keys, dead_letter_queue, queue_name
@@ -55,11 +56,16 @@ SERVICE_MODULES: dict[str, str] = {
 }
 
 
-def build_runner(service: str, settings: Settings, metrics: Metrics, instrument: str | None = None) -> MessageRunner:
-    """The MessageRunner of ``service`` with its handlers bound to real ports."""
+def build_runner(service: str, settings: Settings, metrics: Metrics, instrument: str | None = None,
+                 ab_finished: Callable[[int, int, Any], None] | None = None) -> MessageRunner:
+    """The MessageRunner of ``service`` with its handlers bound to real ports.
+
+    ``ab_finished`` (processor only) is told of each finished AB, for progress reports.
+    """
     if service not in SERVICE_MODULES:
         raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICE_MODULES)}")
-    handlers = importlib.import_module(SERVICE_MODULES[service]).build(settings, metrics, instrument)
+    extra = {"ab_finished": ab_finished} if ab_finished is not None else {}
+    handlers = importlib.import_module(SERVICE_MODULES[service]).build(settings, metrics, instrument, **extra)
     return MessageRunner(
         service=service,
         queue=queue_name(service, instrument),
@@ -214,11 +220,13 @@ def describe_files(paths: list[Path], area: Path) -> list[DeliveredFile]:
 
 
 def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool = True,
-                 run_id: str | None = None, registry: CollectorRegistry | None = None) -> RunSummary:
+                 run_id: str | None = None, registry: CollectorRegistry | None = None,
+                 progress: Progress | None = None) -> RunSummary:
     """Process the FITS files of ``raw_dir`` through the four stages in this process.
 
     ``registry`` receives the run's metrics (stage and recipe durations), for
     callers that want them (the full-size bench); a fresh one otherwise.
+    ``progress`` is told when a stage or an AB has finished.
     """
     raw_dir = raw_dir.resolve()
     if not raw_dir.is_dir():
@@ -237,7 +245,9 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     for service in ("ingest", "processor", "reporter", "publisher"):
         service_instrument = instrument if service == "processor" else None
         spec = QueueSpec.for_service(service, service_instrument)
-        bus.subscribe(spec.name, build_runner(service, settings, metrics, service_instrument).process)
+        runner = build_runner(service, settings, metrics, service_instrument,
+                              ab_finished=_ab_progress(progress) if progress and service == "processor" else None)
+        bus.subscribe(spec.name, _reporting(runner.process, progress) if progress else runner.process)
         specs.append(spec)
     bus.declare_sink(SINK_QUEUE, answer_keys())
 
@@ -263,7 +273,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     if completed:
         event = completed[0]
         paths.update(_report_paths(event, Path(dirs["logs"])))
-        return RunSummary(run_id, event.status, paths, event=event.model_dump(mode="json"))
+        return RunSummary(run_id, event.status, paths, reason=event.reason, event=event.model_dump(mode="json"))
     if failed:
         event = failed[0]
         return RunSummary(run_id, "failed", paths, reason=f"{event.failed_stage}: {event.reason}",
@@ -274,10 +284,34 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     return RunSummary(run_id, "failed", paths, reason=reason)
 
 
+def _ab_progress(progress: Progress) -> Callable[[int, int, Any], None]:
+    def tell(done: int, total: int, result: Any) -> None:
+        progress.ab_finished(done, total, result.name, result.status, result.duration_s)
+
+    return tell
+
+
+def _reporting(process: Callable[[Any], Any], progress: Progress) -> Callable[[Any], Any]:
+    """``process``, telling ``progress`` when the outcome carries a stage's result or a RunFailed."""
+
+    def run(incoming: Any) -> Any:
+        outcome = process(incoming)
+        for event in outcome.events:
+            if isinstance(event, RunFailed):
+                progress.stage_failed(event.failed_stage)
+            elif event.stage in STAGE_OF_EVENT:
+                progress.stage_finished(STAGE_OF_EVENT[event.stage])
+        return outcome
+
+    return run
+
+
 def _report_paths(event: PreImagingCompleted, log_dir: Path) -> dict[str, str]:
     paths: dict[str, str] = {"package": event.package_dir, "qc_server": event.package_url}
     if event.monitor_url:
         paths["monitor"] = event.monitor_url
+    if event.run_page_url:
+        paths["run_page"] = event.run_page_url
     for pattern, key in (("REPORT_*.log", "report"), ("USERREPORT_*.log", "userreport"), ("list_mcalib_*", "list_mcalib")):
         found = sorted(log_dir.glob(pattern))
         if found:

@@ -11,6 +11,7 @@ modules listed in ``COMMAND_MODULES``.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import logging
@@ -18,6 +19,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from services.progress import STAGE_OF_EVENT, Progress
 from shared.logs import configure_logging
 from shared.settings import Settings
 
@@ -97,11 +99,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in (("data_root", args.data_root), ("cal_root", args.cal_root)) if v is not None}
     settings = Settings(**overrides)
+    progress = Progress(sys.stderr)
     try:
-        summary = run_embedded(args.instrument, args.raw_dir, settings, test=not args.operational, run_id=args.run_id)
+        summary = run_embedded(args.instrument, args.raw_dir, settings, test=not args.operational, run_id=args.run_id,
+                               progress=progress)
     except (FileNotFoundError, ProfileError) as e:
+        progress.close()
         print(f"preimg run: {e}", file=sys.stderr)
         return 2
+    progress.close()
     if args.json:
         print(json.dumps({"run_id": summary.run_id, "status": summary.status, "paths": summary.paths,
                           "reason": summary.reason}))
@@ -147,13 +153,19 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
                           instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms) as client:
             if args.wait is not None:
-                channel, queue = client.bind_private_queue(answer_keys(args.instrument))
+                # The run's intermediate events too, for progress on stderr (stdout keeps the one answer).
+                channel, queue = client.bind_private_queue(
+                    (*answer_keys(args.instrument), *(f"{stage}.{args.instrument}" for stage in STAGE_OF_EVENT
+                                                      if stage != "completed")))
             client.sender.publish(delivery)
             if args.wait is None:
                 print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id,
                                   "message_id": delivery.message_id}))
                 return 0
-            body = client.wait_for(channel, queue, lambda b: _is_for(b, delivery.delivery_id), args.wait)
+            progress = Progress(sys.stderr)
+            body = client.wait_for(channel, queue, functools.partial(
+                _answer_for, delivery_id=delivery.delivery_id, progress=progress), args.wait)
+            progress.close()
     except BrokerUnavailable as e:
         print(f"preimg deliver: {e}; nothing was delivered", file=sys.stderr)
         return 3
@@ -171,6 +183,18 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     doc.setdefault("status", "failed")
     print(json.dumps(doc))
     return 0 if doc["status"] == "ok" else 1
+
+
+def _answer_for(body: bytes, delivery_id: str, progress: Progress) -> bool:
+    """True for the run's answer (completed or failed); a stage's event of the run is shown as progress."""
+    if not _is_for(body, delivery_id):
+        return False
+    stage = str(json.loads(body).get("type", "")).removeprefix("preimg.").rsplit(".v", 1)[0]
+    if stage in ("completed", "run_failed"):
+        return True
+    if stage in STAGE_OF_EVENT:
+        progress.stage_finished(STAGE_OF_EVENT[stage])
+    return False
 
 
 def _is_for(body: bytes, delivery_id: str) -> bool:

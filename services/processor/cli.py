@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     synth.add_argument("-i", "--instrument", required=True, type=str.upper, help="HAWKI, VIMOS or FORS2")
     synth.add_argument("--out", required=True, type=Path, help="directory for the raw frames")
-    synth.add_argument("--cal-root", type=Path, help="calibration root, $DFO_CAL_DIR (default: OUT/../cal)")
+    synth.add_argument("--cal-root", type=Path,
+                       help="calibration root, $DFO_CAL_DIR (default: $PREIMG_CAL_ROOT, else OUT/../cal)")
     synth.add_argument("--frames", type=int, help="exposures (default: HAWKI 3, VIMOS 1, FORS2 2)")
     synth.add_argument("--size", type=int,
                        help="HAWKI only: window per chip in pixels, 64 to 2048 (the whole chip); default 128. "
@@ -86,7 +87,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
                       + "; ".join(f"{r} {' '.join(o)}" for r, o in options.items())
                       + f" (the calibration set's {synth.OVERLAY_NAME}, through PREIMG_PROFILE_OVERLAY)")
             return 0
-        cal_root = args.cal_root or args.out.resolve().parent / "cal"
+        cal_root = args.cal_root or _env_cal_root() or args.out.resolve().parent / "cal"
         cal = synth.make_calibrations(args.instrument, cal_root, size=args.size, force=args.force)
     except ValueError as e:
         print(f"preimg synth: {e}", file=sys.stderr)
@@ -101,6 +102,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
         print(f"these frames need recipe options beyond the profile's: {cal.profile_overlay}")
         print(f"  export PREIMG_PROFILE_OVERLAY={cal.profile_overlay}")
     return 0
+
+
+def _env_cal_root() -> Path | None:
+    """``PREIMG_CAL_ROOT`` as the other commands read it (None when unset)."""
+    from shared.settings import Settings
+
+    return Settings().cal_root
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ frames themselves are packaged, as processPreImg did.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ class ProcessorPorts:
     #: Draws the quick-look of a science product next to it (the profile's quicklook_catgs) and
     #: returns the product with it; None: no quick-looks.
     quicklook: Callable[[Product, Path], Product] | None = None
+    #: Told each time an AB has finished: (ABs finished, ABs in the run, its result); e.g. progress.
+    ab_finished: Callable[[int, int, ABResult], None] | None = None
 
 
 def handle_raw_ready(msg: RawDataReady, ports: ProcessorPorts) -> list[Envelope]:
@@ -127,5 +130,16 @@ def _run_all(planned: list[Any], dirs: RunDirs, ports: ProcessorPorts) -> list[A
                                       reason=f"internal error: {type(e).__name__}: {e}",
                                       started_at=now, finished_at=now))
 
+    done = [0]
+    lock = threading.Lock()
+
+    def run_and_tell(ab: Any) -> ABOutcome:
+        outcome = run_one(ab)
+        if ports.ab_finished is not None:
+            with lock:
+                done[0] += 1
+                ports.ab_finished(done[0], len(planned), outcome.result)
+        return outcome
+
     with ThreadPoolExecutor(max_workers=ports.profile.max_parallel_abs, thread_name_prefix="ab") as pool:
-        return list(pool.map(run_one, planned))
+        return list(pool.map(run_and_tell, planned))

@@ -32,6 +32,7 @@ import io
 import logging
 import math
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -547,6 +548,27 @@ def render(product: Path, sci_dir: Path, *, size_px: int = QUICKLOOK_PX, stretch
     _log.info("quick-look of %s (%s) in %.2f s", product.name, kind, seconds)
     return QuickLook(png_path, thumb_path, hashlib.sha256(full).hexdigest(), hashlib.sha256(thumb).hexdigest(),
                      kind, note, seconds)
+
+
+def preload() -> threading.Thread:
+    """Import the drawing libraries in a background thread (about 3 s, mostly astropy.coordinates).
+
+    Called when the processor's ports are built, so the import overlaps the first recipe instead of
+    delaying the first quick-look; the service's start-up itself imports nothing heavy.
+    """
+
+    def load() -> None:
+        try:
+            import astropy.visualization.wcsaxes
+            import astropy.wcs  # noqa: F401
+            import matplotlib.backends.backend_agg
+            import matplotlib.figure  # noqa: F401
+        except ImportError as e:  # reported when a quick-look is drawn
+            _log.warning("quick-look libraries not importable: %s", e)
+
+    thread = threading.Thread(target=load, name="quicklook-preload", daemon=True)
+    thread.start()
+    return thread
 
 
 def with_quicklook(product: Any, sci_dir: Path, stretch: str = "asinh") -> Any:

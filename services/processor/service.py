@@ -11,10 +11,12 @@ renameProducts + moveProducts + updateAB for one AB.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +24,7 @@ from pathlib import Path
 from services.processor.esorex import run_recipe
 from services.processor.handlers import ABOutcome, ProcessorPorts, handle_raw_ready
 from services.processor.products import first_date_obs, move_logs, move_products, package_raw_frames
+from services.processor.quicklook import preload as preload_quicklook
 from services.processor.quicklook import with_quicklook
 from services.processor.recipe_processes import kill_leftover_recipes
 from shared.bus.runner import Handlers
@@ -80,11 +83,17 @@ class PlannedAB:
         return self.ab.name
 
 
-def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
-    """The processor's handlers for ``instrument``, bound to real ports (the composition root's entry point)."""
+def build(settings: Settings, metrics: Metrics, instrument: str | None = None,
+          ab_finished: Callable[[int, int, ABResult], None] | None = None) -> Handlers:
+    """The processor's handlers for ``instrument``, bound to real ports (the composition root's entry point).
+
+    ``ab_finished`` is told of each finished AB (the embedded run's progress).
+    """
     if not instrument:
         raise ValueError("the processor serves one instrument: give --instrument")
     ports = build_ports(settings, instrument, metrics, report_keys=report_keywords("products"))
+    if ab_finished is not None:
+        ports = dataclasses.replace(ports, ab_finished=ab_finished)
     return {RawDataReady: functools.partial(handle_raw_ready, ports=ports)}
 
 
@@ -94,6 +103,8 @@ def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: 
     profile = profile or load_profile(instrument)
     planner = AbPlanner(profile, settings.cal_dir() / instrument)
     executor = AbExecutor(profile, metrics, report_keys)
+    if profile.quicklook_catgs:
+        preload_quicklook()
     return ProcessorPorts(profile=profile, run_dirs=settings.run_dirs, plan=planner.plan, execute=executor.execute,
                           prepare_workspace=prepare_workspace, package_raw=package_raw_frames,
                           quicklook=functools.partial(with_quicklook, stretch=profile.quicklook_stretch))
@@ -148,6 +159,14 @@ class CalibrationPool:
         _log.info("calibration pool: %d files (%d read now)", len(records), len(changed))
         return self._pool
 
+    def describe_empty(self, instrument: str) -> str:
+        """Why the pool is empty, naming the directories searched (one message, not one per AB)."""
+        searched = [self._cal_dir / sub for sub in CAL_SUBDIRS]
+        states = [f"{d} ({'empty' if d.is_dir() else 'missing'})" for d in searched]
+        return (f"no calibrations found for {instrument}: searched {', '.join(states)}; install the static "
+                f"calibrations there (or set PREIMG_CAL_ROOT / --cal-root) and run `preimg check -i {instrument}` "
+                "to see what is missing")
+
     def describe(self, path: Path, tag: str) -> CalibrationUsed:
         header = self._records[path].header if path in self._records else {}
         date = header.get("DATE-OBS") or header.get("DATE") or ""
@@ -191,6 +210,8 @@ class AbPlanner:
         records = classified_records((f.path, f.headers, f.classification) for f in readable)
         with self._lock:
             pool = self._calibrations.current(rules, self._reader)
+        if not len(pool):
+            raise PermanentError(self._calibrations.describe_empty(self._profile.instrument))
         abs_ = build_abs(rules, records, pool, actions=self._profile.science_actions or None,
                          time_match=self._profile.oca_time_match)
         _log.info("createAB: %d raw frames, %d calibrations -> %d ABs (%d complete)",
