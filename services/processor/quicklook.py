@@ -378,8 +378,10 @@ def _placeholder(size_px: int, title: str, why: str) -> bytes:
     fig.patch.set_facecolor("#dddddd")
     fontsize = max(6, size_px // 50)
     fig.text(0.5, 0.55, "no quick-look", ha="center", va="center", fontsize=fontsize * 2, color="#333333")
-    fig.text(0.5, 0.45, why, ha="center", va="center", fontsize=fontsize, color="#333333", wrap=True)
-    fig.text(0.5, 0.95, title, ha="center", va="top", fontsize=fontsize, color="#333333", wrap=True)
+    fig.text(0.5, 0.45, why, ha="center", va="center", fontsize=fontsize, color="#333333", wrap=True,
+             parse_math=False)
+    fig.text(0.5, 0.95, title, ha="center", va="top", fontsize=fontsize, color="#333333", wrap=True,
+             parse_math=False)
     return _png(fig)
 
 
@@ -446,9 +448,10 @@ def _draw_sky(chips: Sequence[_Chip], info: _Info, size_px: int, stretch: str) -
     else:
         info.notes.append("no target position in the header")
     _arrows_and_bar(ax, frame, nx, ny)
-    fig.suptitle(info.title, fontsize=12)
+    fig.suptitle(info.title, fontsize=12, parse_math=False)  # header text: a "$" is not mathtext
     if info.notes:
-        fig.text(0.5, 0.015, "; ".join(info.notes)[:200], ha="center", fontsize=8, color="#aa0000")
+        fig.text(0.5, 0.015, "; ".join(info.notes)[:200], ha="center", fontsize=8, color="#aa0000",
+                 parse_math=False)
     full = _png(fig)
     return full, _thumbnail(placed, norm, nx, ny)
 
@@ -493,8 +496,8 @@ def _draw_pixels(chips: Sequence[_Chip], info: _Info, size_px: int, stretch: str
     ax.set_aspect("equal")
     ax.set_xlabel(f"x (pixels / {binning})" if binning > 1 else "x (pixels)")
     ax.set_ylabel(f"y (pixels / {binning})" if binning > 1 else "y (pixels)")
-    fig.suptitle(info.title, fontsize=12)
-    fig.text(0.5, 0.02, "pixel coordinates: " + "; ".join(info.notes)[:180], ha="center", fontsize=9,
+    fig.suptitle(info.title, fontsize=12, parse_math=False)
+    fig.text(0.5, 0.02, "pixel coordinates: " + "; ".join(info.notes)[:180], ha="center", fontsize=9, parse_math=False,
              color="#aa0000")
     return _png(fig), _thumbnail(placed, norm, nx, ny)
 

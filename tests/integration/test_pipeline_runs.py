@@ -46,6 +46,14 @@ def preimg_run(instrument: str, raw: Path, data_root: Path, cal_root: Path) -> d
     return doc
 
 
+def quicklook_of(product: Path) -> tuple[int, int, float]:
+    """The quick-look PNG of a product in the package: (height, width, pixel standard deviation)."""
+    from matplotlib import image
+
+    png = image.imread(product.parent / "quicklook" / f"{product.stem}.png")
+    return png.shape[0], png.shape[1], float(png[..., :3].std())
+
+
 def products_of(doc: dict) -> dict[str, list[Path]]:
     by_catg: dict[str, list[Path]] = {}
     for path in Path(doc["paths"]["products"]).glob("*.fits"):
@@ -72,6 +80,8 @@ def test_hawki_preimaging_delivery_gives_science_products(tmp_path, hawki_cal):
     stack = products["JITTERED_IMAGE_SCI"][0]
     assert 0.09 < qc(stack, "WCS_SCALE") < 0.12  # arcsec/px of HAWK-I (0.106)
     assert 15 < qc(stack, "MAGZPT") < 35
+    height, width, spread = quicklook_of(stack)  # the four chips on one sky frame
+    assert (height, width) == (1000, 1000) and spread > 0.05
     assert Path(doc["paths"]["report"]).is_file() and Path(doc["paths"]["userreport"]).is_file()
     report = Path(doc["paths"]["report"]).read_text()
     assert "hawki_science_process" in report and "SUCCESSFUL" in report
@@ -90,6 +100,8 @@ def test_vimos_preimaging_delivery_gives_science_products(tmp_path, vimos_cal):
     assert len(products["BASIC_CALIBRATED_SCI"]) == 1
     assert len(products["JITTERED_IMAGE_SCI"]) == 1
     assert 0.18 < qc(products["JITTERED_IMAGE_SCI"][0], "WCS_SCALE") < 0.23  # VIMOS 0.205 arcsec/px
+    height, width, spread = quicklook_of(products["JITTERED_IMAGE_SCI"][0])
+    assert (height, width) == (1000, 1000) and spread > 0.05
 
 
 def test_fors2_without_pipeline_packages_the_raw_frames(tmp_path):
@@ -97,7 +109,15 @@ def test_fors2_without_pipeline_packages_the_raw_frames(tmp_path):
     frames = synth.make_raw_frames("FORS2", raw)
     doc = preimg_run("FORS2", raw, tmp_path / "data", tmp_path / "cal")
     assert doc["status"] == "ok", doc["_stderr"][-3000:]
-    assert sorted(p.name for p in Path(doc["paths"]["products"]).iterdir()) == sorted(p.name for p in frames)
+    package = Path(doc["paths"]["products"])
+    assert sorted(p.name for p in package.glob("*.fits")) == sorted(p.name for p in frames)
+    # Each raw frame has its quick-look (the profile's quicklook_catgs = ["RAW"]), and nothing else is there.
+    assert sorted(p.name for p in package.iterdir()) == sorted([p.name for p in frames] + ["quicklook"])
+    assert sorted(p.name for p in (package / "quicklook").iterdir()) == sorted(
+        n for p in frames for n in (f"{p.stem}.png", f"{p.stem}_thumb.png"))
+    for frame in frames:
+        height, width, spread = quicklook_of(package / frame.name)
+        assert (height, width) == (1000, 1000) and spread > 0.01
     assert "PIPE_SUPPORT NO" in Path(doc["paths"]["report"]).read_text()
 
 

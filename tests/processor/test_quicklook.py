@@ -179,3 +179,10 @@ def test_a_malformed_header_card_costs_the_keyword_not_the_quicklook(tmp_path: P
         dict(fits.getheader(path).items())
     result = quicklook.render(path, tmp_path / "sci")
     assert result.kind == quicklook.KIND_SKY, result.note
+
+
+def test_header_text_is_not_mathtext(tmp_path: Path):
+    """An OBJECT with "$" (invalid mathtext) is drawn as text, not a failed quick-look."""
+    product = _mosaic(tmp_path / "m.fits", primary={"OBJECT": r"$\frac{ <b>NGC$ 1234"})
+    result = quicklook.render(product, tmp_path / "sci")
+    assert result.kind == quicklook.KIND_SKY, result.note
