@@ -15,7 +15,7 @@ Then the quick-look of that product is drawn again here, timed:
 The full-size calibration set is cached under ``.cache/synth/cal-hawki-2048`` (shared with
 bench_fullsize.py and tests/integration/test_fullsize.py). Prints one JSON object per line.
 
-Usage: ``python bench/bench_quicklook.py [--repeat N] [--size N] [--scratch DIR]``
+Usage: ``python bench/bench_quicklook.py [--repeat N] [--size N] [--scratch DIR] [--keep-png DIR]``
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed quick-looks per product (default 3)")
     parser.add_argument("--size", type=int, default=synth.HAWKI_CHIP, help="HAWK-I window (default 2048)")
     parser.add_argument("--scratch", type=Path, help="parent of the scratch directory")
+    parser.add_argument("--keep-png", type=Path, help="copy the run's quick-looks into this directory")
     args = parser.parse_args(argv)
     if esorex.find_esorex() is None:
         print(json.dumps({"name": "quicklook_s", "skipped": "esorex not installed", "unit": "s"}))
@@ -93,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"no JITTERED_IMAGE_SCI product in {sci}")
         for product in products:
             in_run = quicklook.quicklook_paths(product, sci)[0]
+            if args.keep_png is not None and in_run.is_file():  # to look at, e.g. test-artifacts/
+                args.keep_png.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(in_run, args.keep_png / f"quicklook-{args.size}-{in_run.name}")
             out = scratch / "again"
             times, kinds = [], set()
             for _ in range(args.repeat):

@@ -13,6 +13,7 @@ its ``onerror`` cannot run. Screenshots go to test-artifacts/.
 from __future__ import annotations
 
 import functools
+import hashlib
 import html
 import json
 import re
@@ -120,6 +121,15 @@ def test_run_page_and_monitor_in_chromium(tmp_path, hawki_cal, chromium, artifac
     assert first.status == "ok", first.reason
     assert second.status == "partial"
     assert "HAWKI.2026-11-20T03:00:00.000.fits" in second.reason, second.reason
+
+    # The quick-look and thumbnail are in the manifest, with the checksums of what the QC server holds.
+    pngs = {m["name"]: m for m in first.event["manifest"] if m["name"].endswith(".png")}
+    assert sorted(pngs) == [f"products/quicklook/{n}" for n in sorted(
+        p.name for p in (Path(first.paths["products"]) / "quicklook").iterdir())]
+    assert len(pngs) == 2
+    for name, entry in pngs.items():
+        held = settings.qc_local_dir() / "PREIMG/HAWKI/runs/run-ok" / name
+        assert entry["checksum"] == "sha256:" + hashlib.sha256(held.read_bytes()).hexdigest()
 
     qc = settings.qc_local_dir()
     server = _serve(qc)
