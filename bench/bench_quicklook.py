@@ -36,7 +36,8 @@ sys.path.insert(0, str(REPO))
 
 from prometheus_client import CollectorRegistry
 
-from services.processor import esorex, quicklook, synth
+import synth
+from services.processor import esorex, quicklook
 from shared.profiles import OVERLAY_ENV
 
 INSTRUMENT = "HAWKI"

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
+import synth
 from services.app import run_embedded
-from services.processor import synth
 from shared.settings import Settings
 from tests.conftest import IN_CI
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from services.processor import synth
+import synth
 
 pytestmark = [pytest.mark.esorex, pytest.mark.slow]
 
