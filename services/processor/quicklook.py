@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.files import write_atomic
+from shared.layout import FITS_SUFFIXES
 
 _log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class _Info:
 def quicklook_paths(product: Path, sci_dir: Path) -> tuple[Path, Path]:
     """Where the quick-look of ``product`` and its thumbnail go: ``<sci>/quicklook/<stem>.png``."""
     stem = product.name
-    for suffix in (".fits.fz", ".fits", ".fit"):
+    for suffix in sorted(FITS_SUFFIXES, key=len, reverse=True):  # .fits.fz before .fits
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break

@@ -14,6 +14,7 @@ escaped by the template (jinja2 autoescape): FITS header text is never markup.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,12 @@ RUN_PAGE = "index.html"
 
 def package_link(path: str, msg: ProductsReady) -> str:
     """Where a file of the run sits in the package, relative to the run page (as the publisher lays it out)."""
-    p = Path(path)
+    where = Path(os.path.normpath(os.path.abspath(path)))  # as written, like the publisher's package_name
     for directory, prefix in ((msg.sci_dir, "products/"), (msg.log_dir, "logs/")):
-        try:
-            return prefix + p.resolve().relative_to(Path(directory).resolve()).as_posix()
-        except ValueError:
-            continue
-    return "logs/" + p.name
+        base = Path(os.path.normpath(os.path.abspath(directory)))
+        if where.is_relative_to(base):
+            return prefix + where.relative_to(base).as_posix()
+    return "logs/" + where.name
 
 
 def first_failure(msg: ProductsReady) -> str:
