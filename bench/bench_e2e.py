@@ -2,7 +2,8 @@
 
 Prints JSON lines:
   e2e_broker_floor_ms  the same four hops over RabbitMQ with empty handlers (confirmed, persistent)
-  e2e_overhead_ms      the four services as separate processes, FORS2 (no recipes), stages as they stand
+  e2e_overhead_ms      the four services as separate processes, FORS2 (no recipes, no quick-looks: their
+                       cost is bench_quicklook's figure), stages as they stand
 The ratio of the two p50s shows what our code costs on top of the broker.
 Target on the CI machine: e2e_overhead_ms p50 <= 100 ms, p99 <= 250 ms.
 """
@@ -124,7 +125,10 @@ def stage_seconds(cluster: Cluster) -> dict[str, float]:
 
 def services_run(url: str, root: Path, n: int) -> tuple[list[float], dict[str, float]]:
     """Delivery-to-completion times (ms), and the mean handler time per stage (ms) after warm-up."""
-    cluster = Cluster(url, root).start()
+    # The backbone's own cost: FORS2's raw-frame quick-looks (matplotlib) are measured by bench_quicklook.
+    overlay = root / "no-quicklooks.toml"
+    overlay.write_text('instrument = "FORS2"\nquicklook_catgs = []\n')
+    cluster = Cluster(url, root, extra_env={"PREIMG_PROFILE_OVERLAY": str(overlay)}).start()
     try:
         watcher = CompletionWatcher(url)
         batches = [make_frames(cluster.delivery_area / f"d{i:02d}", N_FILES) for i in range(n + WARM_UP)]

@@ -101,7 +101,7 @@ class PublisherPorts:
     load_profile: Callable[[str], Profile]
     count_notification_failure: Callable[[str], None]
     files: RunFiles
-    monitor_rows: RowCache = field(default_factory=dict)
+    monitor_rows: RowCache = field(default_factory=RowCache)
 
 
 class RunFiles(Protocol):

@@ -21,15 +21,16 @@ page is a view rebuilt from the newest rows:
   and a PUT replaces an object atomically, so this needs no lock and no
   conditional write;
 - the page is created from scratch whenever it is missing: it is never edited,
-  always rendered from the rows. An index shorter than ``max_rows`` is filled
-  from ``rows/`` (rows written before the index existed). Deleting
-  ``monitor/`` resets the monitor.
+  always rendered from the rows. Rows written before the index existed are
+  indexed by each publisher process once, when it first finds the index
+  shorter than ``max_rows``. Deleting ``monitor/`` resets the monitor.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict
@@ -101,11 +102,17 @@ def read_row(qc: QcServer, base: str, run_id: str) -> MonitorRow | None:
     return MonitorRow.model_validate_json(data) if data is not None else None
 
 
-#: A publisher's parsed rows by index key: (ETag, row). Only keys still listed are kept.
-RowCache = dict[str, tuple[str, MonitorRow]]
+@dataclass
+class RowCache:
+    """What one publisher process already knows of the monitor: no need to read it again."""
+
+    #: Parsed rows by index key: (ETag, row). Only keys still listed are kept.
+    rows: dict[str, tuple[str, MonitorRow]] = field(default_factory=dict)
+    #: Bases whose rows without an index entry were indexed by this process.
+    indexed: set[str] = field(default_factory=set)
 
 
-def _read_rows(qc: QcServer, listing: dict[str, str], cache: RowCache) -> list[MonitorRow]:
+def _read_rows(qc: QcServer, listing: dict[str, str], cache: dict[str, tuple[str, MonitorRow]]) -> list[MonitorRow]:
     rows = []
     for key in sorted(listing, key=str.encode):
         etag = listing[key]
@@ -161,13 +168,16 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
     RetryableError
         The rows kept changing for ``MAX_ROUNDS`` rounds.
     """
-    cache = {} if cache is None else cache
+    cache = RowCache() if cache is None else cache
     prefix = recent_prefix(base)
     listing = qc.list(prefix, limit=max_rows)
-    if len(listing) < max_rows and _fill_index(qc, base, listing):
-        listing = qc.list(prefix, limit=max_rows)
+    if base not in cache.indexed and len(listing) < max_rows:
+        # Once per process: rows from before the index (or from a publisher of that time).
+        if _fill_index(qc, base, listing):
+            listing = qc.list(prefix, limit=max_rows)
+        cache.indexed.add(base)
     for _ in range(MAX_ROUNDS):
-        rows = _read_rows(qc, listing, cache)
+        rows = _read_rows(qc, listing, cache.rows)
         page = render(rows).encode()
         # The page is a view of the rows, rebuilt whenever it is missing: not worth a sync.
         qc.put(page_key(base), page, content_type="text/html; charset=utf-8", durable=False)

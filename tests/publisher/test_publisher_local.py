@@ -251,7 +251,8 @@ def test_rows_written_before_the_index_existed_reach_the_page(tmp_path):
     shutil.rmtree(monitor / "recent")  # as a deployment from before the index left it
     (monitor / "rows" / "legacy-1.json").write_text(
         (monitor / "rows" / "run-a.json").read_text().replace("run-a", "legacy-1"))
-    handle_reports_ready(reports_ready(tmp_path / "b", run_id="run-b"), ports)
+    upgraded = ports_for(settings)  # the first publisher process that knows the index
+    handle_reports_ready(reports_ready(tmp_path / "b", run_id="run-b"), upgraded)
     assert sorted(_rows(settings.qc_local_dir())) == ["legacy-1", "run-a", "run-b"]
     assert len(list((monitor / "recent").iterdir())) == 3
 
