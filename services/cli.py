@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service against RabbitMQ")
     serve.add_argument("service", choices=("ingest", "processor", "reporter", "publisher"))
     serve.add_argument("-i", "--instrument", type=str.upper, help="the processor's instrument")
+    serve.add_argument("--once", action="store_true",
+                       help="handle one message, settle it and exit 0 (a Kubernetes Job's run)")
     serve.set_defaults(func=cmd_serve)
 
     dlq = sub.add_parser("dlq", help="inspect or replay a service's dead-letter queue")
@@ -227,7 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"preimg serve {args.service}: serves every instrument; -i/--instrument is for the processor",
               file=sys.stderr)
         return 2
-    return serve(args.service, Settings(), args.instrument)
+    return serve(args.service, Settings(), args.instrument, once=args.once)
 
 
 if __name__ == "__main__":
