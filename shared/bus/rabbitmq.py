@@ -200,10 +200,12 @@ class RabbitConsumer:
     topology but takes no message until ``start_consuming(process)``: a
     service declares its queues before its start-up checks pass.
 
-    ``max_messages=1`` (a Kubernetes Job's run, ``serve --once``): the consumer
-    cancels its subscription as the first message arrives (prefetch 1, so no
-    second one is in flight), and ``run`` returns once that message is settled
-    (``finished`` set). A connection lost before the settlement consumes again
+    ``max_messages=1`` (a Kubernetes Job's run, ``serve --once``): once the
+    first message is handled the consumer cancels its subscription, then settles
+    the message (prefetch 1: no second one is delivered while the first is
+    unacked, so none arrives before the cancel), and ``run`` returns
+    (``finished`` set). The subscription stays while the message is worked on,
+    so the broker's consumer count shows a busy Job as a consumer. A connection lost before the settlement consumes again
     until one message is settled (the redelivered copy is answered from the record).
     """
 
@@ -358,8 +360,7 @@ class RabbitConsumer:
                 headers=dict(properties.headers or {}),
             )
             tag = method.delivery_tag
-            if self._once:  # one message: take no other (prefetch 1: none is in flight)
-                ch.basic_cancel(method.consumer_tag)
+            consumer_tag = method.consumer_tag
 
             def work() -> None:
                 try:
@@ -374,6 +375,8 @@ class RabbitConsumer:
                                  "redelivers the message and the recorded result answers it", e)
 
             def finish(outcome: Outcome | None) -> None:
+                if self._once:  # cancel before the ack: prefetch 1, so no second message comes
+                    channel.basic_cancel(consumer_tag)
                 try:
                     if outcome is None:
                         channel.basic_nack(tag, requeue=False)
