@@ -2,7 +2,7 @@
 
     preimg run -i INSTR RAW_DIR [--data-root DIR] [--json]     all four stages in this process
     preimg deliver -i INSTR FILE... [--wait SECONDS]           announce a delivery, as AOG does
-    preimg serve ingest|processor|reporter|publisher           one service against RabbitMQ
+    preimg serve ingest|processor|reporter|publisher [--once]  one service against RabbitMQ
 
 Further commands (synth, check, oca, explain, monitor) are registered by the
 modules listed in ``COMMAND_MODULES``.
