@@ -83,7 +83,8 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
 # ----------------------------------------------------------------------------
 
 
-def serve(service: str, settings: Settings, instrument: str | None = None, stop: threading.Event | None = None) -> int:
+def serve(service: str, settings: Settings, instrument: str | None = None, stop: threading.Event | None = None,
+          once: bool = False) -> int:
     """Run one service against RabbitMQ until SIGTERM/SIGINT; return the exit code.
 
     The consumer connects at once and declares the whole topology, so
@@ -93,6 +94,10 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
     every ``settings.recheck_s`` seconds, so a processor starts consuming on
     its own once its calibrations are installed. Returns 1 when the consumer
     thread ends for any reason other than a stop request.
+
+    ``once`` (``preimg serve processor --once``, a Kubernetes Job's run): take
+    one message, finish and settle it, return 0. No waiting for calibrations
+    then: failing start-up checks return 1 at once, the message staying queued.
     """
     from shared.bus.rabbitmq import RabbitConsumer
     from shared.httpserver import ServiceHttpServer
@@ -111,6 +116,7 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
         heartbeat_s=settings.heartbeat_s,
         shutdown_grace_s=settings.shutdown_grace_s,
         name=f"preimg-{service}",
+        max_messages=1 if once else None,
     )
     failure: list[BaseException] = []
 
@@ -134,7 +140,10 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
                   else f"not connected to the broker ({consumer.last_error or 'connecting'})")
         return False, broker if state["checks_ok"] else f"{state['detail']}; {broker}"
 
-    http = ServiceHttpServer(settings.http_host, settings.http_port, registry, live, ready)
+    def started() -> tuple[bool, str]:
+        return state["checks_ok"], "start-up checks passed" if state["checks_ok"] else state["detail"]
+
+    http = ServiceHttpServer(settings.http_host, settings.http_port, registry, live, ready, started)
     http.start()
     _log.info("%s serving: metrics and probes on port %d", service, http.port)
 
@@ -153,6 +162,13 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
             state["checks_ok"] = True
             consumer.start_consuming(build_runner(service, settings, metrics, instrument).process)
             break
+        if once:
+            _log.error("start-up checks failed; --once: exiting non-zero, the queue keeps its messages: %s",
+                       state["detail"])
+            stop.set()
+            worker.join(timeout=settings.shutdown_grace_s + 5)
+            http.stop()
+            return 1
         _log.error("start-up checks failed; not consuming, checking again in %.0f s: %s",
                    settings.recheck_s, state["detail"])
         stop.wait(settings.recheck_s)
@@ -167,9 +183,11 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
             next_sweep = time.monotonic() + settings.temp_sweep_interval_s
         worker.join(timeout=0.5)
     http.stop()
-    if not stop.is_set() or failure:
+    if failure or not (stop.is_set() or consumer.finished.is_set()):
         _log.error("the consumer ended without a stop request: exiting non-zero so the service is restarted")
         return 1
+    if consumer.finished.is_set():
+        _log.info("--once: one message handled and settled; exiting")
     return 0
 
 

@@ -2,7 +2,7 @@
 
     preimg run -i INSTR RAW_DIR [--data-root DIR] [--json]     all four stages in this process
     preimg deliver -i INSTR FILE... [--wait SECONDS]           announce a delivery, as AOG does
-    preimg serve ingest|processor|reporter|publisher           one service against RabbitMQ
+    preimg serve ingest|processor|reporter|publisher [--once]  one service against RabbitMQ
 
 Further commands (synth, check, oca, explain, monitor) are registered by the
 modules listed in ``COMMAND_MODULES``.
@@ -69,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service against RabbitMQ")
     serve.add_argument("service", choices=("ingest", "processor", "reporter", "publisher"))
     serve.add_argument("-i", "--instrument", type=str.upper, help="the processor's instrument")
+    serve.add_argument("--once", action="store_true",
+                       help="handle one message, settle it and exit 0 (a Kubernetes Job's run)")
     serve.set_defaults(func=cmd_serve)
 
     dlq = sub.add_parser("dlq", help="inspect or replay a service's dead-letter queue")
@@ -251,7 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"preimg serve {args.service}: serves every instrument; -i/--instrument is for the processor",
               file=sys.stderr)
         return 2
-    return serve(args.service, Settings(), args.instrument)
+    return serve(args.service, Settings(), args.instrument, once=args.once)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
-"""The small HTTP side of every service: ``/metrics``, ``/healthz`` and ``/readyz``.
+"""The small HTTP side of every service: ``/metrics``, ``/startupz``, ``/healthz`` and ``/readyz``.
 
-``/healthz`` answers 200 while the consumer thread lives (a liveness probe
-restarts a wedged process); ``/readyz`` answers 200 only while the service is
-connected to its broker and its start-up checks passed.
+``/startupz`` answers 200 once the service's start-up checks (configuration,
+tools, calibrations) have passed, 503 with what is missing before: the target of
+a startupProbe, which holds the liveness probe off until then. ``/healthz``
+answers 200 while the consumer thread lives (a liveness probe restarts a wedged
+process), checks passed or not; ``/readyz`` answers 200 only while the service
+is connected to its broker and consuming, which needs the checks passed.
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ Probe = Callable[[], tuple[bool, str]]
 class ServiceHttpServer:
     """Serves metrics and probes on a background thread."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, live: Probe, ready: Probe):
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, live: Probe, ready: Probe,
+                 started: Probe | None = None):
         self._host, self._port = host, port
         self._registry, self._live, self._ready = registry, live, ready
+        self._probes = {"/healthz": live, "/readyz": ready, "/startupz": started or ready}
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -40,8 +45,8 @@ class ServiceHttpServer:
             def do_GET(self) -> None:
                 if self.path == "/metrics":
                     self._send(200, generate_latest(outer._registry), CONTENT_TYPE_LATEST)
-                elif self.path in ("/healthz", "/readyz"):
-                    ok, detail = (outer._live if self.path == "/healthz" else outer._ready)()
+                elif self.path in outer._probes:
+                    ok, detail = outer._probes[self.path]()
                     body = json.dumps({"ok": ok, "detail": detail}).encode()
                     self._send(200 if ok else 503, body, "application/json")
                 else:

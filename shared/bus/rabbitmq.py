@@ -199,6 +199,14 @@ class RabbitConsumer:
     Without ``process`` at construction the consumer connects and declares the
     topology but takes no message until ``start_consuming(process)``: a
     service declares its queues before its start-up checks pass.
+
+    ``max_messages=1`` (a Kubernetes Job's run, ``serve --once``): once the
+    first message is handled the consumer cancels its subscription, then settles
+    the message (prefetch 1: no second one is delivered while the first is
+    unacked, so none arrives before the cancel), and ``run`` returns
+    (``finished`` set). The subscription stays while the message is worked on,
+    so the broker's consumer count shows a busy Job as a consumer. A connection lost before the settlement consumes again
+    until one message is settled (the redelivered copy is answered from the record).
     """
 
     def __init__(
@@ -214,7 +222,12 @@ class RabbitConsumer:
         name: str = "preimg",
         reconnect_delay_s: float = 1.0,
         reconnect_max_s: float = 30.0,
+        max_messages: int | None = None,
     ):
+        if max_messages not in (None, 1):
+            raise ValueError("max_messages: None (consume until stopped) or 1 (one message)")
+        self._once = max_messages == 1
+        self.finished = threading.Event()
         self._amqp_url = amqp_url
         self._exchange = exchange
         self._spec = spec
@@ -250,7 +263,7 @@ class RabbitConsumer:
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, reconnecting after any broker or network failure."""
         delay = self._reconnect_delay_s
-        while not stop.is_set():
+        while not stop.is_set() and not self.finished.is_set():
             if not self._wait_for_handlers(stop):
                 break
             started = time.monotonic()
@@ -310,10 +323,12 @@ class RabbitConsumer:
             self.consuming.set()
             self.last_error = ""
             _log.info("consuming %s", self._spec.name)
-            while not stop.is_set():
+            while not stop.is_set() and not self.finished.is_set():
                 connection.process_data_events(time_limit=0.2)
                 if not channel.is_open:
                     raise ConnectionError(f"the channel consuming {self._spec.name} was closed")
+            if self.finished.is_set():
+                return
             # Graceful stop: take nothing new, let the message in hand settle.
             channel.basic_cancel(consumer_tag)
             deadline = time.monotonic() + self._grace_s
@@ -345,6 +360,7 @@ class RabbitConsumer:
                 headers=dict(properties.headers or {}),
             )
             tag = method.delivery_tag
+            consumer_tag = method.consumer_tag
 
             def work() -> None:
                 try:
@@ -359,6 +375,8 @@ class RabbitConsumer:
                                  "redelivers the message and the recorded result answers it", e)
 
             def finish(outcome: Outcome | None) -> None:
+                if self._once:  # cancel before the ack: prefetch 1, so no second message comes
+                    channel.basic_cancel(consumer_tag)
                 try:
                     if outcome is None:
                         channel.basic_nack(tag, requeue=False)
@@ -373,6 +391,8 @@ class RabbitConsumer:
                 finally:
                     with self._lock:
                         self._unsettled = max(self._unsettled - 1, 0)
+                    if self._once:
+                        self.finished.set()
 
             thread = threading.Thread(target=work, name=f"handler-{self._spec.name}", daemon=True)
             with self._lock:

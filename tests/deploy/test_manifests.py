@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import urllib.parse
 from pathlib import Path
 
 import jsonschema
@@ -35,6 +36,7 @@ from prometheus_client import CollectorRegistry
 from shared.metrics import E2E_BUCKETS, STAGE_BUCKETS, build_metrics
 from shared.profiles import PROFILE_DIR
 from shared.settings import Settings
+from tests.deploy.crd_schemas import BY_KIND as CRD_SCHEMAS
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -125,12 +127,6 @@ def _processor_queue(instrument: str) -> str:
     except ImportError:  # topology module not there yet: the documented layout
         return f"preimg.processor.{instrument}"
     return queue_name("processor", instrument)
-
-
-def _container(deployment: dict) -> dict:
-    containers = deployment["spec"]["template"]["spec"]["containers"]
-    assert len(containers) == 1, f"{deployment['metadata']['name']}: one container expected"
-    return containers[0]
 
 
 def _argv(container: dict) -> list[str]:
@@ -389,8 +385,13 @@ def test_dockerignore_lets_in_what_the_dockerfile_copies_and_nothing_else() -> N
     for line in _dockerfile_stages()["build"]["lines"]:
         if line.upper().startswith("COPY ") and "--from" not in line:
             for src in line.split()[1:-1]:
-                assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
-                assert (REPO / src).exists(), f"COPY {src}: no such path in the repository"
+                src_path = Path(src.rstrip("/"))
+                assert {str(src_path), *map(str, src_path.parents)} & allowed, (
+                    f"COPY {src} is excluded by .dockerignore"
+                )
+                # The wheels are made by `make images` (docker/build-images.sh), not committed.
+                made = str(src_path) in (DOCKER / "build-images.sh").read_text()
+                assert made or (REPO / src).exists(), f"COPY {src}: no such path, nothing makes it"
 
 
 def test_hadolint() -> None:
@@ -502,9 +503,10 @@ def test_prometheus_scrapes_every_preimg_service_and_rabbitmq() -> None:
         "rabbitmq:15692"
     ]
     assert (PROM_CONFIG.parent / config["rule_files"][0]).resolve() == ALERTS.resolve()
-    # One rule file serves compose and k8s only if job names equal the k8s Service names.
-    k8s_services = {n for n in _objects_of("Service")}
-    assert {j for j in jobs if j.startswith("preimg-")} == k8s_services
+    # One rule file serves compose and k8s only if job names equal the k8s job names:
+    # Service names (ServiceMonitor) and processor pod names (PodMonitor jobLabel).
+    k8s_jobs = set(_objects_of("Service")) | set(_objects_of("ScaledJob"))
+    assert {j for j in jobs if j.startswith("preimg-")} == k8s_jobs
 
 
 def test_alert_rules_identical_in_compose_and_prometheusrule() -> None:
@@ -578,6 +580,20 @@ def test_promtool_checks_config_rules_and_rule_unit_tests(tmp_path: Path) -> Non
 # --------------------------------------------------------------------------- k8s
 
 
+def _workloads() -> dict[str, tuple[str, dict]]:
+    """name -> (kind, pod template) of every Deployment and ScaledJob."""
+    out = {n: ("Deployment", d["spec"]["template"]) for n, d in _objects_of("Deployment").items()}
+    for name, job in _objects_of("ScaledJob").items():
+        out[name] = ("ScaledJob", job["spec"]["jobTargetRef"]["template"])
+    return out
+
+
+def _pod_container(template: dict, name: str) -> dict:
+    containers = template["spec"]["containers"]
+    assert len(containers) == 1, f"{name}: one container expected"
+    return containers[0]
+
+
 @pytest.mark.parametrize(
     "path, obj",
     _k8s_objects(include_template=True),
@@ -601,6 +617,12 @@ def test_kustomization_lists_every_manifest_but_the_secret_template() -> None:
     assert {i["name"] for i in kustomization["images"]} == {"preimg", "preimg-processor"}
 
 
+def test_images_are_pinned_by_digest() -> None:
+    for image in _load(K8S / "kustomization.yaml")["images"]:
+        assert "newTag" not in image, f"{image['name']}: a tag can be moved; pin a digest"
+        assert re.fullmatch(r"sha256:[0-9a-f]{64}", image.get("digest", "")), image
+
+
 def test_secret_template_holds_placeholders_only() -> None:
     for secret in _load_all(SECRET_TEMPLATE):
         assert secret["kind"] == "Secret" and "data" not in secret, "use stringData placeholders"
@@ -620,214 +642,100 @@ def test_kubectl_kustomize_renders(tmp_path: Path) -> None:
     for obj in rendered:
         if obj["kind"] != "Namespace":
             assert obj["metadata"].get("namespace") == "preimg", obj["metadata"]["name"]
-    images = {
-        c["image"]
-        for o in rendered
-        if o["kind"] == "Deployment"
-        for c in o["spec"]["template"]["spec"]["containers"]
-    }
-    assert all(":" in i and "/" in i for i in images), images
+    templates = [o["spec"]["template"] for o in rendered if o["kind"] == "Deployment"]
+    templates += [o["spec"]["jobTargetRef"]["template"] for o in rendered if o["kind"] == "ScaledJob"]
+    images = {c["image"] for t in templates for c in t["spec"]["containers"]}
+    assert len(templates) == len(_workloads())
+    assert all(re.search(r"/.+@sha256:[0-9a-f]{64}$", i) for i in images), images
     (tmp_path / "rendered.yaml").write_text(result.stdout)
 
 
-def test_kubernetes_schemas() -> None:
+def _scaled_jobs_as_jobs(directory: Path) -> list[str]:
+    """Each ScaledJob's jobTargetRef as the batch/v1 Job KEDA makes of it (files to validate)."""
+    files = []
+    for name, job in _objects_of("ScaledJob").items():
+        path = directory / f"job-{name}.yaml"
+        path.write_text(yaml.safe_dump({"apiVersion": "batch/v1", "kind": "Job",
+                                        "metadata": {"name": name}, "spec": job["spec"]["jobTargetRef"]}))
+        files.append(str(path))
+    return files
+
+
+def test_kubernetes_schemas(tmp_path: Path) -> None:
     validator = _tool("kubernetes-validate", "pip install kubernetes-validate")
     kubectl = shutil.which("kubectl")
     files = [str(p) for p in _k8s_manifest_files() if p.name != PROMETHEUS_RULE.name]
+    files += _scaled_jobs_as_jobs(tmp_path)
     if kubectl:  # the rendered set too (namespace and images applied)
         rendered = _run([kubectl, "kustomize", str(K8S)])
         assert rendered.returncode == 0, rendered.stderr
-        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"preimg-k8s-{os.getpid()}.yaml"
+        path = tmp_path / "rendered.yaml"
         path.write_text(rendered.stdout)
         files.append(str(path))
     result = _run([validator, "--strict", "--quiet", "--no-warn", *files])
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# The CRDs have no schema in kubernetes-validate; these are the parts of KEDA's
-# and prometheus-operator's schemas that these manifests use.
-_CRD_SCHEMAS = {
-    "ScaledObject": {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "spec": {
-                "type": "object",
-                "required": ["scaleTargetRef", "triggers"],
-                "additionalProperties": False,
-                "properties": {
-                    "scaleTargetRef": {
-                        "type": "object",
-                        "required": ["name"],
-                        "properties": {
-                            "name": {"type": "string"},
-                            "kind": {"type": "string"},
-                            "apiVersion": {"type": "string"},
-                        },
-                        "additionalProperties": False,
-                    },
-                    "minReplicaCount": {"type": "integer", "minimum": 0},
-                    "maxReplicaCount": {"type": "integer", "minimum": 1},
-                    "pollingInterval": {"type": "integer", "minimum": 1},
-                    "cooldownPeriod": {"type": "integer", "minimum": 0},
-                    "idleReplicaCount": {"type": "integer"},
-                    "advanced": {"type": "object"},
-                    "fallback": {"type": "object"},
-                    "triggers": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["type", "metadata"],
-                            "properties": {
-                                "type": {"type": "string"},
-                                "name": {"type": "string"},
-                                "metadata": {
-                                    "type": "object",
-                                    "additionalProperties": {"type": "string"},
-                                },
-                                "authenticationRef": {"type": "object", "required": ["name"]},
-                            },
-                            "additionalProperties": False,
-                        },
-                    },
-                },
-            },
-        },
-    },
-    "TriggerAuthentication": {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"const": "keda.sh/v1alpha1"},
-            "spec": {
-                "type": "object",
-                "properties": {
-                    "secretTargetRef": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["parameter", "name", "key"],
-                            "additionalProperties": False,
-                            "properties": {
-                                "parameter": {"type": "string"},
-                                "name": {"type": "string"},
-                                "key": {"type": "string"},
-                            },
-                        },
-                    }
-                },
-            },
-        },
-    },
-    "ServiceMonitor": {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "spec": {
-                "type": "object",
-                "required": ["selector", "endpoints"],
-                "properties": {
-                    "selector": {
-                        "type": "object",
-                        "properties": {"matchLabels": {"type": "object"}},
-                    },
-                    "endpoints": {
-                        "type": "array",
-                        "minItems": 1,
-                        "items": {
-                            "type": "object",
-                            "required": ["port"],
-                            "properties": {
-                                "port": {"type": "string"},
-                                "path": {"type": "string"},
-                                "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
-                                "scrapeTimeout": {
-                                    "type": "string",
-                                    "pattern": "^[0-9]+(ms|s|m|h)$",
-                                },
-                            },
-                        },
-                    },
-                },
-            },
-        },
-    },
-    "PrometheusRule": {
-        "type": "object",
-        "required": ["spec"],
-        "properties": {
-            "apiVersion": {"const": "monitoring.coreos.com/v1"},
-            "spec": {
-                "type": "object",
-                "required": ["groups"],
-                "additionalProperties": False,
-                "properties": {
-                    "groups": {
-                        "type": "array",
-                        "items": {
-                            "type": "object",
-                            "required": ["name", "rules"],
-                            "properties": {
-                                "name": {"type": "string"},
-                                "rules": {
-                                    "type": "array",
-                                    "items": {
-                                        "type": "object",
-                                        "required": ["expr"],
-                                        "additionalProperties": False,
-                                        "properties": {
-                                            "alert": {"type": "string"},
-                                            "record": {"type": "string"},
-                                            "expr": {"type": "string"},
-                                            "for": {"type": "string"},
-                                            "labels": {
-                                                "type": "object",
-                                                "additionalProperties": {"type": "string"},
-                                            },
-                                            "annotations": {
-                                                "type": "object",
-                                                "additionalProperties": {"type": "string"},
-                                            },
-                                        },
-                                    },
-                                },
-                            },
-                        },
-                    }
-                },
-            },
-        },
-    },
-}
+def test_kubernetes_validate_rejects_unknown_fields(tmp_path: Path) -> None:
+    """--strict must fail a misspelt field, or the check above proves nothing."""
+    validator = _tool("kubernetes-validate", "pip install kubernetes-validate")
+    pdb = _objects_of("PodDisruptionBudget")["preimg-processors"]
+    bad = {**pdb, "spec": {**pdb["spec"], "maxUnavailabel": 0}}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    result = _run([validator, "--strict", "--quiet", "--no-warn", str(path)])
+    assert result.returncode != 0, "kubernetes-validate accepted an unknown field"
 
 
 def test_custom_resources_match_their_crd_schema() -> None:
     seen = set()
-    for path, obj in _k8s_objects():
-        schema = _CRD_SCHEMAS.get(obj["kind"])
+    for _path, obj in _k8s_objects():
+        schema = CRD_SCHEMAS.get(obj["kind"])
         if schema:
             seen.add(obj["kind"])
             jsonschema.validate(obj, schema)
-    assert seen == _CRD_SCHEMAS.keys()
+    assert seen == CRD_SCHEMAS.keys()
 
 
-@pytest.mark.parametrize("name", sorted(_objects_of("Deployment")))
-def test_deployment_runs_the_right_preimg_serve_command(name: str) -> None:
-    deployment = _objects_of("Deployment")[name]
-    component = deployment["metadata"]["labels"]["app.kubernetes.io/component"]
+@pytest.mark.parametrize(
+    "kind, where, field",
+    [
+        ("ScaledJob", ("spec",), "maxReplicas"),
+        ("ScaledJob", ("spec", "triggers", 0), "authRef"),
+        ("ScaledJob", ("spec", "scalingStrategy"), "strategyy"),
+        ("TriggerAuthentication", ("spec", "secretTargetRef", 0), "secret"),
+        ("ServiceMonitor", ("spec", "endpoints", 0), "metricsPath"),
+        ("PodMonitor", ("spec", "podMetricsEndpoints", 0), "targetport"),
+        ("PrometheusRule", ("spec", "groups", 0, "rules", 0), "keepFiringFor"),
+    ],
+)
+def test_crd_schemas_reject_unknown_fields(kind: str, where: tuple, field: str) -> None:
+    import copy
+
+    obj = copy.deepcopy(next(o for _, o in _k8s_objects() if o["kind"] == kind))
+    node = obj
+    for key in where:
+        node = node[key]
+    node[field] = "x"
+    with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
+        jsonschema.validate(obj, CRD_SCHEMAS[kind])
+
+
+@pytest.mark.parametrize("name", sorted(_workloads()))
+def test_workload_runs_the_right_preimg_serve_command(name: str) -> None:
+    kind, template = _workloads()[name]
+    component = template["metadata"]["labels"]["app.kubernetes.io/component"]
     assert component in SERVICES
-    argv = _argv(_container(deployment))
+    argv = _argv(_pod_container(template, name))
     assert argv[:3] == ["preimg", "serve", component], f"{name}: {argv}"
     if component == "processor":
-        assert argv[3:5] == ["--instrument", argv[4]] and len(argv) == 5, argv
+        assert kind == "ScaledJob", f"{name}: processors run as ScaledJobs (one run per Job)"
+        assert argv[3] == "--instrument" and argv[5:] == ["--once"] and len(argv) == 6, argv
         instrument = argv[4]
         assert instrument in _profiles(), f"{name}: no profile for {instrument}"
         assert name == f"preimg-processor-{instrument.lower()}"
     else:
+        assert kind == "Deployment"
         assert argv == ["preimg", "serve", component] and name == f"preimg-{component}"
 
 
@@ -840,11 +748,12 @@ def _cli_parser():
 
 def test_every_deployed_command_is_accepted_by_the_cli() -> None:
     parser = _cli_parser()
-    commands = [_argv(_container(d))[1:] for d in _objects_of("Deployment").values()]
+    commands = [_argv(_pod_container(t, n))[1:] for n, (_, t) in _workloads().items()]
     commands += [svc["command"] for svc in _preimg_compose_services().values()]
     for argv in commands:
         args = parser.parse_args(argv)
         assert args.command == "serve" and args.service == argv[1], argv
+        assert args.once == ("--once" in argv), argv
         if argv[1] == "processor":
             assert args.instrument == argv[3], argv
     # ...and the parser is strict enough for this check to mean something.
@@ -852,14 +761,17 @@ def test_every_deployed_command_is_accepted_by_the_cli() -> None:
         parser.parse_args(["serve", "no-such-service"])
 
 
-@pytest.mark.parametrize("name", sorted(_objects_of("Deployment")))
-def test_deployment_is_probed_sized_and_locked_down(name: str) -> None:
-    deployment = _objects_of("Deployment")[name]
-    pod = deployment["spec"]["template"]["spec"]
-    container = _container(deployment)
+@pytest.mark.parametrize("name", sorted(_workloads()))
+def test_workload_is_probed_sized_and_locked_down(name: str) -> None:
+    kind, template = _workloads()[name]
+    pod = template["spec"]
+    container = _pod_container(template, name)
     assert container["ports"] == [{"name": "http", "containerPort": 9100}]
+    # The startup probe waits for the start-up checks (not merely a live process).
+    assert container["startupProbe"]["httpGet"]["path"] == "/startupz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    if kind == "Deployment":
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     resources = container["resources"]
     assert (
         resources["requests"]["cpu"]
@@ -867,6 +779,7 @@ def test_deployment_is_probed_sized_and_locked_down(name: str) -> None:
         and resources["limits"]["memory"]
     )
     assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     sc = container["securityContext"]
     assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
@@ -890,28 +803,44 @@ def test_deployment_is_probed_sized_and_locked_down(name: str) -> None:
         or _objects_of("ConfigMap")["preimg-config"]["data"]["PREIMG_SHUTDOWN_GRACE_S"]
     )
     assert service_grace < pod["terminationGracePeriodSeconds"], name
-    if deployment["metadata"]["labels"]["app.kubernetes.io/component"] == "processor":
+    if kind == "ScaledJob":
         instrument = _argv(container)[4]
         timeout = float(_profile(instrument).get("recipe_timeout_s", 900))
         assert timeout <= service_grace, (
             f"{name}: a recipe may run {timeout}s, grace is {service_grace}s"
         )
-        assert "replicas" not in deployment["spec"], f"{name}: the ScaledObject owns replicas"
+        assert pod["restartPolicy"] == "Never"
 
 
-def test_pvc_is_read_write_many() -> None:
+def test_pvc_is_read_write_many_with_a_named_class_and_documented_owner() -> None:
     pvc = _objects_of("PersistentVolumeClaim")["preimg-data"]
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    assert pvc["spec"].get("storageClassName"), "no storage class: most defaults are RWO only"
+    assert pvc["metadata"]["annotations"]["preimg.eso.org/required-owner"] == "10001:10001"
+    text = (K8S / "pvc.yaml").read_text()
+    assert "fsGroup" in text and "NFS" in text, "pvc.yaml must say fsGroup is not applied on NFS"
+    assert "10001:10001" in OPERATIONS.read_text(), "docs/operations.md: NFS export ownership"
 
 
-def test_every_deployment_has_a_metrics_service_scraped_by_the_servicemonitor() -> None:
+def test_services_have_a_metrics_service_and_processors_a_podmonitor() -> None:
     services = _objects_of("Service")
-    monitors = list(_objects_of("ServiceMonitor").values())
-    assert monitors
-    for name, deployment in _objects_of("Deployment").items():
+    service_monitors = list(_objects_of("ServiceMonitor").values())
+    pod_monitors = list(_objects_of("PodMonitor").values())
+    for name, (kind, template) in _workloads().items():
+        pod_labels = template["metadata"]["labels"]
+        if kind == "ScaledJob":
+            assert name not in services
+            assert any(
+                m["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+                and m["spec"]["jobLabel"] == "app.kubernetes.io/name"
+                and pod_labels["app.kubernetes.io/name"] == name
+                and any(e["port"] == "http" for e in m["spec"]["podMetricsEndpoints"])
+                for m in pod_monitors
+            ), f"no PodMonitor scrapes {name} under job {name}"
+            continue
+        deployment = _objects_of("Deployment")[name]
         svc = services.get(name)
         assert svc, f"no Service {name}"
-        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert svc["spec"]["selector"].items() <= pod_labels.items(), name
         assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items(), name
         assert [p["name"] for p in svc["spec"]["ports"]] == ["http"]
@@ -921,63 +850,119 @@ def test_every_deployment_has_a_metrics_service_scraped_by_the_servicemonitor() 
                 e["port"] == "http" and e.get("path", "/metrics") == "/metrics"
                 for e in m["spec"]["endpoints"]
             )
-            for m in monitors
+            for m in service_monitors
         ), f"no ServiceMonitor scrapes {name}"
 
 
+def test_the_broker_is_scraped_per_queue_under_job_rabbitmq() -> None:
+    monitor = _objects_of("ServiceMonitor")["preimg-rabbitmq"]
+    (endpoint,) = monitor["spec"]["endpoints"]
+    # Per-queue series regardless of prometheus.return_per_object_metrics (tests/stack
+    # checks this endpoint on a real RabbitMQ); the queue alerts need them.
+    assert endpoint["path"] == "/metrics/per-object"
+    assert {"action": "replace", "targetLabel": "job", "replacement": "rabbitmq"} in endpoint["relabelings"]
+    queue_exprs = [e for _, e in _all_exprs() if "rabbitmq_queue_" in e]
+    assert queue_exprs, "no alert or panel uses the broker's queue series"
+
+
 @pytest.mark.parametrize("instrument", _profiles())
-def test_processor_deployment_and_scaledobject_per_profile(instrument: str) -> None:
+def test_processor_scaledjob_per_profile(instrument: str) -> None:
     name = f"preimg-processor-{instrument.lower()}"
-    deployment = _objects_of("Deployment").get(name)
-    assert deployment, f"no Deployment {name} for profile {instrument}"
-    assert _argv(_container(deployment)) == [
-        "preimg",
-        "serve",
-        "processor",
-        "--instrument",
-        instrument,
+    job = _objects_of("ScaledJob").get(name)
+    assert job, f"no ScaledJob {name} for profile {instrument}"
+    spec = job["spec"]
+    template = spec["jobTargetRef"]["template"]
+    assert _argv(_pod_container(template, name)) == [
+        "preimg", "serve", "processor", "--instrument", instrument, "--once",
     ]
     if _profile(instrument).get("pipe_support", True):
-        assert _container(deployment)["image"] == "preimg-processor"
+        assert _pod_container(template, name)["image"] == "preimg-processor"
+    # One run per Job, bounded by the run's worst case.
+    target = spec["jobTargetRef"]
+    assert target["parallelism"] == 1 and target["completions"] == 1
+    profile = _profile(instrument)
+    max_abs = int(job["metadata"]["annotations"]["preimg.eso.org/max-abs-per-run"])
+    waves = -(-max_abs // int(profile.get("max_parallel_abs", 2)))
+    worst = waves * float(profile.get("recipe_timeout_s", 900))
+    assert worst < target["activeDeadlineSeconds"] <= worst + 900, (
+        f"{name}: activeDeadlineSeconds {target['activeDeadlineSeconds']} for {waves} x "
+        f"{profile.get('recipe_timeout_s', 900)} s"
+    )
+    assert spec["maxReplicaCount"] >= 1
 
-    scaled = [
-        s
-        for s in _objects_of("ScaledObject").values()
-        if s["spec"]["scaleTargetRef"]["name"] == name
-    ]
-    assert len(scaled) == 1, f"{name}: {len(scaled)} ScaledObjects"
-    spec = scaled[0]["spec"]
-    assert spec["minReplicaCount"] in (0, 1) and spec["maxReplicaCount"] >= 1
-    assert spec.get("cooldownPeriod", 300) >= _profile(instrument).get("recipe_timeout_s", 900)
     (trigger,) = spec["triggers"]
     assert trigger["type"] == "rabbitmq"
     assert trigger["metadata"]["queueName"] == _processor_queue(instrument)
-    assert trigger["metadata"]["mode"] == "QueueLength" and int(trigger["metadata"]["value"]) >= 1
+    assert trigger["metadata"]["mode"] == "QueueLength" and trigger["metadata"]["value"] == "1"
+    # Runs a Job already holds (unacked) are not counted again: strategy accurate.
+    assert trigger["metadata"]["excludeUnacknowledged"] == "true"
+    assert trigger["metadata"]["protocol"] == "http", "excludeUnacknowledged needs the HTTP API"
+    assert spec["scalingStrategy"]["strategy"] == "accurate"
 
     auth = _objects_of("TriggerAuthentication").get(trigger["authenticationRef"]["name"])
     assert auth, f"TriggerAuthentication {trigger['authenticationRef']['name']} missing"
     secrets = {s["metadata"]["name"]: s["stringData"] for s in _load_all(SECRET_TEMPLATE)}
     (ref,) = auth["spec"]["secretTargetRef"]
     assert ref["parameter"] == "host" and ref["key"] in secrets.get(ref["name"], {}), ref
-    # protocol http also counts unacked messages: the busy pod is not scaled away.
-    host = secrets[ref["name"]][ref["key"]]
-    assert trigger["metadata"].get("protocol", "auto") == (
-        "http" if host.startswith("http") else "amqp"
-    )
+    assert secrets[ref["name"]][ref["key"]].startswith("http")
 
 
 def test_no_processor_without_a_profile() -> None:
     deployed = {
-        _argv(_container(d))[4]
-        for d in _objects_of("Deployment").values()
-        if d["metadata"]["labels"]["app.kubernetes.io/component"] == "processor"
+        _argv(_pod_container(t, n))[4]
+        for n, (_, t) in _workloads().items()
+        if t["metadata"]["labels"]["app.kubernetes.io/component"] == "processor"
     }
     assert deployed == set(_profiles())
     queues = {
         s["spec"]["triggers"][0]["metadata"]["queueName"]
-        for s in _objects_of("ScaledObject").values()
+        for s in _objects_of("ScaledJob").values()
     }
     assert queues == {_processor_queue(i) for i in _profiles()}
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    """Whether a label selector (matchLabels, matchExpressions with In) selects ``labels``."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_disruption_budgets_never_evict_a_busy_processor() -> None:
+    budgets = _objects_of("PodDisruptionBudget")
+    for name, (kind, template) in _workloads().items():
+        labels = template["metadata"]["labels"]
+        covering = [b for b in budgets.values() if _selects(b["spec"]["selector"], labels)]
+        assert len(covering) == 1, f"{name}: {len(covering)} PodDisruptionBudgets"
+        (budget,) = covering
+        if kind == "ScaledJob":  # a processor pod exists only while it holds a run
+            assert budget["spec"] == {**budget["spec"], "maxUnavailable": 0}, budget["metadata"]["name"]
+        else:  # single replicas stopping gracefully: a drain may move them
+            assert budget["spec"].get("maxUnavailable") == 1 and "minAvailable" not in budget["spec"]
+
+
+def test_network_policy_allows_only_broker_qc_server_smtp_and_dns() -> None:
+    (policy,) = _objects_of("NetworkPolicy").values()
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "preimg"}
+    assert sorted(spec["policyTypes"]) == ["Egress", "Ingress"]
+    for _, template in _workloads().values():
+        assert _selects(spec["podSelector"], template["metadata"]["labels"])
+    config = _objects_of("ConfigMap")["preimg-config"]["data"]
+    s3 = urllib.parse.urlsplit(config["PREIMG_S3_ENDPOINT_URL"])
+    s3_port = s3.port or (443 if s3.scheme == "https" else 80)
+    allowed = {("UDP", 53), ("TCP", 53), ("TCP", 5672), ("TCP", s3_port),
+               ("TCP", int(config["PREIMG_SMTP_PORT"]))}
+    egress = {(p["protocol"], p["port"]) for rule in spec["egress"] for p in rule["ports"]}
+    assert egress == allowed, f"egress {sorted(egress)}, expected {sorted(allowed)}"
+    for rule in spec["egress"]:
+        assert rule.get("to"), "an egress rule without 'to' allows every destination"
+    ingress_ports = {p["port"] for rule in spec["ingress"] for p in rule["ports"]}
+    assert ingress_ports == {int(config["PREIMG_HTTP_PORT"])}, "only Prometheus scrapes come in"
 
 
 # --------------------------------------------------------------------------- settings
@@ -989,11 +974,9 @@ def _env_names_in_manifests() -> dict[str, set[str]]:
     for name, svc in _preimg_compose_services().items():
         found.setdefault(f"compose:{name}", set()).update(svc.get("environment", {}))
     found["k8s ConfigMap preimg-config"] = set(_objects_of("ConfigMap")["preimg-config"]["data"])
-    for deployment in _objects_of("Deployment").values():
-        container = _container(deployment)
-        found[f"k8s Deployment {deployment['metadata']['name']}"] = {
-            e["name"] for e in container.get("env", [])
-        }
+    for name, (kind, template) in _workloads().items():
+        container = _pod_container(template, name)
+        found[f"k8s {kind} {name}"] = {e["name"] for e in container.get("env", [])}
         for source in container.get("envFrom", []):
             if "secretRef" in source:
                 secret = next(
