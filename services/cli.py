@@ -151,7 +151,8 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     try:
         # The whole layout is declared first: a delivery sent before any service ever ran waits in its queue.
         with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
-                          instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms) as client:
+                          instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms,
+                          queue_args=settings.queue_arguments()) as client:
             if args.wait is not None:
                 # The run's intermediate events too, for progress on stderr (stdout keeps the one answer).
                 channel, queue = client.bind_private_queue(
@@ -221,7 +222,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 2
     try:
         with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s, instruments=instruments,
-                          retry_delays_ms=settings.retry_delays_ms) as client:
+                          retry_delays_ms=settings.retry_delays_ms, queue_args=settings.queue_arguments()) as client:
             if args.action == "replay":
                 moved = client.replay_dead_letters(args.queue, args.limit)
                 print(json.dumps({"queue": args.queue, "replayed": moved}))

@@ -25,7 +25,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if "rabbitmq" in params.values():  # a contract test run against the real broker
+        if any(str(v).startswith("rabbitmq") for v in params.values()):  # a contract test run against the broker
             used.add("rabbitmq_url")
         for marker, fixtures in MARKER_FIXTURES.items():
             if used & fixtures and not item.get_closest_marker(marker):
