@@ -113,6 +113,7 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
         shutdown_grace_s=settings.shutdown_grace_s,
         name=f"preimg-{service}",
         queue_args=settings.queue_arguments(),
+        tls=settings.tls(),
     )
     failure: list[BaseException] = []
 

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.bus.tls import TlsFiles
 from shared.bus.topology import QueueArguments
 
 
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
     # --- broker ---------------------------------------------------------------
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     exchange: str = "preimg"
+    amqp_ca_file: str | None = Field(None, description="amqps:// and https:// management: the CA that signed the "
+                                     "broker's certificate (default: the system's CAs); the host name is verified")
+    amqp_cert_file: str | None = Field(None, description="amqps://: client certificate (optional)")
+    amqp_key_file: str | None = Field(None, description="amqps://: the client certificate's key")
     heartbeat_s: int = 30
     #: Fixed-delay retry queues; attempts past the last use the last (RabbitMQ expires head-first,
     #: so one queue per delay). With 10 attempts a stage rides out about 7 minutes of outage.
@@ -91,6 +96,9 @@ class Settings(BaseSettings):
     write_executed_flag: bool = Field(False, description="Also write the EXECUTED file for AOG scripts that poll")
 
     # --- derived ---------------------------------------------------------------------------
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
+
     def queue_arguments(self) -> QueueArguments:
         return QueueArguments(self.queue_type, self.delivery_limit)
 

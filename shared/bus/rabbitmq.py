@@ -41,6 +41,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.bus.port import settle
 from shared.bus.runner import Incoming, Outcome
+from shared.bus.tls import TlsFiles
 from shared.bus.topology import (
     CLASSIC,
     HEADER_REPLAYS,
@@ -59,6 +60,7 @@ _log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
 _PRECONDITION_FAILED = 406
+_ACCESS_REFUSED = 403
 
 
 def broker_urls(amqp_url: str) -> list[str]:
@@ -69,12 +71,16 @@ def broker_urls(amqp_url: str) -> list[str]:
     return urls
 
 
-def connection_parameters(amqp_url: str, heartbeat_s: int, name: str) -> list[pika.URLParameters]:
+def connection_parameters(amqp_url: str, heartbeat_s: int, name: str,
+                          tls: TlsFiles | None = None) -> list[pika.URLParameters]:
     """One parameter set per node of ``amqp_url`` (a comma-separated list): pika tries them in order,
-    so a client connects to the first node that answers and fails over to the next."""
+    so a client connects to the first node that answers and fails over to the next. ``amqps://``
+    nodes are verified against ``tls.ca_file`` (certificate and host name)."""
     out = []
     for url in broker_urls(amqp_url):
         params = pika.URLParameters(url)
+        if url.lower().startswith("amqps://"):
+            params.ssl_options = pika.SSLOptions((tls or TlsFiles()).context(), server_hostname=params.host)
         params.heartbeat = heartbeat_s
         params.blocked_connection_timeout = 300
         params.connection_attempts = 1
@@ -96,6 +102,12 @@ def connected_node(connection: pika.BlockingConnection) -> str:
     """``host:port`` of the node a connection went to."""
     params = connection._impl.params  # pika keeps the chosen parameters only there
     return f"{params.host}:{params.port}"
+
+
+def _access_refused(e: BaseException) -> bool:
+    """A refused login or permission (ACCESS_REFUSED, AMQP 403)."""
+    return getattr(e, "reply_code", None) == _ACCESS_REFUSED or isinstance(
+        e, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError)
 
 
 class QueueTypeMismatch(ConnectionError):
@@ -259,9 +271,11 @@ class RabbitConsumer:
         reconnect_delay_s: float = 1.0,
         reconnect_max_s: float = 30.0,
         queue_args: QueueArguments = CLASSIC,
+        tls: TlsFiles | None = None,
     ):
         self._amqp_url = amqp_url
         self._queue_args = queue_args
+        self._tls = tls
         self._exchange = exchange
         self._spec = spec
         self._retry_delays_ms = tuple(retry_delays_ms)
@@ -312,6 +326,9 @@ class RabbitConsumer:
                 self.last_error = f"{type(e).__name__}: {e}"
                 if isinstance(e, QueueTypeMismatch):
                     _log.error("%s", e)
+                elif _access_refused(e):
+                    _log.error("the broker refused this identity a permission (%s): check the user and password "
+                               "in PREIMG_AMQP_URL and its permissions (`preimg broker setup`); retrying", e)
                 elif getattr(e, "reply_code", None) == _PRECONDITION_FAILED:
                     _log.error(
                         "the broker refuses our topology (%s): a queue exists with other arguments, e.g. "
@@ -341,7 +358,7 @@ class RabbitConsumer:
 
     def _run_connection(self, stop: threading.Event) -> None:
         connection = pika.BlockingConnection(
-            connection_parameters(self._amqp_url, self._heartbeat_s, f"{self._name}:{self._spec.name}")
+            connection_parameters(self._amqp_url, self._heartbeat_s, f"{self._name}:{self._spec.name}", self._tls)
         )
         try:
             declare_topology(connection, self._exchange, self._instruments, self._retry_delays_ms,
@@ -443,9 +460,10 @@ class RabbitClient:
 
     def __init__(self, amqp_url: str, exchange: str, heartbeat_s: int = 30,
                  instruments: Iterable[str] | None = None, retry_delays_ms: tuple[int, ...] = (),
-                 queue_args: QueueArguments = CLASSIC):
+                 queue_args: QueueArguments = CLASSIC, tls: TlsFiles | None = None):
         self._amqp_url = amqp_url
         self._queue_args = queue_args
+        self._tls = tls
         self._exchange = exchange
         self._heartbeat_s = heartbeat_s
         self._instruments = None if instruments is None else tuple(instruments)
@@ -456,7 +474,7 @@ class RabbitClient:
     def __enter__(self) -> Self:
         try:
             self._connection = pika.BlockingConnection(
-                connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))
+                connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client", self._tls))
         except Exception as e:  # refused, DNS, TLS, auth: one clear error for the command
             raise BrokerUnavailable(f"cannot reach the broker at {describe_broker(self._amqp_url)}: "
                                     f"{type(e).__name__}: {e}") from e
@@ -467,6 +485,12 @@ class RabbitClient:
             self.close()
             raise BrokerUnavailable(f"the broker at {describe_broker(self._amqp_url)}: {e}") from e
         except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == _ACCESS_REFUSED and self._connection.is_open:
+                # AOG's identity may not declare preimg's layout: `preimg broker setup` and the
+                # services did; a publish nothing takes still comes back (mandatory).
+                _log.info("this identity may not declare the layout (%s); relying on it being there", e.reply_text)
+                self._sender = RabbitSender.open(self._connection, self._exchange)
+                return self
             self.close()
             if e.reply_code != _PRECONDITION_FAILED:
                 raise
