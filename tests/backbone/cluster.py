@@ -53,6 +53,8 @@ class Cluster:
     root: Path
     instruments: tuple[str, ...] = ("FORS2",)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Per service name ("ingest", "processor-FORS2", ...): more environment, e.g. its own broker identity.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     @property
@@ -86,7 +88,7 @@ class Cluster:
         else:
             args = ["serve", name]
         svc = self.services.get(name) or ServiceProcess(name, args, free_port(), self.root / f"{name}.log")
-        env = {**self.env(), "PREIMG_HTTP_PORT": str(svc.port)}
+        env = {**self.env(), **self.service_env.get(name, {}), "PREIMG_HTTP_PORT": str(svc.port)}
         with open(svc.log, "ab") as log:  # the child keeps its own copy of the descriptor
             svc.proc = subprocess.Popen(PREIMG + args, env=env, stdout=log, stderr=log, cwd=REPO)
         self.services[name] = svc

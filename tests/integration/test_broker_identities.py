@@ -18,6 +18,7 @@ import pytest
 
 from shared.bus.identities import IDENTITIES, definitions, password_hash
 from tests.backbone.cluster import PREIMG, REPO, Cluster, free_port
+from tests.backbone.test_e2e_rabbitmq import make_frames
 from tests.broker_node import BrokerNode
 from tests.conftest import _need_rabbitmq_server
 
@@ -127,6 +128,23 @@ def test_a_service_with_the_wrong_identity_names_the_refusal_and_keeps_retrying(
         assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
+
+
+def test_a_run_completes_with_every_party_on_its_own_identity(managed_broker, tmp_path):
+    users = {"ingest": "ingest", "reporter": "reporter", "publisher": "publisher", "processor-FORS2": "processor"}
+    services = Cluster(url_for(managed_broker, "aog"), tmp_path,
+                       service_env={name: {"PREIMG_AMQP_URL": url_for(managed_broker, user)}
+                                    for name, user in users.items()}).start()
+    try:
+        files = make_frames(services.delivery_area, 1)
+        out = subprocess.run(PREIMG + ["deliver", "-i", "FORS2", *map(str, files), "--run-id", "least-1",
+                                       "--wait", "90", "--test"],
+                             env=services.env(), cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+        assert out.returncode == 0, out.stdout + out.stderr + services.logs()
+        assert json.loads(out.stdout)["status"] == "ok"
+        assert "ACCESS_REFUSED" not in services.logs()
+    finally:
+        services.stop()
 
 
 def test_definitions_carry_hashes_not_passwords():
