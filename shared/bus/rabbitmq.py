@@ -110,6 +110,13 @@ def _access_refused(e: BaseException) -> bool:
         e, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError)
 
 
+def describe_error(e: BaseException) -> str:
+    """``Type: text`` of a connection error; pika's connection errors keep the reason only in ``args``
+    (with several nodes: the last node's)."""
+    text = str(e) or "; ".join(str(a) or repr(a) for a in e.args)
+    return f"{type(e).__name__}: {text}"
+
+
 class QueueTypeMismatch(ConnectionError):
     """The broker holds one of our queues with the other queue type; the message says how to migrate."""
 
@@ -323,7 +330,7 @@ class RabbitConsumer:
                     break
                 if time.monotonic() - started > 60:
                     delay = self._reconnect_delay_s  # it worked for a while: start the back-off again
-                self.last_error = f"{type(e).__name__}: {e}"
+                self.last_error = describe_error(e)
                 if isinstance(e, QueueTypeMismatch):
                     _log.error("%s", e)
                 elif _access_refused(e):
@@ -477,7 +484,7 @@ class RabbitClient:
                 connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client", self._tls))
         except Exception as e:  # refused, DNS, TLS, auth: one clear error for the command
             raise BrokerUnavailable(f"cannot reach the broker at {describe_broker(self._amqp_url)}: "
-                                    f"{type(e).__name__}: {e}") from e
+                                    f"{describe_error(e)}") from e
         try:
             declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms,
                              queue_args=self._queue_args)
