@@ -63,7 +63,7 @@ def tls_broker(tmp_path_factory):
 
 
 def test_a_delivery_completes_over_amqps_with_verification(tls_broker, tmp_path):
-    node, port, certs = tls_broker
+    _node, port, certs = tls_broker
     url = f"amqps://guest:guest@127.0.0.1:{port}/%2F"
     services = Cluster(url, tmp_path, extra_env={"PREIMG_AMQP_CA_FILE": str(certs / "test-ca.pem")}).start()
     try:
@@ -77,7 +77,7 @@ def test_a_delivery_completes_over_amqps_with_verification(tls_broker, tmp_path)
 
 
 def test_a_broker_certificate_from_another_ca_is_refused_with_the_reason(tls_broker, tmp_path):
-    node, port, certs = tls_broker
+    _node, port, certs = tls_broker
     url = f"amqps://guest:guest@127.0.0.1:{port}/%2F"
     env = {**Cluster(url, tmp_path).env(), "PREIMG_AMQP_CA_FILE": str(certs / "other-ca.pem")}
     frame = make_frames(tmp_path / "incoming", 1)
