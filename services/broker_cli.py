@@ -29,12 +29,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     broker.add_argument("--vhost", default="/", help="virtual host (default /)")
     broker.add_argument("--management-url", default=os.environ.get("PREIMG_MANAGEMENT_URL"),
                         help="http(s)://USER:PASS@host:15672 (default $PREIMG_MANAGEMENT_URL)")
+    broker.add_argument("--without-passwords", action="store_true",
+                        help="definitions: users without passwords (the file in git; setup sets them)")
     broker.set_defaults(func=run_broker)
 
 
 def run_broker(args: argparse.Namespace) -> int:
     from shared.bus.identities import definitions, passwords_from_env
 
+    if args.action == "definitions" and args.without_passwords:
+        print(json.dumps(definitions(None, args.vhost), indent=2))
+        return 0
     try:
         passwords = passwords_from_env()
     except KeyError as e:

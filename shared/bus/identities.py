@@ -112,10 +112,14 @@ def passwords_from_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
     return {i.user: env[i.password_env] for i in IDENTITIES}
 
 
-def definitions(passwords: Mapping[str, str], vhost: str = "/") -> dict[str, Any]:
-    """A RabbitMQ definitions document (``load_definitions``) with every identity and its permissions."""
+def definitions(passwords: Mapping[str, str] | None, vhost: str = "/") -> dict[str, Any]:
+    """A RabbitMQ definitions document (``load_definitions``) with every identity and its permissions.
+
+    Without ``passwords`` the users have none (``password_hash`` empty: no password login) until
+    ``preimg broker setup`` sets them from the environment: the form that can live in git.
+    """
     return {
-        "users": [{"name": i.user, "password_hash": password_hash(passwords[i.user]),
+        "users": [{"name": i.user, "password_hash": password_hash(passwords[i.user]) if passwords else "",
                    "hashing_algorithm": "rabbit_password_hashing_sha256", "tags": list(i.tags)}
                   for i in IDENTITIES],
         "vhosts": [{"name": vhost}],

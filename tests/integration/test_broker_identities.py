@@ -33,6 +33,8 @@ def managed_broker(tmp_path_factory):
     node = BrokerNode(tmp_path_factory.mktemp("managed"), plugins=("rabbitmq_management",))
     try:
         node.start()
+        # as compose loads it at boot: the users and permissions, no passwords; setup sets them
+        node.ctl("import_definitions", str(REPO / "docker" / "rabbitmq" / "definitions.json"))
         env = {**Cluster(node.url, tmp_path_factory.mktemp("setup")).env(),
                "PREIMG_MANAGEMENT_URL": f"http://guest:guest@127.0.0.1:{node.management_port}",
                **{i.password_env: PASSWORDS[i.user] for i in IDENTITIES}}
@@ -145,6 +147,12 @@ def test_a_run_completes_with_every_party_on_its_own_identity(managed_broker, tm
         assert "ACCESS_REFUSED" not in services.logs()
     finally:
         services.stop()
+
+
+def test_the_definitions_file_in_git_is_the_identity_table_without_passwords():
+    shipped = json.loads((REPO / "docker" / "rabbitmq" / "definitions.json").read_text())
+    assert shipped == definitions(None), "regenerate: preimg broker definitions --without-passwords"
+    assert {u["password_hash"] for u in shipped["users"]} == {""}
 
 
 def test_definitions_carry_hashes_not_passwords():
