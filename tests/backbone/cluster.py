@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bus.rabbitmq import RabbitClient
+from shared.bus.topology import CLASSIC, QueueArguments
 
 REPO = Path(__file__).resolve().parents[2]
 PREIMG = [sys.executable, "-m", "services.cli"]
@@ -128,8 +129,8 @@ class Cluster:
 class CompletionWatcher:
     """A private queue bound to completions and failures, as AOG would bind one."""
 
-    def __init__(self, amqp_url: str):
-        self._client = RabbitClient(amqp_url, "preimg").__enter__()
+    def __init__(self, amqp_url: str, queue_args: QueueArguments = CLASSIC):
+        self._client = RabbitClient(amqp_url, "preimg", queue_args=queue_args).__enter__()
         self._channel, self._queue = self._client.bind_private_queue(("completed.*", "run_failed.*"))
         self.events: list[dict] = []
 
