@@ -156,8 +156,9 @@ def cmd_deliver(args: argparse.Namespace) -> int:
             if args.wait is not None:
                 # The run's intermediate events too, for progress on stderr (stdout keeps the one answer).
                 channel, queue = client.bind_private_queue(
-                    (*answer_keys(args.instrument), *(f"{stage}.{args.instrument}" for stage in STAGE_OF_EVENT
-                                                      if stage != "completed")))
+                    answer_keys(args.instrument), optional_keys=tuple(
+                        f"{stage}.{args.instrument}" for stage in STAGE_OF_EVENT
+                        if f"{stage}.{args.instrument}" not in answer_keys(args.instrument)))
             client.sender.publish(delivery)
             if args.wait is None:
                 print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id,

@@ -529,13 +529,25 @@ class RabbitClient:
         declare_topology(self._connection, self._exchange, None, retry_delays_ms, extra=(spec,),
                          queue_args=self._queue_args)
 
-    def bind_private_queue(self, binding_keys: tuple[str, ...]) -> tuple[BlockingChannel, str]:
-        """An exclusive, auto-deleted queue bound to ``binding_keys`` (for waiting on completions)."""
+    def bind_private_queue(self, binding_keys: tuple[str, ...],
+                           optional_keys: tuple[str, ...] = ()) -> tuple[BlockingChannel, str]:
+        """An exclusive, auto-deleted queue bound to ``binding_keys`` (for waiting on completions), and to
+        ``optional_keys`` where this identity may bind them (AOG's may bind only its answers)."""
         channel = self.channel
         result = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         name = result.method.queue
         for key in binding_keys:
             channel.queue_bind(queue=name, exchange=self._exchange, routing_key=key)
+        for key in optional_keys:
+            probe = self.channel  # a refused bind closes its channel
+            try:
+                probe.queue_bind(queue=name, exchange=self._exchange, routing_key=key)
+                probe.close()
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code != _ACCESS_REFUSED:
+                    raise
+                _log.info("this identity may not bind %s (%s); waiting for the answer only", key, e.reply_text)
+                break
         return channel, name
 
     def wait_for(
