@@ -17,8 +17,9 @@ import pika
 import pytest
 
 from services.app import describe_files
-from shared.bus.rabbitmq import RabbitClient, connection_parameters
+from shared.bus.rabbitmq import BrokerUnavailable, RabbitClient, connection_parameters
 from shared.bus.topology import QueueArguments, answer_keys
+from shared.errors import PublishFailed
 from shared.messages import DeliveryAnnounced
 from shared.profiles import available_instruments
 from tests.backbone.cluster import Cluster
@@ -64,7 +65,20 @@ class AogInbox:
         return self.events
 
 
-def deliver(urls: str, cluster: Cluster, run_id: str, frame) -> None:
+def deliver(urls: str, cluster: Cluster, run_id: str, frame, within_s: float = 60) -> None:
+    """As AOG: a publish the cluster nacks (a queue electing a new leader after a node loss) or that
+    a lost connection leaves unconfirmed is sent again (same ids: harmless)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            return _deliver_once(urls, cluster, run_id, frame)
+        except (PublishFailed, BrokerUnavailable, pika.exceptions.AMQPError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def _deliver_once(urls: str, cluster: Cluster, run_id: str, frame) -> None:
     with RabbitClient(urls, "preimg", instruments=available_instruments(), retry_delays_ms=DELAYS,
                       queue_args=QUORUM) as client:
         client.sender.publish(DeliveryAnnounced(
