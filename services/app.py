@@ -75,6 +75,7 @@ def build_runner(service: str, settings: Settings, metrics: Metrics, instrument:
         max_attempts=settings.max_attempts,
         prepare=functools.partial(housekeeping.remove_run_temp_files, settings, service),
         lease_wait_limit_s=settings.lease_wait_limit_s,
+        delivery_limit=settings.delivery_limit if settings.queue_type == "quorum" else None,
     )
 
 
@@ -117,6 +118,8 @@ def serve(service: str, settings: Settings, instrument: str | None = None, stop:
         shutdown_grace_s=settings.shutdown_grace_s,
         name=f"preimg-{service}",
         max_messages=1 if once else None,
+        queue_args=settings.queue_arguments(),
+        tls=settings.tls(),
     )
     failure: list[BaseException] = []
 
@@ -257,7 +260,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     run_id = run_id or new_run_id(instrument)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = build_metrics(registry)
-    bus = InProcessBus(settings.retry_delays_ms)
+    bus = InProcessBus(settings.retry_delays_ms, delivery_limit=settings.delivery_limit)
     bus.declare_topology(available_instruments())
     specs = []
     for service in ("ingest", "processor", "reporter", "publisher"):

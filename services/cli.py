@@ -27,7 +27,7 @@ _log = logging.getLogger(__name__)
 
 #: Modules that add subcommands through ``register(subparsers)``.
 COMMAND_MODULES: tuple[str, ...] = (
-    "services.processor.cli", "shared.oca.cli", "services.publisher.cli", "services.gc_cli",
+    "services.processor.cli", "shared.oca.cli", "services.publisher.cli", "services.gc_cli", "services.broker_cli",
 )
 
 
@@ -153,12 +153,14 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     try:
         # The whole layout is declared first: a delivery sent before any service ever ran waits in its queue.
         with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s,
-                          instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms) as client:
+                          instruments=available_instruments(), retry_delays_ms=settings.retry_delays_ms,
+                          queue_args=settings.queue_arguments(), tls=settings.tls()) as client:
             if args.wait is not None:
                 # The run's intermediate events too, for progress on stderr (stdout keeps the one answer).
                 channel, queue = client.bind_private_queue(
-                    (*answer_keys(args.instrument), *(f"{stage}.{args.instrument}" for stage in STAGE_OF_EVENT
-                                                      if stage != "completed")))
+                    answer_keys(args.instrument), optional_keys=tuple(
+                        f"{stage}.{args.instrument}" for stage in STAGE_OF_EVENT
+                        if f"{stage}.{args.instrument}" not in answer_keys(args.instrument)))
             client.sender.publish(delivery)
             if args.wait is None:
                 print(json.dumps({"run_id": run_id, "delivery_id": delivery.delivery_id,
@@ -223,7 +225,7 @@ def cmd_dlq(args: argparse.Namespace) -> int:
         return 2
     try:
         with RabbitClient(settings.amqp_url, settings.exchange, settings.heartbeat_s, instruments=instruments,
-                          retry_delays_ms=settings.retry_delays_ms) as client:
+                          retry_delays_ms=settings.retry_delays_ms, queue_args=settings.queue_arguments(), tls=settings.tls()) as client:
             if args.action == "replay":
                 moved = client.replay_dead_letters(args.queue, args.limit)
                 print(json.dumps({"queue": args.queue, "replayed": moved}))

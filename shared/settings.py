@@ -8,9 +8,13 @@ directories under ``data_root``).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.bus.tls import TlsFiles
+from shared.bus.topology import QueueArguments
 
 
 class Settings(BaseSettings):
@@ -27,11 +31,23 @@ class Settings(BaseSettings):
     # --- broker ---------------------------------------------------------------
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
     exchange: str = "preimg"
+    amqp_ca_file: str | None = Field(None, description="amqps:// and https:// management: the CA that signed the "
+                                     "broker's certificate (default: the system's CAs); the host name is verified")
+    amqp_cert_file: str | None = Field(None, description="amqps://: client certificate (optional)")
+    amqp_key_file: str | None = Field(None, description="amqps://: the client certificate's key")
     heartbeat_s: int = 30
     #: Fixed-delay retry queues; attempts past the last use the last (RabbitMQ expires head-first,
     #: so one queue per delay). With 10 attempts a stage rides out about 7 minutes of outage.
     retry_delays_ms: tuple[int, ...] = (1000, 10000, 60000)
     max_attempts: int = Field(10, ge=1, description="Attempts before a message is dead-lettered")
+    queue_type: Literal["classic", "quorum"] = Field(
+        "classic", description="Type of preimg's queues: quorum (replicated, for a three-node cluster: what "
+        "compose and k8s set) or classic (one node). Classic is the default so that an existing single-node "
+        "broker, whose queues are classic, keeps working after an upgrade; a queue's type cannot change in place "
+        "(`preimg broker migrate-queues`)")
+    delivery_limit: int = Field(
+        20, ge=1, description="Quorum queues: deliveries of a message whose consumer dies holding it, before "
+        "the message is answered with a RunFailed and dead-lettered")
     lease_wait_limit_s: float = Field(
         4 * 3600.0, gt=0, description="How long a copy of a message may wait for another copy that holds its run "
         "before the waits count as failed attempts")
@@ -79,7 +95,13 @@ class Settings(BaseSettings):
     # --- legacy ---------------------------------------------------------------------
     write_executed_flag: bool = Field(False, description="Also write the EXECUTED file for AOG scripts that poll")
 
-    # --- derived paths ----------------------------------------------------------------
+    # --- derived ---------------------------------------------------------------------------
+    def tls(self) -> TlsFiles:
+        return TlsFiles(self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
+
+    def queue_arguments(self) -> QueueArguments:
+        return QueueArguments(self.queue_type, self.delivery_limit)
+
     def delivery_dir(self) -> Path:
         return (self.delivery_area or self.data_root / "incoming").resolve()
 

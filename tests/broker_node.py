@@ -101,6 +101,11 @@ class BrokerNode:
     amqp_port: int = 0  # 0: a free port is picked at the first start()
     dist_port: int = 0
     timeout: float = 60.0
+    #: Plugins to enable, e.g. ("rabbitmq_management",): its listener goes to ``management_port``.
+    plugins: tuple[str, ...] = ()
+    management_port: int = 0
+    #: More rabbitmq.conf lines (e.g. a TLS listener).
+    extra_config: str = ""
     proc: subprocess.Popen | None = field(default=None, repr=False)
     beam_pid: int | None = field(default=None, repr=False)
     scripts: Path = field(init=False, repr=False)
@@ -141,13 +146,18 @@ class BrokerNode:
             fd = os.open(cookie, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_hex(16).upper())
-        (self.base_dir / "enabled_plugins").write_text("[].\n")
+        if self.plugins and not self.management_port:
+            self.management_port = free_port()
+        (self.base_dir / "enabled_plugins").write_text(f"[{','.join(self.plugins)}].\n")
         (self.base_dir / "rabbitmq-env.conf").write_text("# private node: nothing from /etc\n")
         (self.base_dir / "rabbitmq.conf").write_text(
             f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
             "loopback_users.guest = true\n"
             "log.console = false\n"
             "log.file.level = info\n"
+            + (f"management.tcp.ip = 127.0.0.1\nmanagement.tcp.port = {self.management_port}\n"
+               if self.plugins else "")
+            + self.extra_config
         )
 
     def env(self) -> dict[str, str]:

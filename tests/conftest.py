@@ -14,10 +14,12 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: Fixtures that mean a test needs what a marker names: the marker follows from the fixture,
 #: so ``-m "not rabbitmq and not esorex and not slow"`` cannot pick a test that needs more.
 MARKER_FIXTURES = {
-    "rabbitmq": {"rabbitmq_url", "rabbitmq_available", "private_broker", "private_broker_module", "cluster"},
+    "rabbitmq": {"rabbitmq_url", "rabbitmq_available", "private_broker", "private_broker_module", "cluster",
+                 "broker_cluster"},
     "esorex": {"esorex_available", "esorex_installed", "hawki_cal", "vimos_cal", "hawki_fullsize_cal",
                "synth_cal_root", "hawki_recipe_dir", "vimos_recipe_dir"},
-    "slow": {"s3_server", "own_s3", "bucket", "smtp_server", "private_broker", "private_broker_module"},
+    "slow": {"s3_server", "own_s3", "bucket", "smtp_server", "private_broker", "private_broker_module",
+             "broker_cluster"},
 }
 
 
@@ -25,7 +27,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         used = set(getattr(item, "fixturenames", ()))
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if "rabbitmq" in params.values():  # a contract test run against the real broker
+        if any(str(v).startswith("rabbitmq") for v in params.values()):  # a contract test run against the broker
             used.add("rabbitmq_url")
         for marker, fixtures in MARKER_FIXTURES.items():
             if used & fixtures and not item.get_closest_marker(marker):
@@ -125,3 +127,18 @@ def private_broker_module(tmp_path_factory: pytest.TempPathFactory):
 # tests/stack runs the built images in podman (root, minutes): only `make stack-test`
 # (which builds the images first and sets PREIMG_STACK_IMAGES) collects it.
 collect_ignore = [] if os.environ.get("PREIMG_STACK_IMAGES") else ["stack"]
+
+
+@pytest.fixture(scope="module")
+def broker_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A private three-node RabbitMQ cluster (tests/broker_cluster.py) shared by a module's tests;
+    each test leaves all three nodes running. 30-60 s to start on a loaded machine."""
+    from tests.broker_cluster import BrokerCluster
+
+    _need_rabbitmq_server()
+    cluster = BrokerCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

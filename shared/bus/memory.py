@@ -2,7 +2,10 @@
 
 Same topology as the broker (topic routing by binding key, one queue per
 consumer, fixed-delay retry queues that dead-letter back to their queue, a
-dead-letter queue per queue), same settlement order (``shared.bus.port.settle``).
+dead-letter queue per queue), same settlement order (``shared.bus.port.settle``),
+and a quorum queue's delivery limit: a consumer that dies holding a message
+(``ConsumerDied``) hands it back counted in ``x-delivery-count``; returned more
+than ``delivery_limit`` times, it is dead-lettered.
 Delivery is single-threaded: ``drain`` hands messages to their consumers one at
 a time until nothing is due, waiting for retry delays when messages are pending.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from shared.bus.port import settle
 from shared.bus.runner import Incoming, Outcome
 from shared.bus.topology import (
+    HEADER_DELIVERY_COUNT,
     HEADER_REASON,
     UNROUTABLE_QUEUE,
     QueueSpec,
@@ -35,6 +39,11 @@ _log = logging.getLogger(__name__)
 Consumer = Callable[[Incoming], Outcome]
 
 
+class ConsumerDied(BaseException):
+    """Raised by a consumer (or a handler: like SystemExit it passes the runner) to act out dying
+    with the message in hand (kill -9, lost connection)."""
+
+
 @dataclass
 class _Queue:
     name: str
@@ -47,7 +56,9 @@ class _Queue:
 class InProcessBus:
     """A topic exchange and its queues in memory."""
 
-    def __init__(self, retry_delays_ms: Iterable[int] = (1000, 5000, 30000), clock: Callable[[], float] = time.monotonic):
+    def __init__(self, retry_delays_ms: Iterable[int] = (1000, 5000, 30000), clock: Callable[[], float] = time.monotonic,
+                 delivery_limit: int | None = 20):
+        self._delivery_limit = delivery_limit
         self._retry_delays_s = tuple(d / 1000.0 for d in retry_delays_ms)
         self._clock = clock
         self._queues: dict[str, _Queue] = {}
@@ -126,6 +137,8 @@ class InProcessBus:
                 try:
                     outcome = self._consumers[queue](incoming)
                     settle(outcome, incoming, queue, self.n_retry_tiers, self)
+                except ConsumerDied:
+                    self.return_unsettled(queue, incoming)
                 except Exception as e:  # noqa: BLE001 - as on the broker: nack without requeue -> dead letter
                     _log.exception("message on %s could not be settled; dead-lettered", queue)
                     headers = {**incoming.headers, HEADER_REASON: f"could not be settled: {type(e).__name__}: {e}"}
@@ -139,6 +152,18 @@ class InProcessBus:
             if self._clock() + wait > deadline:
                 raise TimeoutError(f"in-process bus still has delayed messages after {timeout_s} s")
             time.sleep(max(wait, 0.0))
+
+    def return_unsettled(self, queue: str, incoming: Incoming) -> None:
+        """What a quorum queue does with a message whose consumer died holding it: back to the head of
+        the queue with ``x-delivery-count`` raised; past the delivery limit, into the dead-letter queue."""
+        returned = incoming.deliveries_returned + 1
+        if self._delivery_limit is not None and returned > self._delivery_limit:
+            _log.error("message on %s returned %d times: dead-lettered (delivery limit)", queue, returned)
+            headers = {**incoming.headers, HEADER_REASON: f"delivery_limit: returned {returned} times unsettled"}
+            self._queues[dead_letter_queue(queue)].items.append((self._clock(), Incoming(incoming.body, incoming.routing_key, headers)))
+            return
+        headers = {**incoming.headers, HEADER_DELIVERY_COUNT: returned}
+        self._queues[queue].items.appendleft((self._clock(), Incoming(incoming.body, incoming.routing_key, headers)))
 
     def messages(self, queue: str) -> list[Incoming]:
         """The messages waiting on ``queue`` (not removed)."""

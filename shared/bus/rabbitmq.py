@@ -41,9 +41,12 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from shared.bus.port import settle
 from shared.bus.runner import Incoming, Outcome
+from shared.bus.tls import TlsFiles
 from shared.bus.topology import (
+    CLASSIC,
     HEADER_REPLAYS,
     UNROUTABLE_QUEUE,
+    QueueArguments,
     QueueSpec,
     alternate_exchange,
     dead_letter_queue,
@@ -57,21 +60,81 @@ _log = logging.getLogger(__name__)
 
 PERSISTENT = pika.DeliveryMode.Persistent
 _PRECONDITION_FAILED = 406
+_ACCESS_REFUSED = 403
 
 
-def connection_parameters(amqp_url: str, heartbeat_s: int, name: str) -> pika.URLParameters:
-    params = pika.URLParameters(amqp_url)
-    params.heartbeat = heartbeat_s
-    params.blocked_connection_timeout = 300
-    params.connection_attempts = 1
-    params.client_properties = {"connection_name": name}
-    return params
+def broker_urls(amqp_url: str) -> list[str]:
+    """The AMQP URLs of a comma-separated list (one per cluster node; commas in a password: ``%2C``)."""
+    urls = [u.strip() for u in amqp_url.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("no AMQP URL given")
+    return urls
+
+
+def connection_parameters(amqp_url: str, heartbeat_s: int, name: str,
+                          tls: TlsFiles | None = None) -> list[pika.URLParameters]:
+    """One parameter set per node of ``amqp_url`` (a comma-separated list): pika tries them in order,
+    so a client connects to the first node that answers and fails over to the next. ``amqps://``
+    nodes are verified against ``tls.ca_file`` (certificate and host name)."""
+    out = []
+    for url in broker_urls(amqp_url):
+        params = pika.URLParameters(url)
+        if url.lower().startswith("amqps://"):
+            params.ssl_options = pika.SSLOptions((tls or TlsFiles()).context(), server_hostname=params.host)
+        params.heartbeat = heartbeat_s
+        params.blocked_connection_timeout = 300
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": name}
+        out.append(params)
+    return out
 
 
 def describe_broker(amqp_url: str) -> str:
-    """``host:port/vhost`` of an AMQP URL, without the credentials (for messages)."""
-    params = pika.URLParameters(amqp_url)
-    return f"{params.host}:{params.port}/{params.virtual_host}"
+    """``host:port/vhost`` of each node of an AMQP URL list, without the credentials (for messages)."""
+    described = []
+    for url in broker_urls(amqp_url):
+        params = pika.URLParameters(url)
+        described.append(f"{params.host}:{params.port}/{params.virtual_host}")
+    return ",".join(described)
+
+
+def connected_node(connection: pika.BlockingConnection) -> str:
+    """``host:port`` of the node a connection went to."""
+    params = connection._impl.params  # pika keeps the chosen parameters only there
+    return f"{params.host}:{params.port}"
+
+
+def _access_refused(e: BaseException) -> bool:
+    """A refused login or permission (ACCESS_REFUSED, AMQP 403)."""
+    return getattr(e, "reply_code", None) == _ACCESS_REFUSED or isinstance(
+        e, pika.exceptions.ProbableAuthenticationError | pika.exceptions.AuthenticationError)
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: text`` of a connection error; pika's connection errors keep the reason only in ``args``
+    (with several nodes: the last node's)."""
+    text = str(e) or "; ".join(str(a) or repr(a) for a in e.args)
+    return f"{type(e).__name__}: {text}"
+
+
+class QueueTypeMismatch(ConnectionError):
+    """The broker holds one of our queues with the other queue type; the message says how to migrate."""
+
+
+def _refused_declaration(e: pika.exceptions.ChannelClosedByBroker, queue: str, args: QueueArguments) -> Exception:
+    """A clear error for a queue the broker holds with other arguments (PRECONDITION_FAILED)."""
+    text = e.reply_text or ""
+    type_args = ("x-queue-type", "x-dead-letter-strategy", "x-overflow", "x-delivery-limit")
+    if any(a in text for a in type_args):
+        return QueueTypeMismatch(
+            f"the broker holds queue {queue!r} as a {args.other_type} queue (or with other quorum arguments), "
+            f"but PREIMG_QUEUE_TYPE is {args.queue_type} ({text}). A queue's type cannot change in place. "
+            f"Either set PREIMG_QUEUE_TYPE={args.other_type} again, or migrate with the services stopped: "
+            "for each preimg queue holding messages, move them aside (e.g. a shovel), then "
+            f"`rabbitmqctl -p <vhost> delete_queue {queue}` (and the other preimg queues likewise: "
+            "`rabbitmqctl -p <vhost> list_queues name type`); the services re-declare them on start"
+        )
+    return e
 
 
 def declare_topology(
@@ -80,31 +143,43 @@ def declare_topology(
     instruments: Iterable[str] | None,
     retry_delays_ms: tuple[int, ...],
     extra: Iterable[QueueSpec] = (),
+    queue_args: QueueArguments = CLASSIC,
 ) -> None:
     """Declare the exchange and, unless ``instruments`` is None, every queue of the layout.
 
     ``extra`` adds queues (e.g. a consumer's own when its instrument has no
     profile yet). An exchange declared earlier without the alternate exchange
     is used as it is, with a warning: unroutable messages then come back to
-    their publisher (``mandatory``) instead of being collected.
+    their publisher (``mandatory``) instead of being collected. A queue held
+    with the other queue type raises ``QueueTypeMismatch`` naming the migration.
     """
     channel = connection.channel()
     try:
-        _declare_exchanges(connection, channel, exchange)
+        _declare_exchanges(connection, channel, exchange, queue_args)
         if instruments is None and not extra:
             return
         specs = {s.name: s for s in (*topology_specs(instruments or ()), *extra)}
         for spec in specs.values():
-            _declare_queue(channel, exchange, spec, retry_delays_ms)
+            _declare_queue(channel, exchange, spec, retry_delays_ms, queue_args)
     finally:
         if channel.is_open:
             channel.close()
 
 
-def _declare_exchanges(connection: pika.BlockingConnection, channel: BlockingChannel, exchange: str) -> None:
+def _declare(channel: BlockingChannel, queue: str, arguments: dict[str, Any], queue_args: QueueArguments) -> None:
+    try:
+        channel.queue_declare(queue=queue, durable=True, arguments=arguments or None)
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != _PRECONDITION_FAILED:
+            raise
+        raise _refused_declaration(e, queue, queue_args) from e
+
+
+def _declare_exchanges(connection: pika.BlockingConnection, channel: BlockingChannel, exchange: str,
+                       queue_args: QueueArguments) -> None:
     alternate = alternate_exchange(exchange)
     channel.exchange_declare(exchange=alternate, exchange_type="fanout", durable=True)
-    channel.queue_declare(queue=UNROUTABLE_QUEUE, durable=True)
+    _declare(channel, UNROUTABLE_QUEUE, queue_args.plain_queue(), queue_args)
     channel.queue_bind(queue=UNROUTABLE_QUEUE, exchange=alternate)
     probe = connection.channel()  # the broker closes a channel whose declaration it refuses
     try:
@@ -126,27 +201,15 @@ def _declare_exchanges(connection: pika.BlockingConnection, channel: BlockingCha
         )
 
 
-def _declare_queue(channel: BlockingChannel, exchange: str, spec: QueueSpec, retry_delays_ms: tuple[int, ...]) -> None:
-    dlq = dead_letter_queue(spec.name)
-    channel.queue_declare(queue=dlq, durable=True)
+def _declare_queue(channel: BlockingChannel, exchange: str, spec: QueueSpec, retry_delays_ms: tuple[int, ...],
+                   queue_args: QueueArguments) -> None:
+    _declare(channel, dead_letter_queue(spec.name), queue_args.plain_queue(), queue_args)
     # A message the runner cannot settle (a bug) is nacked without requeue and lands in the DLQ.
-    channel.queue_declare(
-        queue=spec.name,
-        durable=True,
-        arguments={"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dlq},
-    )
+    _declare(channel, spec.name, queue_args.service_queue(spec.name), queue_args)
     for key in spec.bindings:
         channel.queue_bind(queue=spec.name, exchange=exchange, routing_key=key)
     for tier, delay_ms in enumerate(retry_delays_ms):
-        channel.queue_declare(
-            queue=retry_queue(spec.name, tier),
-            durable=True,
-            arguments={
-                "x-message-ttl": int(delay_ms),
-                "x-dead-letter-exchange": "",
-                "x-dead-letter-routing-key": spec.name,
-            },
-        )
+        _declare(channel, retry_queue(spec.name, tier), queue_args.retry_queue(spec.name, delay_ms), queue_args)
 
 
 def _properties(headers: Mapping[str, Any] | None, message_id: str | None = None) -> pika.BasicProperties:
@@ -223,12 +286,16 @@ class RabbitConsumer:
         reconnect_delay_s: float = 1.0,
         reconnect_max_s: float = 30.0,
         max_messages: int | None = None,
+        queue_args: QueueArguments = CLASSIC,
+        tls: TlsFiles | None = None,
     ):
         if max_messages not in (None, 1):
             raise ValueError("max_messages: None (consume until stopped) or 1 (one message)")
         self._once = max_messages == 1
         self.finished = threading.Event()
         self._amqp_url = amqp_url
+        self._queue_args = queue_args
+        self._tls = tls
         self._exchange = exchange
         self._spec = spec
         self._retry_delays_ms = tuple(retry_delays_ms)
@@ -276,8 +343,13 @@ class RabbitConsumer:
                     break
                 if time.monotonic() - started > 60:
                     delay = self._reconnect_delay_s  # it worked for a while: start the back-off again
-                self.last_error = f"{type(e).__name__}: {e}"
-                if getattr(e, "reply_code", None) == _PRECONDITION_FAILED:
+                self.last_error = describe_error(e)
+                if isinstance(e, QueueTypeMismatch):
+                    _log.error("%s", e)
+                elif _access_refused(e):
+                    _log.error("the broker refused this identity a permission (%s): check the user and password "
+                               "in PREIMG_AMQP_URL and its permissions (`preimg broker setup`); retrying", e)
+                elif getattr(e, "reply_code", None) == _PRECONDITION_FAILED:
                     _log.error(
                         "the broker refuses our topology (%s): a queue exists with other arguments, e.g. "
                         "after PREIMG_RETRY_DELAYS_MS changed; delete that queue (it holds only retries) "
@@ -306,11 +378,13 @@ class RabbitConsumer:
 
     def _run_connection(self, stop: threading.Event) -> None:
         connection = pika.BlockingConnection(
-            connection_parameters(self._amqp_url, self._heartbeat_s, f"{self._name}:{self._spec.name}")
+            connection_parameters(self._amqp_url, self._heartbeat_s, f"{self._name}:{self._spec.name}", self._tls)
         )
         try:
-            declare_topology(connection, self._exchange, self._instruments, self._retry_delays_ms, extra=(self._spec,))
+            declare_topology(connection, self._exchange, self._instruments, self._retry_delays_ms,
+                             extra=(self._spec,), queue_args=self._queue_args)
             self.connected.set()
+            _log.info("connected to the broker node %s", connected_node(connection))
             while not self._may_consume.is_set() and not stop.is_set():
                 connection.process_data_events(time_limit=0.2)
             if stop.is_set():
@@ -412,8 +486,11 @@ class RabbitClient:
     """
 
     def __init__(self, amqp_url: str, exchange: str, heartbeat_s: int = 30,
-                 instruments: Iterable[str] | None = None, retry_delays_ms: tuple[int, ...] = ()):
+                 instruments: Iterable[str] | None = None, retry_delays_ms: tuple[int, ...] = (),
+                 queue_args: QueueArguments = CLASSIC, tls: TlsFiles | None = None):
         self._amqp_url = amqp_url
+        self._queue_args = queue_args
+        self._tls = tls
         self._exchange = exchange
         self._heartbeat_s = heartbeat_s
         self._instruments = None if instruments is None else tuple(instruments)
@@ -424,13 +501,23 @@ class RabbitClient:
     def __enter__(self) -> Self:
         try:
             self._connection = pika.BlockingConnection(
-                connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client"))
+                connection_parameters(self._amqp_url, self._heartbeat_s, "preimg-client", self._tls))
         except Exception as e:  # refused, DNS, TLS, auth: one clear error for the command
             raise BrokerUnavailable(f"cannot reach the broker at {describe_broker(self._amqp_url)}: "
-                                    f"{type(e).__name__}: {e}") from e
+                                    f"{describe_error(e)}") from e
         try:
-            declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms)
+            declare_topology(self._connection, self._exchange, self._instruments, self._retry_delays_ms,
+                             queue_args=self._queue_args)
+        except QueueTypeMismatch as e:
+            self.close()
+            raise BrokerUnavailable(f"the broker at {describe_broker(self._amqp_url)}: {e}") from e
         except pika.exceptions.ChannelClosedByBroker as e:
+            if e.reply_code == _ACCESS_REFUSED and self._connection.is_open:
+                # AOG's identity may not declare preimg's layout: `preimg broker setup` and the
+                # services did; a publish nothing takes still comes back (mandatory).
+                _log.info("this identity may not declare the layout (%s); relying on it being there", e.reply_text)
+                self._sender = RabbitSender.open(self._connection, self._exchange)
+                return self
             self.close()
             if e.reply_code != _PRECONDITION_FAILED:
                 raise
@@ -459,15 +546,28 @@ class RabbitClient:
 
     def declare(self, spec: QueueSpec, retry_delays_ms: tuple[int, ...]) -> None:
         assert self._connection is not None
-        declare_topology(self._connection, self._exchange, None, retry_delays_ms, extra=(spec,))
+        declare_topology(self._connection, self._exchange, None, retry_delays_ms, extra=(spec,),
+                         queue_args=self._queue_args)
 
-    def bind_private_queue(self, binding_keys: tuple[str, ...]) -> tuple[BlockingChannel, str]:
-        """An exclusive, auto-deleted queue bound to ``binding_keys`` (for waiting on completions)."""
+    def bind_private_queue(self, binding_keys: tuple[str, ...],
+                           optional_keys: tuple[str, ...] = ()) -> tuple[BlockingChannel, str]:
+        """An exclusive, auto-deleted queue bound to ``binding_keys`` (for waiting on completions), and to
+        ``optional_keys`` where this identity may bind them (AOG's may bind only its answers)."""
         channel = self.channel
         result = channel.queue_declare(queue="", exclusive=True, auto_delete=True)
         name = result.method.queue
         for key in binding_keys:
             channel.queue_bind(queue=name, exchange=self._exchange, routing_key=key)
+        for key in optional_keys:
+            probe = self.channel  # a refused bind closes its channel
+            try:
+                probe.queue_bind(queue=name, exchange=self._exchange, routing_key=key)
+                probe.close()
+            except pika.exceptions.ChannelClosedByBroker as e:
+                if e.reply_code != _ACCESS_REFUSED:
+                    raise
+                _log.info("this identity may not bind %s (%s); waiting for the answer only", key, e.reply_text)
+                break
         return channel, name
 
     def wait_for(

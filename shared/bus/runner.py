@@ -48,6 +48,7 @@ from typing import Any, Literal
 from shared.bus.topology import (
     ENTRY_STAGE,
     HEADER_ATTEMPT,
+    HEADER_DELIVERY_COUNT,
     HEADER_LEASE_WAIT_SINCE,
     HEADER_REPLAYS,
     TERMINAL_STAGES,
@@ -95,6 +96,11 @@ class Incoming:
         return _int_header(self.headers, HEADER_ATTEMPT)
 
     @property
+    def deliveries_returned(self) -> int:
+        """How often the broker got this delivery back unsettled (a quorum queue's ``x-delivery-count``)."""
+        return _int_header(self.headers, HEADER_DELIVERY_COUNT)
+
+    @property
     def replays(self) -> int:
         """How often an operator replayed this message from its dead-letter queue."""
         return _int_header(self.headers, HEADER_REPLAYS)
@@ -137,6 +143,7 @@ class MessageRunner:
         prepare: Callable[[Envelope], None] | None = None,
         lease_wait_limit_s: float = 4 * 3600.0,
         clock: Callable[[], float] = time.time,
+        delivery_limit: int | None = None,
     ):
         """
         Parameters
@@ -149,6 +156,11 @@ class MessageRunner:
         lease_wait_limit_s : float
             How long a copy may wait for another copy's lease before its waits
             count as failed attempts.
+        delivery_limit : int, optional
+            The queue's ``x-delivery-limit`` (quorum queues): on the last
+            delivery the broker allows, the message is not handled again but
+            answered with a RunFailed and dead-lettered, so a message whose
+            handling kills the consumer every time still ends in an answer.
         """
         self.service = service
         self.queue = queue
@@ -159,6 +171,7 @@ class MessageRunner:
         self._prepare = prepare
         self._lease_wait_limit_s = lease_wait_limit_s
         self._clock = clock
+        self._delivery_limit = delivery_limit
 
     def process(self, incoming: Incoming) -> Outcome:
         try:
@@ -175,6 +188,12 @@ class MessageRunner:
                 instrument,
             )
         with log_context(run_id=message.run_id, instrument=instrument, stage=stage, service=self.service):
+            returned = incoming.deliveries_returned
+            if self._delivery_limit is not None and returned >= self._delivery_limit:
+                return self._retry_or_give_up(message, incoming, OperatorActionRequired(
+                    f"the message came back {returned} times unsettled (x-delivery-limit {self._delivery_limit}): "
+                    "its consumer died or lost the broker each time it held it (killed, out of memory, a recipe "
+                    "taking the node down); find why in the service's log"))
             try:
                 with self._ledger.lease(stage, instrument, message.run_id) as lease:
                     return self._process_message(message, handler, incoming, lease)

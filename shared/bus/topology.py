@@ -16,6 +16,15 @@ Layout (RabbitMQ, mirrored by the in-process bus)::
     <queue>.retry.<n>  fixed-delay retry queue n (TTL, dead-letters back to <queue>)
     <queue>.dlq        dead-letter queue; the reason is in the message headers
 
+Queue type (``QueueArguments``): ``quorum`` (replicated over the cluster's
+nodes, the setting for operations) or ``classic`` (one node, the default).
+With quorum queues the service queues carry a delivery limit (a message
+returned that often, because its consumer died with it each time, is
+dead-lettered, answered with a RunFailed on its last delivery), and every
+broker-side dead-lettering (retry TTL back to the queue, nack to the DLQ) is
+at-least-once: the broker keeps the message until the target queue confirmed
+it, which needs ``x-overflow: reject-publish``.
+
     exchange "preimg.unroutable" (fanout, durable): the alternate exchange of
       "preimg"; whatever no binding takes lands in queue "preimg.unroutable"
 
@@ -28,6 +37,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 EXCHANGE = "preimg"
 QUEUE_PREFIX = "preimg"
@@ -104,6 +114,66 @@ def dead_letter_queue(queue: str) -> str:
 def retry_tier(attempt: int, n_tiers: int) -> int:
     """Retry queue index (0-based) for the given attempt number (1 = first retry)."""
     return min(max(attempt, 1), n_tiers) - 1
+
+
+QUEUE_TYPES = ("classic", "quorum")
+#: Header a quorum queue sets on a redelivered message: how often it was returned unsettled.
+HEADER_DELIVERY_COUNT = "x-delivery-count"
+
+
+@dataclass(frozen=True)
+class QueueArguments:
+    """The ``x-`` arguments of each kind of queue, for one queue type.
+
+    Classic queues get exactly the arguments of the single-node layout (so
+    an existing classic broker stays equivalent); quorum queues add the type,
+    the delivery limit and at-least-once dead-lettering.
+    """
+
+    queue_type: str = "classic"
+    delivery_limit: int = 20
+
+    def __post_init__(self) -> None:
+        if self.queue_type not in QUEUE_TYPES:
+            raise ValueError(f"unknown queue type {self.queue_type!r}; one of {', '.join(QUEUE_TYPES)}")
+        if self.delivery_limit < 1:
+            raise ValueError("the delivery limit must be at least 1")
+
+    @property
+    def quorum(self) -> bool:
+        return self.queue_type == "quorum"
+
+    def _typed(self, args: dict[str, Any], dead_letters: bool) -> dict[str, Any]:
+        if not self.quorum:
+            return args
+        args = {"x-queue-type": "quorum", **args}
+        if dead_letters:
+            args.update({"x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish"})
+        return args
+
+    def service_queue(self, name: str) -> dict[str, Any]:
+        """A consuming queue: what its consumer nacks (or returns too often) goes to its DLQ."""
+        args = self._typed({"x-dead-letter-exchange": "", "x-dead-letter-routing-key": dead_letter_queue(name)}, True)
+        if self.quorum:
+            args["x-delivery-limit"] = self.delivery_limit
+        return args
+
+    def retry_queue(self, back_to: str, delay_ms: int) -> dict[str, Any]:
+        """A fixed-delay queue whose messages expire back onto ``back_to``."""
+        return self._typed({"x-message-ttl": int(delay_ms), "x-dead-letter-exchange": "",
+                            "x-dead-letter-routing-key": back_to}, True)
+
+    def plain_queue(self) -> dict[str, Any]:
+        """A queue that only holds messages (dead letters, unroutable ones)."""
+        return self._typed({}, False)
+
+    @property
+    def other_type(self) -> str:
+        return "classic" if self.quorum else "quorum"
+
+
+#: Classic queues, the default layout.
+CLASSIC = QueueArguments()
 
 
 @dataclass(frozen=True)

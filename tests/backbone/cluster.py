@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.bus.rabbitmq import RabbitClient
+from shared.bus.topology import CLASSIC, QueueArguments
 
 REPO = Path(__file__).resolve().parents[2]
 PREIMG = [sys.executable, "-m", "services.cli"]
@@ -53,6 +54,8 @@ class Cluster:
     root: Path
     instruments: tuple[str, ...] = ("FORS2",)
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Per service name ("ingest", "processor-FORS2", ...): more environment, e.g. its own broker identity.
+    service_env: dict[str, dict[str, str]] = field(default_factory=dict)
     services: dict[str, ServiceProcess] = field(default_factory=dict)
 
     @property
@@ -86,7 +89,7 @@ class Cluster:
         else:
             args = ["serve", name]
         svc = self.services.get(name) or ServiceProcess(name, args, free_port(), self.root / f"{name}.log")
-        env = {**self.env(), "PREIMG_HTTP_PORT": str(svc.port)}
+        env = {**self.env(), **self.service_env.get(name, {}), "PREIMG_HTTP_PORT": str(svc.port)}
         with open(svc.log, "ab") as log:  # the child keeps its own copy of the descriptor
             svc.proc = subprocess.Popen(PREIMG + args, env=env, stdout=log, stderr=log, cwd=REPO)
         self.services[name] = svc
@@ -126,8 +129,8 @@ class Cluster:
 class CompletionWatcher:
     """A private queue bound to completions and failures, as AOG would bind one."""
 
-    def __init__(self, amqp_url: str):
-        self._client = RabbitClient(amqp_url, "preimg").__enter__()
+    def __init__(self, amqp_url: str, queue_args: QueueArguments = CLASSIC):
+        self._client = RabbitClient(amqp_url, "preimg", queue_args=queue_args).__enter__()
         self._channel, self._queue = self._client.bind_private_queue(("completed.*", "run_failed.*"))
         self.events: list[dict] = []
 

@@ -1,7 +1,8 @@
 """One contract for both buses: the in-process bus and RabbitMQ behave the same.
 
-Each test runs twice: against ``InProcessBus`` and against a real RabbitMQ
-broker on a private virtual host.
+Each test runs three times: against ``InProcessBus`` and against a real
+RabbitMQ broker on a private virtual host, with classic and with quorum queues
+(retry TTLs and dead-lettering must mean the same with both).
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from prometheus_client import CollectorRegistry
 from shared.bus.memory import InProcessBus
 from shared.bus.runner import Incoming, MessageRunner
 from shared.bus.topology import (
+    CLASSIC,
     HEADER_ATTEMPT,
     HEADER_LEASE_WAIT_SINCE,
     HEADER_REASON,
     HEADER_REPLAYS,
     UNROUTABLE_QUEUE,
+    QueueArguments,
     QueueSpec,
     dead_letter_queue,
 )
@@ -122,12 +125,13 @@ class MemoryHarness:
 
 
 class RabbitHarness:
-    def __init__(self, tmp: Path, url: str):
+    def __init__(self, tmp: Path, url: str, queue_args: QueueArguments = CLASSIC):
         from shared.bus.rabbitmq import RabbitClient
 
         self.tmp = tmp
         self.url = url
-        self.client = RabbitClient(url, "preimg").__enter__()
+        self.queue_args = queue_args
+        self.client = RabbitClient(url, "preimg", queue_args=queue_args).__enter__()
         self.stop_event = threading.Event()
         self.thread: threading.Thread | None = None
         self._sink: list[Envelope] = []
@@ -141,7 +145,8 @@ class RabbitHarness:
         ch.queue_declare(SINK, durable=True)
         for key in SINK_KEYS:
             ch.queue_bind(SINK, "preimg", key)
-        consumer = RabbitConsumer(self.url, "preimg", SPEC, runner.process, RETRY_DELAYS_MS, shutdown_grace_s=5)
+        consumer = RabbitConsumer(self.url, "preimg", SPEC, runner.process, RETRY_DELAYS_MS, shutdown_grace_s=5,
+                                  queue_args=self.queue_args)
         self.thread = threading.Thread(target=consumer.run, args=(self.stop_event,), daemon=True)
         self.thread.start()
         assert consumer.connected.wait(10)
@@ -184,12 +189,25 @@ class RabbitHarness:
         self.client.__exit__(None, None, None)
 
 
-@pytest.fixture(params=["memory", "rabbitmq"])
+#: The cases where quorum queues could differ from classic ones: TTL retries and broker dead-lettering.
+QUORUM_CASES = {
+    "test_good_message_emits_its_event_once",
+    "test_malformed_json_is_dead_lettered_with_reason",
+    "test_retryable_error_is_retried_through_delay_queues_then_succeeds",
+    "test_retries_exhausted_dead_letter_with_attempts_and_run_failed",
+}
+
+
+@pytest.fixture(params=["memory", "rabbitmq", "rabbitmq-quorum"])
 def harness(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "memory":
         h = MemoryHarness(tmp_path)
-    else:
+    elif request.param == "rabbitmq":
         h = RabbitHarness(tmp_path, request.getfixturevalue("rabbitmq_url"))
+    else:
+        if request.node.originalname not in QUORUM_CASES:
+            pytest.skip("quorum queues run the retry and dead-letter cases; classic and memory cover the rest")
+        h = RabbitHarness(tmp_path, request.getfixturevalue("rabbitmq_url"), QueueArguments("quorum"))
     yield h
     h.stop()
 
