@@ -137,8 +137,11 @@ def _read_rows(qc: QcServer, listing: dict[str, str], cache: dict[str, tuple[str
 
 
 def _fill_index(qc: QcServer, base: str, listing: dict[str, str]) -> bool:
-    """Index the rows that have no index entry (written before the index existed); True if any."""
-    indexed = {key.rsplit("/", 1)[-1].split("_", 1)[-1] for key in qc.list(recent_prefix(base))}
+    """Index the rows that have no index entry (written before the index existed); True if any.
+
+    ``listing`` is the whole index: the caller fills only an index shorter than its listing limit.
+    """
+    indexed = {key.rsplit("/", 1)[-1].split("_", 1)[-1] for key in listing}
     added = False
     for key in qc.list(rows_prefix(base)):
         if key.rsplit("/", 1)[-1] in indexed:
