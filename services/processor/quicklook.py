@@ -113,6 +113,15 @@ def _figure(size_px: int) -> Any:
     return fig
 
 
+def _draw_chips(ax: Any, placed: Sequence[tuple[Chip, Any]], norm: Any) -> None:
+    """Each chip's pixels onto ``ax``, placed by its affine matrix (chip pixels -> frame pixels)."""
+    from matplotlib.transforms import Affine2D
+
+    for chip, matrix in placed:
+        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
+                  transform=Affine2D(matrix) + ax.transData)
+
+
 def _png(fig: Any) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
@@ -162,7 +171,6 @@ def _arrows_and_bar(ax: Any, frame: Any, nx: int, ny: int) -> None:
 
 def _draw_sky(chips: Sequence[Chip], info: Info, size_px: int, stretch: str) -> tuple[bytes, bytes]:
     import numpy as np
-    from matplotlib.transforms import Affine2D
 
     frame, nx, ny = common_frame(chips)
     norm = _norm(chips, stretch)
@@ -176,9 +184,7 @@ def _draw_sky(chips: Sequence[Chip], info: Info, size_px: int, stretch: str) -> 
     fig = _figure(size_px)
     ax = fig.add_axes([0.14, 0.1, 0.8, 0.8], projection=frame)
     ax.set_facecolor("black")
-    for chip, matrix in placed:
-        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
-                  transform=Affine2D(matrix) + ax.transData)
+    _draw_chips(ax, placed, norm)
     ax.set_xlim(-0.5, nx - 0.5)
     ax.set_ylim(-0.5, ny - 0.5)
     ax.coords.grid(True, color="cyan", ls=":", alpha=0.6)
@@ -203,15 +209,12 @@ def _draw_sky(chips: Sequence[Chip], info: Info, size_px: int, stretch: str) -> 
 
 
 def _thumbnail(placed: Sequence[tuple[Chip, Any]], norm: Any, nx: int, ny: int) -> bytes:
-    from matplotlib.transforms import Affine2D
 
     fig = _figure(THUMBNAIL_PX)
     ax = fig.add_axes([0, 0, 1, 1])
     ax.set_axis_off()
     fig.patch.set_facecolor("black")
-    for chip, matrix in placed:
-        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
-                  transform=Affine2D(matrix) + ax.transData)
+    _draw_chips(ax, placed, norm)
     side = max(nx, ny)
     ax.set_xlim((nx - side) / 2 - 0.5, (nx + side) / 2 - 0.5)
     ax.set_ylim((ny - side) / 2 - 0.5, (ny + side) / 2 - 0.5)
@@ -234,9 +237,7 @@ def _draw_pixels(chips: Sequence[Chip], info: Info, size_px: int, stretch: str) 
     fig = _figure(size_px)
     ax = fig.add_axes([0.12, 0.1, 0.82, 0.8])
     ax.set_facecolor("black")
-    for chip, matrix in placed:
-        ax.imshow(chip.data, cmap="gray", norm=norm, origin="lower", interpolation="nearest",
-                  transform=Affine2D(matrix) + ax.transData)
+    _draw_chips(ax, placed, norm)
     ax.set_xlim(-0.5, nx - 0.5)
     ax.set_ylim(-0.5, ny - 0.5)
     ax.set_aspect("equal")
