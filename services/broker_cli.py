@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="http(s)://USER:PASS@host:15672 (default $PREIMG_MANAGEMENT_URL)")
     broker.add_argument("--without-passwords", action="store_true",
                         help="definitions: users without passwords (the file in git; setup sets them)")
+    broker.add_argument("--output", metavar="FILE",
+                        help="definitions: write the document to FILE (atomically, readable by the broker's "
+                             "user) instead of stdout, e.g. for load_definitions at broker start")
     broker.set_defaults(func=run_broker)
 
 
@@ -38,17 +41,34 @@ def run_broker(args: argparse.Namespace) -> int:
     from shared.bus.identities import definitions, passwords_from_env
 
     if args.action == "definitions" and args.without_passwords:
-        print(json.dumps(definitions(None, args.vhost), indent=2))
-        return 0
+        return _emit(json.dumps(definitions(None, args.vhost), indent=2), args.output)
     try:
         passwords = passwords_from_env()
     except KeyError as e:
         print(f"preimg broker: {e.args[0]}", file=sys.stderr)
         return 2
     if args.action == "definitions":
-        print(json.dumps(definitions(passwords, args.vhost), indent=2))
-        return 0
+        return _emit(json.dumps(definitions(passwords, args.vhost), indent=2), args.output)
     return _setup(args, passwords)
+
+
+def _emit(document: str, output: str | None) -> int:
+    """Print the document, or write it to ``output``: whole or not at all, mode 0644 (the broker runs
+    as another user; the document holds salted hashes, never passwords)."""
+    if output is None:
+        print(document)
+        return 0
+    from pathlib import Path
+
+    from shared.files import write_atomic
+
+    try:
+        write_atomic(Path(output), (document + "\n").encode(), mode=0o644)
+    except OSError as e:
+        print(f"preimg broker definitions: cannot write {output}: {e}", file=sys.stderr)
+        return 2
+    print(f"definitions written to {output}", file=sys.stderr)
+    return 0
 
 
 def _setup(args: argparse.Namespace, passwords: dict[str, str]) -> int:

@@ -106,6 +106,8 @@ class BrokerNode:
     management_port: int = 0
     #: More rabbitmq.conf lines (e.g. a TLS listener).
     extra_config: str = ""
+    #: user:password of ``url`` and the readiness handshake (another user when definitions replace guest).
+    credentials: str = "guest:guest"
     proc: subprocess.Popen | None = field(default=None, repr=False)
     beam_pid: int | None = field(default=None, repr=False)
     scripts: Path = field(init=False, repr=False)
@@ -124,7 +126,7 @@ class BrokerNode:
 
     @property
     def url(self) -> str:
-        return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/%2F"
+        return f"amqp://{self.credentials}@127.0.0.1:{self.amqp_port}/%2F"
 
     @property
     def log_file(self) -> Path:
@@ -219,7 +221,7 @@ class BrokerNode:
         return self.ctl("-q", "ping", tool="rabbitmq-diagnostics", check=False).returncode == 0
 
     def amqp_ready(self) -> bool:
-        """True when a full AMQP handshake as guest succeeds."""
+        """True when a full AMQP handshake (as ``credentials``) succeeds."""
         try:
             with socket.create_connection(("127.0.0.1", self.amqp_port), timeout=1):
                 pass

@@ -139,8 +139,8 @@ def _compose() -> dict:
 
 
 def _preimg_compose_services() -> dict[str, dict]:
-    """Compose services built from docker/Dockerfile (the preimg services)."""
-    return {n: s for n, s in _compose()["services"].items() if "build" in s}
+    """Compose services built from docker/Dockerfile that serve (the preimg services; not one-shots)."""
+    return {n: s for n, s in _compose()["services"].items() if "build" in s and s["command"][0] == "serve"}
 
 
 def _settings_env_names() -> set[str]:
@@ -1010,12 +1010,63 @@ def test_services_get_the_settings_they_need() -> None:
         "PREIMG_SMTP_PORT",
     }
     found = _env_names_in_manifests()
-    k8s = found["k8s ConfigMap preimg-config"] | found["k8s Secret preimg-secrets"]
-    assert needed <= k8s, needed - k8s
+    config = found["k8s ConfigMap preimg-config"]
+    for name, (_, template) in _workloads().items():
+        given = {e["name"] for e in _pod_container(template, name).get("env", [])} | config
+        for secret in _workload_secrets(template, name).values():
+            assert not set(secret["stringData"]) & config, (name, "a setting both in the ConfigMap and a Secret")
+            given |= set(secret["stringData"])
+        assert needed <= given, (name, needed - given)
     for name in _preimg_compose_services():
         assert needed <= found[f"compose:{name}"], (name, needed - found[f"compose:{name}"])
-    secret_keys = found["k8s Secret preimg-secrets"]
-    assert {"PREIMG_AMQP_URL", "PREIMG_S3_SECRET_ACCESS_KEY"} <= secret_keys
-    assert not secret_keys & found["k8s ConfigMap preimg-config"], (
-        "a setting both in the ConfigMap and the Secret"
-    )
+    assert "PREIMG_S3_SECRET_ACCESS_KEY" in found["k8s Secret preimg-secrets"]
+
+
+def _workload_secrets(template: dict, name: str) -> dict[str, dict]:
+    """The template Secrets a workload's container loads with envFrom, in order (later ones win)."""
+    secrets = {s["metadata"]["name"]: s for s in _load_all(SECRET_TEMPLATE)}
+    return {ref["secretRef"]["name"]: secrets[ref["secretRef"]["name"]]
+            for ref in _pod_container(template, name).get("envFrom", []) if "secretRef" in ref}
+
+
+def _url_user(url: str) -> set[str]:
+    """The user names of a (comma-separated) AMQP or management URL."""
+    return {urllib.parse.urlsplit(u.strip()).username for u in url.split(",")}
+
+
+def test_each_k8s_service_connects_as_its_own_broker_identity() -> None:
+    """One identity per party: the AMQP URL a workload gets names its component's user, no other
+    workload's, and KEDA reads queue lengths as the read-only monitoring user."""
+    from shared.bus.identities import identity
+
+    for name, (_, template) in _workloads().items():
+        component = template["metadata"]["labels"]["app.kubernetes.io/component"]
+        urls = [s["stringData"]["PREIMG_AMQP_URL"] for s in _workload_secrets(template, name).values()
+                if "PREIMG_AMQP_URL" in s["stringData"]]
+        assert urls, f"{name}: no PREIMG_AMQP_URL"
+        assert _url_user(urls[-1]) == {component}, f"{name}: connects as {_url_user(urls[-1])}"
+        assert identity(component).tags == ()  # a service user, not an administrator
+    keda_host = next(s for s in _load_all(SECRET_TEMPLATE)
+                     if s["metadata"]["name"] == "preimg-keda-rabbitmq")["stringData"]["host"]
+    assert _url_user(keda_host) == {"keda"} and identity("keda").tags == ("monitoring",)
+
+
+def test_each_compose_service_connects_as_its_own_broker_identity() -> None:
+    """Compose: the broker loads the identities rendered from the environment at start (no
+    password in git), each service uses its own user, only the one-shot setup is administrator."""
+    services = _compose()["services"]
+    for name, svc in _preimg_compose_services().items():
+        component = svc["command"][1]
+        assert _url_user(svc["environment"]["PREIMG_AMQP_URL"]) == {component}, name
+        assert services[name]["depends_on"]["rabbitmq"]["condition"] == "service_healthy", name
+    definitions = services["broker-definitions"]
+    assert definitions["command"][:2] == ["broker", "definitions"]
+    assert definitions["restart"] == "no"
+    broker = services["rabbitmq"]
+    assert broker["depends_on"]["broker-definitions"]["condition"] == "service_completed_successfully"
+    mounted = {v.split(":")[1] for v in broker["volumes"]}
+    conf = next(v.split(":")[0] for v in broker["volumes"] if v.split(":")[1].endswith("definitions.conf"))
+    line = next(x for x in (DOCKER / conf).read_text().splitlines() if x.startswith("load_definitions"))
+    assert str(Path(line.split("=", 1)[1].strip()).parent) in mounted
+    assert not any(k.startswith("RABBITMQ_DEFAULT_") for k in broker.get("environment", {})), \
+        "with definitions loaded at boot RabbitMQ creates no default user"

@@ -160,3 +160,48 @@ def test_definitions_carry_hashes_not_passwords():
     assert not any(p in doc for p in PASSWORDS.values())
     assert len(json.loads(doc)["topic_permissions"]) == len(IDENTITIES)
     assert password_hash("x", salt=b"\0\0\0\0") == password_hash("x", salt=b"\0\0\0\0")
+
+
+def test_a_broker_started_with_rendered_definitions_serves_each_identity(tmp_path):
+    """As compose runs it: `preimg broker definitions --output` renders the identities with hashes of
+    the passwords in the environment, the broker loads them at start (no default guest then), and
+    each party logs in with its own password and nothing more."""
+    _need_rabbitmq_server()
+    rendered = tmp_path / "defs" / "definitions.json"
+    rendered.parent.mkdir()
+    env = {**Cluster("amqp://unused", tmp_path).env(), **{i.password_env: PASSWORDS[i.user] for i in IDENTITIES}}
+    out = subprocess.run(PREIMG + ["broker", "definitions", "--output", str(rendered)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert oct(rendered.stat().st_mode & 0o777) == "0o644"  # the broker runs as another user
+    assert not any(p in rendered.read_text() for p in PASSWORDS.values())
+    missing = subprocess.run(PREIMG + ["broker", "definitions", "--output", str(tmp_path / "x.json")],
+                             env={k: v for k, v in env.items() if k != "PREIMG_BROKER_PASSWORD_KEDA"},
+                             cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2 and "PREIMG_BROKER_PASSWORD_KEDA" in missing.stderr
+    assert not (tmp_path / "x.json").exists()
+
+    node = BrokerNode(tmp_path / "node", extra_config=f"load_definitions = {rendered}\n",
+                      credentials=f"preimg-operator:{PASSWORDS['preimg-operator']}")
+    try:
+        node.start()
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(f"amqp://guest:guest@127.0.0.1:{node.amqp_port}/%2F"))
+        with pytest.raises(pika.exceptions.ProbableAuthenticationError):
+            pika.BlockingConnection(pika.URLParameters(f"amqp://aog:wrong@127.0.0.1:{node.amqp_port}/%2F"))
+        services = Cluster(url_for(node, "aog"), tmp_path / "run", service_env={
+            name: {"PREIMG_AMQP_URL": url_for(node, user)} for name, user in
+            {"ingest": "ingest", "reporter": "reporter", "publisher": "publisher",
+             "processor-FORS2": "processor"}.items()}).start()
+        try:
+            assert "ACCESS_REFUSED" in refused(node, "ingest", publish("completed.FORS2"))
+            files = make_frames(services.delivery_area, 1)
+            out = subprocess.run(PREIMG + ["deliver", "-i", "FORS2", *map(str, files), "--run-id", "boot-1",
+                                           "--wait", "90", "--test"], env=services.env(), cwd=REPO,
+                                 capture_output=True, text=True, timeout=120, check=False)
+            assert out.returncode == 0, out.stdout + out.stderr + services.logs()
+            assert json.loads(out.stdout)["status"] == "ok"
+        finally:
+            services.stop()
+    finally:
+        node.stop()
