@@ -61,6 +61,8 @@ _log = logging.getLogger(__name__)
 PERSISTENT = pika.DeliveryMode.Persistent
 _PRECONDITION_FAILED = 406
 _ACCESS_REFUSED = 403
+#: Longest wait before a message whose settling the broker refused goes back to its queue (1, 2, 4 ... s).
+SETTLE_BACKOFF_MAX_S = 30.0
 
 
 def broker_urls(amqp_url: str) -> list[str]:
@@ -292,6 +294,8 @@ class RabbitConsumer:
         if max_messages not in (None, 1):
             raise ValueError("max_messages: None (consume until stopped) or 1 (one message)")
         self._once = max_messages == 1
+        #: Settles the broker refused in a row (the back-off before handing a message back).
+        self._settle_failures = 0
         self.finished = threading.Event()
         self._amqp_url = amqp_url
         self._queue_args = queue_args
@@ -458,9 +462,18 @@ class RabbitConsumer:
                     try:
                         settle(outcome, incoming, self._spec.name, len(self._retry_delays_ms), sender)
                     except PublishFailed as e:
-                        _log.error("could not settle the message (%s); it goes to the dead-letter queue", e)
-                        channel.basic_nack(tag, requeue=False)
+                        # The broker refused a publish (a quorum queue without a leader for a moment after
+                        # a node loss, a full disk): the result is recorded, so the message goes back to
+                        # its queue and its next delivery publishes the recorded events. Not at once: a
+                        # broker that refuses now would refuse again. Never dead-lettered for this: a run
+                        # in a DLQ has no answer until an operator replays it.
+                        self._settle_failures += 1
+                        delay = min(SETTLE_BACKOFF_MAX_S, 2.0 ** (self._settle_failures - 1))
+                        _log.error("could not settle the message (%s); handing it back to its queue in %.0f s",
+                                   e, delay)
+                        connection.call_later(delay, lambda: channel.is_open and channel.basic_nack(tag, requeue=True))
                         return
+                    self._settle_failures = 0
                     channel.basic_ack(tag)
                 finally:
                     with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -512,6 +513,45 @@ def test_the_alternate_exchange_collects_what_no_binding_takes_on_both_buses(rab
         sender = RabbitSender.open(client._connection, "legacy")
         with pytest.raises(PublishFailed, match="returned"):
             sender.publish_raw("completed.HAWKI", b"{}")
+
+
+def _rabbitmqctl(*args: str) -> None:
+    import shutil
+
+    subprocess.run([shutil.which("rabbitmqctl") or "rabbitmqctl", "-q", *args], check=True, capture_output=True,
+                   timeout=60)
+
+
+def test_a_result_the_broker_refuses_to_take_is_handed_back_and_published_later(rabbitmq_url, tmp_path, caplog):
+    """The broker nacks both the event and the retry-queue send (a quorum queue without a leader
+    for a moment after a node loss, a full disk): the message goes back to its queue after a pause,
+    never to the dead-letter queue (where the run would wait for an operator), and once the broker
+    takes messages again the recorded result is published; the work ran once."""
+    vhost = rabbitmq_url.rsplit("/", 1)[1]
+    refusing = rf"^({re.escape(SINK)}|{re.escape(SPEC.name)}\.retry\..+)$"
+    harness = RabbitHarness(tmp_path, rabbitmq_url)
+    handler = ScriptedHandler()
+    runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, FileLedger(tmp_path / "state"),
+                           build_metrics(CollectorRegistry()), max_attempts=4)
+    try:
+        harness.start(runner)
+        _rabbitmqctl("set_policy", "-p", vhost, "--apply-to", "queues", "refuse", refusing,
+                     json.dumps({"max-length": 0, "overflow": "reject-publish"}))
+        harness.publish_raw("delivery.HAWKI", delivery("good-refused").to_json())
+        deadline = time.monotonic() + 20
+        while caplog.text.count("could not settle the message") < 2:  # handed back, refused again
+            assert time.monotonic() < deadline, caplog.text[-3000:]
+            time.sleep(0.1)
+        assert "handing it back to its queue in 1 s" in caplog.text
+        assert "handing it back to its queue in 2 s" in caplog.text  # backing off
+        _rabbitmqctl("clear_policy", "-p", vhost, "refuse")
+        harness.wait(lambda: len(harness.sink()) >= 1, timeout=30)
+        [event] = harness.sink()
+        assert isinstance(event, RawDataReady) and event.delivery_id == "good-refused"
+        assert harness.dead_letters() == []
+        assert handler.calls == {"good-refused": 1}
+    finally:
+        harness.stop()
 
 
 def test_an_exchange_declared_without_the_alternate_exchange_still_works(rabbitmq_url, caplog):
