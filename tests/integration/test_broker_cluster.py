@@ -10,12 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
-import threading
 import time
+from pathlib import Path
 
 import pika
 import pytest
 
+import synth
 from services.app import describe_files
 from shared.bus.rabbitmq import BrokerUnavailable, RabbitClient, connection_parameters
 from shared.bus.topology import QueueArguments, answer_keys
@@ -24,6 +25,12 @@ from shared.messages import DeliveryAnnounced
 from shared.profiles import available_instruments
 from tests.backbone.cluster import Cluster
 from tests.backbone.test_e2e_rabbitmq import make_frames
+from tests.chaos import (
+    BrokerDisruption,
+    Chaos,
+    assert_each_run_answered_once,
+    assert_one_result_per_run,
+)
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -65,25 +72,23 @@ class AogInbox:
         return self.events
 
 
-def deliver(urls: str, cluster: Cluster, run_id: str, frame, within_s: float = 60) -> None:
+def deliver(urls: str, cluster: Cluster, run_id: str, frames: list[Path], instrument: str = "FORS2",
+            within_s: float = 60) -> None:
     """As AOG: a publish the cluster nacks (a queue electing a new leader after a node loss) or that
     a lost connection leaves unconfirmed is sent again (same ids: harmless)."""
     deadline = time.monotonic() + within_s
     while True:
         try:
-            return _deliver_once(urls, cluster, run_id, frame)
+            with RabbitClient(urls, "preimg", instruments=available_instruments(), retry_delays_ms=DELAYS,
+                              queue_args=QUORUM) as client:
+                client.sender.publish(DeliveryAnnounced(
+                    run_id=run_id, delivery_id=run_id, instrument=instrument, test=True,
+                    files=tuple(describe_files(frames, cluster.delivery_area))))
+            return
         except (PublishFailed, BrokerUnavailable, pika.exceptions.AMQPError):
             if time.monotonic() > deadline:
                 raise
             time.sleep(1)
-
-
-def _deliver_once(urls: str, cluster: Cluster, run_id: str, frame) -> None:
-    with RabbitClient(urls, "preimg", instruments=available_instruments(), retry_delays_ms=DELAYS,
-                      queue_args=QUORUM) as client:
-        client.sender.publish(DeliveryAnnounced(
-            run_id=run_id, delivery_id=run_id, instrument="FORS2", test=True,
-            files=tuple(describe_files([frame], cluster.delivery_area))))
 
 
 def answered(inbox: AogInbox, run_id: str, timeout: float, logs) -> dict:
@@ -102,21 +107,21 @@ def test_node_loss_and_a_stopped_minority_node_cost_no_run(broker_cluster, tmp_p
     frames = make_frames(services.delivery_area, 3)
     try:
         inbox = AogInbox(urls)
-        deliver(urls, services, "cluster-0", frames[0])
+        deliver(urls, services, "cluster-0", [frames[0]])
         assert answered(inbox, "cluster-0", 90, services.logs)["status"] == "ok"
         first = broker_cluster.nodes[0]
         assert f"connected to the broker node 127.0.0.1:{first.amqp_port}" in \
             services.services["reporter"].log.read_text()
 
         broker_cluster.kill(0)  # kill -9 the node every consumer is on (and maybe leader of their queues)
-        deliver(urls, services, "cluster-1", frames[1])
+        deliver(urls, services, "cluster-1", [frames[1]])
         assert answered(inbox, "cluster-1", 120, services.logs)["status"] == "ok"
         log = services.services["reporter"].log.read_text()
         assert any(f"connected to the broker node 127.0.0.1:{n.amqp_port}" in log for n in broker_cluster.nodes[1:])
 
         broker_cluster.start_node(0)
         broker_cluster.stop_node(2)  # a minority node away: the other two keep serving
-        deliver(urls, services, "cluster-2", frames[2])
+        deliver(urls, services, "cluster-2", [frames[2]])
         assert answered(inbox, "cluster-2", 120, services.logs)["status"] == "ok"
         broker_cluster.start_node(2)
 
@@ -133,76 +138,48 @@ def test_node_loss_and_a_stopped_minority_node_cost_no_run(broker_cluster, tmp_p
                 broker_cluster.start_node(i)
 
 
-def test_chaos_on_the_cluster_loses_and_duplicates_nothing(broker_cluster, tmp_path):
-    """Deliveries while broker nodes are killed -9 (twice, each restarted) and services are killed -9
-    every few seconds: every run answered once, ok. Opt-in for now (PREIMG_CLUSTER_CHAOS_RUNS=20, or
-    100 for the issue's full size): it passed on its branch, then failed once after the merge with
-    the cause not yet known, and a red test must not hide in CI as a flake."""
-    n = int(os.environ.get("PREIMG_CLUSTER_CHAOS_RUNS", "0"))
-    if n == 0:
-        pytest.skip("opt-in: set PREIMG_CLUSTER_CHAOS_RUNS (a failure after the merge is being investigated)")
+def test_chaos_on_the_cluster_loses_and_duplicates_nothing(broker_cluster, tmp_path, hawki_cal):
+    """Deliveries (mostly FORS2, every tenth a real HAWK-I run) while broker nodes are killed -9
+    (twice, each restarted) and a service is killed -9 every few seconds: every run answered once,
+    ok, with one set of products and one monitor row. PREIMG_CLUSTER_CHAOS_RUNS sets the number of
+    deliveries (default 100, the issue's size)."""
+    n = int(os.environ.get("PREIMG_CLUSTER_CHAOS_RUNS", "100"))
     urls = broker_cluster.urls
-    services = Cluster(urls, tmp_path, extra_env={"PREIMG_QUEUE_TYPE": "quorum"}).start(timeout=120)
+    services = Cluster(urls, tmp_path, instruments=("FORS2", "HAWKI"),
+                       extra_env={"PREIMG_QUEUE_TYPE": "quorum", "PREIMG_CAL_ROOT": str(hawki_cal)}).start(timeout=120)
     inbox = AogInbox(urls, "aog.chaos")
-    frames = make_frames(services.delivery_area, n)
-    rng = random.Random(20261202)
-    spacing = max(0.5, 40.0 / n)  # deliveries keep arriving for ~40 s: through both node kills
-    done = threading.Event()
-    chaos_log: list[str] = []
+    run_ids = [f"chaos-{i:03d}" for i in range(n)]
+    hawki = {i for i in range(n) if i % 10 == 5}
+    fors2 = make_frames(services.delivery_area, n)
+    hawki_frames = {i: synth.make_raw_frames("HAWKI", services.delivery_area / run_ids[i], n_frames=3)
+                    for i in hawki}
+    rng = random.Random(20261206)
 
-    def deliver_all() -> None:
-        sent = 0
-        while sent < n:
-            try:
-                while sent < n:
-                    deliver(urls, services, f"chaos-{sent:03d}", frames[sent])
-                    sent += 1
-                    time.sleep(spacing)
-            except Exception:  # noqa: BLE001 - a node went away: AOG sends the unconfirmed one again
-                time.sleep(0.5)
+    def kill_and_restart_a_node() -> None:
+        index = rng.randrange(len(broker_cluster.nodes))
+        broker_cluster.kill(index)
+        time.sleep(rng.uniform(1.0, 3.0))
+        broker_cluster.start_node(index)
 
-    def chaos() -> None:
-        started = time.monotonic()
-        node_kills = [3.0, 3.0]  # the second as soon as the first node is back; both while deliveries arrive
-        while node_kills or (not done.is_set() and sender.is_alive()):
-            if node_kills and time.monotonic() - started > node_kills[0]:
-                node_kills.pop(0)
-                index = rng.randrange(len(broker_cluster.nodes))
-                chaos_log.append(f"kill -9 broker node {index}")
-                broker_cluster.kill(index)
-                time.sleep(rng.uniform(1.0, 3.0))
-                broker_cluster.start_node(index)
-                continue
-            name = rng.choice(["ingest", "processor-FORS2", "reporter", "publisher"])
-            chaos_log.append(f"kill -9 {name}")
-            services.kill(name)
-            time.sleep(rng.uniform(0.2, 1.0))
-            services.start_service(name)
-            done.wait(rng.uniform(1.0, 3.0))
+    def deliver_one(i: int) -> None:
+        if i in hawki:
+            deliver(urls, services, run_ids[i], hawki_frames[i], instrument="HAWKI")
+        else:
+            deliver(urls, services, run_ids[i], [fors2[i]])
 
-    sender = threading.Thread(target=deliver_all)
-    monkey = threading.Thread(target=chaos)
-    sender.start()
-    monkey.start()
+    chaos = Chaos(services, n, deliver_one,
+                  victims=["ingest", "processor-FORS2", "processor-HAWKI", "reporter", "publisher"],
+                  # both node kills while deliveries still arrive (~40 s of them)
+                  disruptions=[BrokerDisruption(3.0, "kill -9 broker node", kill_and_restart_a_node),
+                               BrokerDisruption(12.0, "kill -9 broker node", kill_and_restart_a_node)],
+                  spacing_s=max(0.4, 40.0 / n))
     try:
-        sender.join(600)
-        events = inbox.collect(runs=n, timeout=300 + 2 * n)
-        done.set()
-        monkey.join(180)
+        chaos.run(lambda: inbox.collect(runs=n, timeout=300 + 3 * n))
         inbox.collect(runs=n + 1, timeout=5)  # anything late, e.g. a duplicate
-        answered = {e["run_id"] for e in events}
-        assert answered == {f"chaos-{i:03d}" for i in range(n)}, \
-            f"{n - len(answered)} runs unanswered; chaos: {chaos_log}\n{services.logs()}"
-        failed = [e for e in events if e["type"] != "preimg.completed.v1" or e["status"] != "ok"]
-        assert failed == [], failed[:3]
-        ids_per_run: dict[str, set[str]] = {}
-        for e in events:
-            ids_per_run.setdefault(e["run_id"], set()).add(e["message_id"])
-        assert all(len(ids) == 1 for ids in ids_per_run.values()), "a run answered with two different events"
-        assert sum("broker node" in c for c in chaos_log) == 2 and sum("kill -9 " in c for c in chaos_log) >= 4
+        assert_each_run_answered_once(inbox.events, set(run_ids), chaos)
+        assert_one_result_per_run(tmp_path / "data", inbox.events, {"HAWKI": 12})
+        assert chaos.log.count("kill -9 broker node") == 2 and chaos.kills() >= 4, chaos.log
     finally:
-        done.set()
-        monkey.join(120)
         services.stop()
         for i, node in enumerate(broker_cluster.nodes):
             if not node.running:

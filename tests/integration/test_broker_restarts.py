@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -27,6 +25,12 @@ from shared.messages import DeliveryAnnounced
 from shared.profiles import available_instruments
 from tests.backbone.cluster import Cluster
 from tests.backbone.test_e2e_rabbitmq import make_frames
+from tests.chaos import (
+    BrokerDisruption,
+    Chaos,
+    assert_each_run_answered_once,
+    assert_one_result_per_run,
+)
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -128,64 +132,24 @@ def test_chaos_kills_and_broker_restarts_lose_and_duplicate_nothing(private_brok
     cluster = Cluster(private_broker.url, tmp_path, instruments=("FORS2",)).start()
     inbox = AogInbox(private_broker.url)
     frames = make_frames(cluster.delivery_area, n)
-    rng = random.Random(20261202)
-    done = threading.Event()
-    chaos_log: list[str] = []
 
-    def deliver_all() -> None:
-        sent = 0
-        while sent < n:
-            try:
-                with RabbitClient(private_broker.url, "preimg", instruments=available_instruments(),
-                                  retry_delays_ms=(200, 500, 1000)) as client:
-                    while sent < n:
-                        run_id = f"chaos-{sent:03d}"
-                        client.sender.publish(DeliveryAnnounced(
-                            run_id=run_id, delivery_id=run_id, instrument="FORS2", test=True,
-                            files=tuple(describe_files([frames[sent]], cluster.delivery_area))))
-                        sent += 1
-                        time.sleep(0.25)
-            except (pika.exceptions.AMQPError, ConnectionError):
-                time.sleep(0.5)  # the broker is restarting; AOG sends the unconfirmed one again
+    def deliver(i: int) -> None:
+        with RabbitClient(private_broker.url, "preimg", instruments=available_instruments(),
+                          retry_delays_ms=(200, 500, 1000)) as client:
+            client.sender.publish(DeliveryAnnounced(
+                run_id=f"chaos-{i:03d}", delivery_id=f"chaos-{i:03d}", instrument="FORS2", test=True,
+                files=tuple(describe_files([frames[i]], cluster.delivery_area))))
 
-    def chaos() -> None:
-        started = time.monotonic()
-        restarts = [5.0, 15.0]  # while deliveries are still arriving (100 x 0.25 s)
-        while not done.is_set() and (sender.is_alive() or restarts):
-            if restarts and time.monotonic() - started > restarts[0]:
-                restarts.pop(0)
-                chaos_log.append("broker restart")
-                private_broker.restart()
-                continue
-            name = rng.choice(["ingest", "processor-FORS2", "reporter", "publisher"])
-            chaos_log.append(f"kill -9 {name}")
-            cluster.kill(name)
-            time.sleep(rng.uniform(0.2, 1.0))
-            cluster.start_service(name)
-            done.wait(rng.uniform(1.0, 3.0))
-
-    sender = threading.Thread(target=deliver_all)
-    monkey = threading.Thread(target=chaos)
-    sender.start()
-    monkey.start()
+    chaos = Chaos(cluster, n, deliver, victims=["ingest", "processor-FORS2", "reporter", "publisher"],
+                  # while deliveries are still arriving (100 x 0.25 s)
+                  disruptions=[BrokerDisruption(5.0, "broker restart", private_broker.restart),
+                               BrokerDisruption(15.0, "broker restart", private_broker.restart)])
     try:
-        sender.join(300)
-        events = inbox.collect(runs=n, timeout=400)
-        done.set()
-        monkey.join(120)
-        inbox.collect(runs=n, timeout=5)  # anything late, e.g. a duplicate
-        answered = {e["run_id"] for e in events}
-        assert answered == {f"chaos-{i:03d}" for i in range(n)}, \
-            f"{n - len(answered)} runs unanswered; chaos: {chaos_log}\n{cluster.logs()}"
-        failed = [e for e in events if e["type"] != "preimg.completed.v1" or e["status"] != "ok"]
-        assert failed == [], failed[:3]
-        ids_per_run: dict[str, set[str]] = {}
-        for e in events:
-            ids_per_run.setdefault(e["run_id"], set()).add(e["message_id"])
-        assert all(len(ids) == 1 for ids in ids_per_run.values()), "a run answered with two different events"
+        chaos.run(lambda: inbox.collect(runs=n, timeout=400), send_timeout_s=300)
+        inbox.collect(runs=n + 1, timeout=5)  # anything late, e.g. a duplicate
+        assert_each_run_answered_once(inbox.events, {f"chaos-{i:03d}" for i in range(n)}, chaos)
+        assert_one_result_per_run(tmp_path / "data", inbox.events, {})
         assert temp_files(tmp_path / "data") == []
-        assert sum("kill -9" in c for c in chaos_log) >= 5 and chaos_log.count("broker restart") == 2
+        assert chaos.kills() >= 5 and chaos.log.count("broker restart") == 2
     finally:
-        done.set()
-        monkey.join(60)
         cluster.stop()
