@@ -1,4 +1,4 @@
-"""``preimg broker setup|definitions``: one broker identity per party, applied or rendered.
+"""``preimg broker setup|definitions|migrate``: the broker's identities and queue layout.
 
 ``setup`` is idempotent (run it on every deploy): through the management API
 (``PREIMG_MANAGEMENT_URL``, an administrator such as ``preimg-operator``) it
@@ -8,6 +8,9 @@ then, over AMQP (``PREIMG_AMQP_URL``), it declares the whole layout so that
 AOG's first delivery has its queue even though AOG may not declare queues.
 ``definitions`` prints the same as a RabbitMQ definitions document (password
 hashes, never the passwords) for ``load_definitions`` at broker start.
+``migrate`` turns every preimg queue the broker holds with the other queue
+type into a ``PREIMG_QUEUE_TYPE`` queue, keeping its messages (services
+stopped: it refuses while a queue has consumers).
 
 Exit codes: 0 done, 2 a password or setting is missing, 3 the broker refused or
 could not be reached (the reason on stderr).
@@ -25,7 +28,7 @@ from shared.settings import Settings
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     broker = subparsers.add_parser("broker", help="set up the broker's identities and layout")
-    broker.add_argument("action", choices=("setup", "definitions"))
+    broker.add_argument("action", choices=("setup", "definitions", "migrate"))
     broker.add_argument("--vhost", default="/", help="virtual host (default /)")
     broker.add_argument("--management-url", default=os.environ.get("PREIMG_MANAGEMENT_URL"),
                         help="http(s)://USER:PASS@host:15672 (default $PREIMG_MANAGEMENT_URL)")
@@ -40,6 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_broker(args: argparse.Namespace) -> int:
     from shared.bus.identities import definitions, passwords_from_env
 
+    if args.action == "migrate":
+        return _migrate()
     if args.action == "definitions" and args.without_passwords:
         return _emit(json.dumps(definitions(None, args.vhost), indent=2), args.output)
     try:
@@ -95,4 +100,20 @@ def _setup(args: argparse.Namespace, passwords: dict[str, str]) -> int:
         print(f"preimg broker setup: identities set, but the layout could not be declared: {e}", file=sys.stderr)
         return 3
     print(json.dumps({"vhost": args.vhost, "users": users, "layout": "declared"}))
+    return 0
+
+
+def _migrate() -> int:
+    from shared.bus.rabbitmq import BrokerUnavailable, MigrationRefused, migrate_queue_types
+    from shared.errors import PublishFailed
+    from shared.profiles import available_instruments
+
+    settings = Settings()
+    try:
+        changed = migrate_queue_types(settings.amqp_url, settings.exchange, available_instruments(),
+                                      settings.retry_delays_ms, settings.queue_arguments(), settings.tls())
+    except (MigrationRefused, BrokerUnavailable, PublishFailed) as e:
+        print(f"preimg broker migrate: {e}", file=sys.stderr)
+        return 3
+    print(json.dumps({"queue_type": settings.queue_type, "changed": changed}))
     return 0

@@ -21,10 +21,14 @@
   taking new messages, lets the message in hand finish (or hands it back
   unacked when the grace period runs out) and closes.
 
-Why one module of about 500 lines: the house rule is that pika lives in one
+* ``migrate_queue_types`` re-declares the queues a broker holds with the other
+  queue type (``preimg broker migrate``), keeping their messages.
+
+Why one module of about 600 lines: the house rule is that pika lives in one
 module, so everything that touches a pika object (declaring, publishing,
-consuming, the operators' dead-letter browsing) is here; the broker-free
-parts (layout, routing, retry tiers) are in ``shared.bus.topology``.
+consuming, the operators' dead-letter browsing, the queue-type migration) is
+here; the broker-free parts (layout, routing, retry tiers) are in
+``shared.bus.topology``.
 """
 
 from __future__ import annotations
@@ -131,10 +135,9 @@ def _refused_declaration(e: pika.exceptions.ChannelClosedByBroker, queue: str, a
         return QueueTypeMismatch(
             f"the broker holds queue {queue!r} as a {args.other_type} queue (or with other quorum arguments), "
             f"but PREIMG_QUEUE_TYPE is {args.queue_type} ({text}). A queue's type cannot change in place. "
-            f"Either set PREIMG_QUEUE_TYPE={args.other_type} again, or migrate with the services stopped: "
-            "for each preimg queue holding messages, move them aside (e.g. a shovel), then "
-            f"`rabbitmqctl -p <vhost> delete_queue {queue}` (and the other preimg queues likewise: "
-            "`rabbitmqctl -p <vhost> list_queues name type`); the services re-declare them on start"
+            f"Either set PREIMG_QUEUE_TYPE={args.other_type} again, or stop the services and run "
+            f"`PREIMG_QUEUE_TYPE={args.queue_type} preimg broker migrate` (it re-declares every preimg queue "
+            "of the other type, keeping its messages), then start them"
         )
     return e
 
@@ -648,3 +651,148 @@ class RabbitClient:
 
 class BrokerUnavailable(ConnectionError):
     """The broker could not be reached, refused the login or our topology; the message says where and why."""
+
+
+# ---------------------------------------------------------------------------------------- migration
+
+
+class MigrationRefused(RuntimeError):
+    """The queue-type migration would be unsafe now (a queue still has consumers); the message says why."""
+
+
+def _holding_queue(queue: str) -> str:
+    """Where a queue's messages wait while the queue is deleted and declared anew."""
+    return f"{queue}.migrating"
+
+
+def migrate_queue_types(amqp_url: str, exchange: str, instruments: Iterable[str], retry_delays_ms: tuple[int, ...],
+                        queue_args: QueueArguments, tls: TlsFiles | None = None) -> list[dict[str, Any]]:
+    """Make every queue of the layout a ``queue_args.queue_type`` queue, keeping its messages.
+
+    A queue's type cannot change in place: each queue held with the other type
+    is emptied into a holding queue (``<queue>.migrating``, each message acked
+    only after the broker confirmed its copy), deleted, declared anew with its
+    bindings, and refilled. The retry queues of a service go first, so that no
+    retry expires into a service queue that is being replaced. Refused while a
+    queue has consumers (stop the services). Idempotent, and safe to run again
+    after a crash: a holding queue left over is emptied back into its queue.
+    Returns ``{"queue", "from", "to", "messages"}`` per queue changed.
+    """
+    where = describe_broker(amqp_url)
+    try:
+        connection = pika.BlockingConnection(connection_parameters(amqp_url, 30, "preimg-migrate", tls))
+    except Exception as e:  # refused, DNS, TLS, auth
+        raise BrokerUnavailable(f"cannot reach the broker at {where}: {describe_error(e)}") from e
+    try:
+        return _migrate(connection, exchange, instruments, retry_delays_ms, queue_args)
+    except (pika.exceptions.AMQPError, OSError) as e:
+        raise BrokerUnavailable(f"the broker at {where}: {describe_error(e)}; run it again (it resumes; "
+                                "messages set aside wait in <queue>.migrating)") from e
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+def _migrate(connection: pika.BlockingConnection, exchange: str, instruments: Iterable[str],
+             retry_delays_ms: tuple[int, ...], queue_args: QueueArguments) -> list[dict[str, Any]]:
+    _declare_exchanges_for_migration(connection, exchange)
+    layout: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
+        (UNROUTABLE_QUEUE, queue_args.plain_queue(), [(alternate_exchange(exchange), "")])]
+    for spec in topology_specs(instruments):
+        layout += [(retry_queue(spec.name, tier), queue_args.retry_queue(spec.name, delay), [])
+                   for tier, delay in enumerate(retry_delays_ms)]
+        layout.append((spec.name, queue_args.service_queue(spec.name), [(exchange, k) for k in spec.bindings]))
+        layout.append((dead_letter_queue(spec.name), queue_args.plain_queue(), []))
+    changed = [(name, args, binds) for name, args, binds in layout if not _holds_as(connection, name, args)]
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for name, _args, _binds in changed:
+        consumers = channel.queue_declare(name, passive=True).method.consumer_count
+        if consumers:
+            raise MigrationRefused(f"queue {name} has {consumers} consumer(s): stop the services first")
+    report = []
+    for name, _args, binds in changed:  # 1: unbind (new messages go elsewhere), move aside, delete
+        for source, key in binds:
+            channel.queue_unbind(queue=name, exchange=source, routing_key=key)
+        channel.queue_declare(_holding_queue(name), durable=True, arguments=queue_args.plain_queue() or None)
+        moved = _move_messages(channel, name, _holding_queue(name))
+        _delete_empty(channel, name)
+        report.append({"queue": name, "from": queue_args.other_type, "to": queue_args.queue_type,
+                       "messages": moved})
+    channel.close()
+    # 2: declare anew, refill (also what a crash left aside). A channel of its own: a channel that
+    # used the old queue keeps its type in a cache and crashes publishing to the new one (3.10).
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for name, args, binds in layout:
+        channel.queue_declare(name, durable=True, arguments=args or None)
+        for source, key in binds:
+            channel.queue_bind(queue=name, exchange=source, routing_key=key)
+        _restore_holding(connection, channel, name)
+    return report
+
+
+def _declare_exchanges_for_migration(connection: pika.BlockingConnection, exchange: str) -> None:
+    channel = connection.channel()
+    channel.exchange_declare(exchange=alternate_exchange(exchange), exchange_type="fanout", durable=True)
+    probe = connection.channel()
+    try:
+        probe.exchange_declare(exchange=exchange, exchange_type="topic", durable=True,
+                               arguments={"alternate-exchange": alternate_exchange(exchange)})
+        probe.close()
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != _PRECONDITION_FAILED:
+            raise
+    channel.close()
+
+
+def _holds_as(connection: pika.BlockingConnection, queue: str, arguments: dict[str, Any]) -> bool:
+    """True when ``queue`` is absent (declared now) or held with ``arguments``; False for the other type."""
+    probe = connection.channel()
+    try:
+        probe.queue_declare(queue=queue, durable=True, arguments=arguments or None)
+        probe.close()
+        return True
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != _PRECONDITION_FAILED:
+            raise
+        return False
+
+
+def _restore_holding(connection: pika.BlockingConnection, channel: BlockingChannel, queue: str) -> None:
+    probe = connection.channel()
+    try:
+        probe.queue_declare(_holding_queue(queue), passive=True)
+        probe.close()
+    except pika.exceptions.ChannelClosedByBroker as e:
+        if e.reply_code != 404:
+            raise
+        return  # nothing set aside for this queue
+    _move_messages(channel, _holding_queue(queue), queue)
+    _delete_empty(channel, _holding_queue(queue))
+
+
+def _delete_empty(channel: BlockingChannel, queue: str) -> None:
+    """Delete ``queue`` after checking it is empty (quorum queues do not take ``if_empty``)."""
+    left = channel.queue_declare(queue, passive=True).method.message_count
+    if left:
+        raise MigrationRefused(f"queue {queue} still holds {left} message(s) after moving them: "
+                               "something publishes to it; stop the services and AOG's deliveries, then run again")
+    channel.queue_delete(queue)
+
+
+def _move_messages(channel: BlockingChannel, source: str, target: str) -> int:
+    """Move every message of ``source`` to ``target`` (body and properties); each is acked on
+    ``source`` only after the broker confirmed its copy: a crash duplicates, never loses."""
+    moved = 0
+    while True:
+        method, props, body = channel.basic_get(source, auto_ack=False)
+        if method is None:
+            return moved
+        try:
+            channel.basic_publish("", target, body, props, mandatory=True)
+        except (pika.exceptions.UnroutableError, pika.exceptions.NackError) as e:
+            channel.basic_nack(method.delivery_tag, requeue=True)
+            raise PublishFailed(f"moving a message from {source} to {target}: {e}") from e
+        channel.basic_ack(method.delivery_tag)
+        moved += 1

@@ -141,7 +141,7 @@ def test_a_command_meeting_queues_of_the_other_type_names_the_migration(rabbitmq
         pass
     text = str(refused.value)
     assert "as a classic queue" in text and "PREIMG_QUEUE_TYPE is quorum" in text
-    assert "delete_queue" in text and "guest" not in text
+    assert "PREIMG_QUEUE_TYPE=quorum preimg broker migrate" in text and "guest" not in text
 
 
 def test_a_service_meeting_queues_of_the_other_type_says_so_and_keeps_waiting(rabbitmq_url, tmp_path):
@@ -169,3 +169,57 @@ def test_a_service_meeting_queues_of_the_other_type_says_so_and_keeps_waiting(ra
         assert proc.wait(timeout=15) == 0
     finally:
         proc.kill()
+
+
+def test_preimg_broker_migrate_changes_the_queue_type_and_keeps_every_message(rabbitmq_url, tmp_path):
+    """Classic layout with messages waiting; `preimg broker migrate` refuses while a queue has a
+    consumer, then makes every preimg queue quorum with the same messages, headers and bindings,
+    leaves nothing aside, and a second run changes nothing."""
+    from shared.bus.rabbitmq import RabbitClient
+    from shared.profiles import available_instruments
+
+    env = Cluster(rabbitmq_url, tmp_path).env()
+    delays = (200, 500, 1000)  # the cluster's PREIMG_RETRY_DELAYS_MS
+    with RabbitClient(rabbitmq_url, "preimg", instruments=available_instruments(), retry_delays_ms=delays) as client:
+        for i in range(2):
+            client.sender.publish_raw("delivery.FORS2", f"waiting-{i}".encode())
+        client.sender.send_to_queue("preimg.reporter.dlq", b"dead", {HEADER_REASON: "why it died"})
+
+    def migrate(queue_type: str) -> subprocess.CompletedProcess:
+        return subprocess.run(PREIMG + ["broker", "migrate"], env={**env, "PREIMG_QUEUE_TYPE": queue_type},
+                              cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+
+    consumer = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    consumer.channel().basic_consume("preimg.reporter", lambda *a: None)
+    refused = migrate("quorum")
+    consumer.close()
+    assert refused.returncode == 3 and "preimg.reporter has 1 consumer(s): stop the services" in refused.stderr
+
+    out = migrate("quorum")
+    assert out.returncode == 0, out.stderr
+    changed = {c["queue"]: c for c in json.loads(out.stdout)["changed"]}
+    assert changed["preimg.ingest"]["messages"] == 2 and changed["preimg.reporter.dlq"]["messages"] == 1
+    assert {c["to"] for c in changed.values()} == {"quorum"}
+    vhost = rabbitmq_url.rsplit("/", 1)[1]
+    listing = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "type", "--no-table-headers"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout.split("\n")
+    types = dict(line.split("\t") for line in listing if line.strip())
+    assert not any(name.endswith(".migrating") for name in types), types
+    assert {t for name, t in types.items() if name.startswith("preimg.")} == {"quorum"}, types
+    assert set(changed) == {name for name in types if name.startswith("preimg.")}
+    with RabbitClient(rabbitmq_url, "preimg", instruments=available_instruments(), retry_delays_ms=delays,
+                      queue_args=QueueArguments("quorum")) as client:  # the quorum layout, no mismatch
+        assert sorted(b for b, _ in client.get_all("preimg.ingest")) == [b"waiting-0", b"waiting-1"]
+        [(body, headers)] = client.get_all("preimg.reporter.dlq")
+        assert body == b"dead" and headers[HEADER_REASON] == "why it died"
+        client.sender.publish_raw("delivery.FORS2", b"after")  # bound again
+        assert [b for b, _ in client.get_all("preimg.ingest")] == [b"after"]
+    again = migrate("quorum")
+    assert again.returncode == 0 and json.loads(again.stdout)["changed"] == []
+    with RabbitClient(rabbitmq_url, "preimg", queue_args=QueueArguments("quorum")) as client:
+        client.sender.publish_raw("delivery.FORS2", b"back")
+    back = migrate("classic")  # and back again, for a cluster given up
+    assert back.returncode == 0, back.stderr
+    assert {c["queue"]: c["messages"] for c in json.loads(back.stdout)["changed"]}["preimg.ingest"] == 1
+    with RabbitClient(rabbitmq_url, "preimg", instruments=available_instruments(), retry_delays_ms=delays) as client:
+        assert [b for b, _ in client.get_all("preimg.ingest")] == [b"back"]
