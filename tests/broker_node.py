@@ -34,6 +34,7 @@ Pitfalls this avoids:
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import secrets
 import shutil
@@ -86,9 +87,15 @@ def free_port() -> int:
 
 def _die_with_parent() -> list[str]:
     """A command prefix that SIGTERMs the start script when the test process dies (its trap
-    then stops the VM cleanly); empty where util-linux's setpriv is missing."""
+    then stops the VM cleanly); empty where util-linux's setpriv is missing. The kernel sends it
+    when the *thread* that forked the script ends, so nodes are forked by :data:`_SPAWNER`."""
     setpriv = shutil.which("setpriv")
     return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
+#: The one thread that forks broker nodes. It lives as long as the test process: a node (re)started
+#: from a short-lived thread (a chaos test's monkey) would otherwise be stopped when that thread ends.
+_SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="broker-spawner")
 
 
 @dataclass
@@ -278,11 +285,11 @@ class BrokerNode:
 
     def _spawn(self) -> None:
         with open(self.stdout_file, "ab") as out:
-            self.proc = subprocess.Popen(
-                [*_die_with_parent(), str(self.scripts / "rabbitmq-server")],
+            self.proc = _SPAWNER.submit(
+                subprocess.Popen, [*_die_with_parent(), str(self.scripts / "rabbitmq-server")],
                 env=self.env(), cwd=self.base_dir, stdin=subprocess.DEVNULL, stdout=out,
                 stderr=subprocess.STDOUT, start_new_session=True,
-            )
+            ).result()
         self._wait_amqp("start")
         self.beam_pid = self._read_beam_pid()
 

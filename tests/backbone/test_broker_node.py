@@ -99,3 +99,19 @@ def test_stop_app_start_app_and_a_full_node_restart_keep_messages_and_stop_leave
     assert beam_lines(node) == []
     assert not node.running and not node.amqp_ready()
     assert not node.ping()
+
+
+def test_a_node_restarted_from_a_thread_that_ends_keeps_running(private_broker: BrokerNode) -> None:
+    """The chaos tests restart nodes from their monkey thread: the node must outlive that thread
+    (the die-with-parent signal follows the forking thread, not the process)."""
+    import threading
+    import time
+
+    node = private_broker
+    node.stop()
+    restarter = threading.Thread(target=node.start)
+    restarter.start()
+    restarter.join(120)
+    assert not restarter.is_alive() and node.running
+    time.sleep(2)  # a pdeathsig would have arrived by now
+    assert node.running and node.amqp_ready()
