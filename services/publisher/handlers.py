@@ -8,12 +8,13 @@ Order matters, because the event is the promise that the package is there:
 
 1. fetch the PI README from the QC server (missing: a note in the REPORT);
 2. upload README, REPORT, USERREPORT, list_mcalib, products and logs, then
-   ``SHA256SUMS``; an S3 outage raises RetryableError here and nothing below runs.
-   Each file is read once: a SHA-256 the message carries (the processor's, for
+   ``SHA256SUMS`` and the run's monitor row (in one batch: on the local QC
+   server they appear together, their bytes synced in one round); an S3 outage
+   raises RetryableError here and nothing below runs. Each file is read once: a SHA-256 the message carries (the processor's, for
    products) is trusted, and the file is skipped when the server already holds
    it with that SHA-256 and size (a replay); other files are hashed while read
    for the upload;
-3. write the run's monitor row and rebuild ``preimgMonitor.html``;
+3. rebuild ``preimgMonitor.html`` from the newest rows;
 4. e-mail the operator when EMAIL_NOTE is on, once per run (recorded in the
    run's state directory); an SMTP failure is logged and counted, not fatal;
 5. the legacy ``EXECUTED`` file, when configured;
@@ -40,7 +41,15 @@ from typing import Protocol
 import jinja2
 
 from services.publisher.mailer import MAIL_ERRORS, Mailer
-from services.publisher.monitor import MonitorRow, RowCache, page_key, read_row, record_row
+from services.publisher.monitor import (
+    MonitorRow,
+    RowCache,
+    page_key,
+    read_row,
+    record_row,
+    show_row,
+    write_row,
+)
 from services.publisher.qcserver import HEX_SHA256, QcServer
 from services.publisher.runlinks import RUN_PAGE, run_links
 from services.publisher.trends import trend_charts
@@ -366,26 +375,28 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
     readme, readme_note = _fetch_readme(msg, ports, profile, base)
     notes = [readme_note] if readme_note else []
     files = _collect(msg, readme)
-    manifest = upload_package(msg, ports, base, files)
-    package_url = ports.qc.url(package_prefix(base, msg.run_id))
-    monitor_url = ports.qc.url(page_key(base))
-
     now = ports.clock()
     previous = read_row(ports.qc, base, msg.run_id)
     # A replay keeps the first completion time, so the row's duration stays put.
     completed_at = previous.completed_at if previous and not previous.reason else now
-    row = MonitorRow(
-        run_id=msg.run_id, instrument=msg.instrument, test=msg.test,
-        delivered_at=msg.delivered_at, completed_at=completed_at, n_files=msg.n_files,
-        abs_ok=msg.abs_ok, abs_failed=msg.abs_failed,
-        duration_s=max((completed_at - msg.delivered_at).total_seconds(), 0.0),
-        status=msg.status, report_url=f"runs/{msg.run_id}/{Path(msg.report).name}",
-        objects=msg.objects, prog_ids=msg.prog_ids, first_failure=msg.reason,
-        **run_links(msg, {m.name for m in manifest}),
-    )
-    record_row(ports.qc, base, row,
-               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
-               ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
+    # The package and its monitor row appear together, made durable in one round of syncs.
+    with ports.qc.batch():
+        manifest = upload_package(msg, ports, base, files)
+        row = MonitorRow(
+            run_id=msg.run_id, instrument=msg.instrument, test=msg.test,
+            delivered_at=msg.delivered_at, completed_at=completed_at, n_files=msg.n_files,
+            abs_ok=msg.abs_ok, abs_failed=msg.abs_failed,
+            duration_s=max((completed_at - msg.delivered_at).total_seconds(), 0.0),
+            status=msg.status, report_url=f"runs/{msg.run_id}/{Path(msg.report).name}",
+            objects=msg.objects, prog_ids=msg.prog_ids, first_failure=msg.reason,
+            **run_links(msg, {m.name for m in manifest}),
+        )
+        write_row(ports.qc, base, row)
+    package_url = ports.qc.url(package_prefix(base, msg.run_id))
+    monitor_url = ports.qc.url(page_key(base))
+    show_row(ports.qc, base, row,
+             render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
+             ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
 
     if profile.email_note:
         _notify(msg, ports, profile, package_url, monitor_url, notes)

@@ -193,23 +193,36 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
     raise RetryableError(f"the monitor rows under {prefix} kept changing; will retry later")
 
 
-def record_row(
+def write_row(qc: QcServer, base: str, row: MonitorRow) -> None:
+    """Put the run's row and its index entry; they appear together (inside the caller's batch, if any)."""
+    data = row.model_dump_json(indent=1).encode()
+    with qc.batch():
+        qc.put(row_key(base, row.run_id), data, content_type="application/json")
+        qc.put(recent_key(base, row), data, content_type="application/json")
+
+
+def show_row(
     qc: QcServer, base: str, row: MonitorRow, render: Callable[[list[MonitorRow]], str], max_rows: int,
     *, previous: MonitorRow | None = None, cache: RowCache | None = None,
 ) -> None:
-    """Write (or overwrite) the run's row and its index entry, and bring the page up to date.
+    """Bring the page up to date once the row written by :func:`write_row` is in place.
 
     ``previous``: the run's row before this one, whose index entry goes when
     the new row sorts elsewhere (a failure shown before the delivery time was known).
     """
-    data = row.model_dump_json(indent=1).encode()
-    with qc.batch():  # the row and its index entry appear together
-        qc.put(row_key(base, row.run_id), data, content_type="application/json")
-        qc.put(recent_key(base, row), data, content_type="application/json")
     if previous is not None and recent_key(base, previous) != recent_key(base, row):
         qc.delete(recent_key(base, previous))
     count = rebuild_page(qc, base, render, max_rows, cache)
     _log.info("monitor %s updated with run %s (%d rows)", page_key(base), row.run_id, count)
+
+
+def record_row(
+    qc: QcServer, base: str, row: MonitorRow, render: Callable[[list[MonitorRow]], str], max_rows: int,
+    *, previous: MonitorRow | None = None, cache: RowCache | None = None,
+) -> None:
+    """Write (or overwrite) the run's row and its index entry, and bring the page up to date."""
+    write_row(qc, base, row)
+    show_row(qc, base, row, render, max_rows, previous=previous, cache=cache)
 
 
 def prune_test_runs(
