@@ -227,6 +227,33 @@ def _pool() -> ThreadPoolExecutor:
         return _sync_pool
 
 
+#: A file's identity and version as :func:`file_stamp` gives it: (inode, size, mtime_ns).
+Stamp = tuple[int, int, int]
+#: How long a file must have been left alone before a cache may trust its stamp.
+SETTLED_NS = 2_000_000_000
+
+
+def file_stamp(path: Path) -> Stamp | None:
+    """(inode, size, mtime_ns) of a regular file, None when it is missing or not a regular file.
+
+    For caches of parsed configuration: a file edited in place or replaced gets another stamp.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns) if stat.S_ISREG(st.st_mode) else None
+
+
+def settled(stamp: Stamp | None) -> bool:
+    """Whether a stamp can be trusted to change with the file: last modified over :data:`SETTLED_NS` ago.
+
+    A file written twice within its file system's mtime resolution (a clock tick) keeping
+    its size keeps its stamp: what was parsed from a file changed that recently is not kept.
+    """
+    return stamp is not None and stamp[2] < time.time_ns() - SETTLED_NS
+
+
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in chunks."""
     digest = hashlib.new(algorithm)

@@ -16,7 +16,8 @@ the fields it changes::
 
 Overlays are applied only when asked for: ``load_profile(..., overlays=[...])``
 or the environment variable ``PREIMG_PROFILE_OVERLAY`` (paths separated by
-``:``), read at each call. An overlay for another instrument is skipped, so
+``:``), read at each call. A validated profile is kept per process and read
+again when its file or an overlay changes (inode, size or mtime). An overlay for another instrument is skipped, so
 one list can serve several instruments. Tables (``recipe_options``) are merged
 key by key, other fields replaced. ``Profile.overlays`` names the files applied.
 
@@ -45,6 +46,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
+from shared.files import Stamp, file_stamp, settled
 from shared.layout import INSTRUMENT_PATTERN
 from shared.messages import describe_validation_error
 
@@ -219,12 +221,31 @@ def load_profile(instrument: str, directory: Path | None = None,
     """
     directory = directory or PROFILE_DIR
     path = directory / f"{instrument.lower()}.toml"
-    if not path.is_file():
+    overlay_files = overlay_paths(overlays)
+    stamps = tuple(file_stamp(p) for p in (path, *overlay_files))
+    if stamps[0] is None:
         known = ", ".join(available_instruments()) or "none"
         raise ProfileError(f"unknown instrument {instrument!r}: no profile {path} (known: {known})")
+    cache_key = (str(path), tuple(str(p) for p in overlay_files))
+    hit = _loaded.get(cache_key)
+    if hit is not None and hit[0] == stamps:
+        return hit[1]
+    profile = _load(path, instrument, overlay_files)
+    if all(settled(s) for s in stamps):  # else read again next time (see shared.files.settled)
+        _loaded[cache_key] = (stamps, profile)
+    return profile
+
+
+#: Profiles already validated, by (profile file, overlay files): (their stamps, the profile).
+#: An edited or replaced file has another stamp (``shared.files.file_stamp``): read again on the next call.
+_loaded: dict[tuple[str, tuple[str, ...]], tuple[tuple[Stamp | None, ...], Profile]] = {}
+
+
+def _load(path: Path, instrument: str, overlay_files: list[Path]) -> Profile:
+    """Read, merge and validate the profile and its overlays (``load_profile`` without the cache)."""
     data = _read_toml(path, "profile")
     applied: list[str] = []
-    for overlay in overlay_paths(overlays):
+    for overlay in overlay_files:
         extra = _read_toml(overlay, f"profile overlay (${OVERLAY_ENV})")
         target = extra.pop("instrument", None)
         if not isinstance(target, str):
