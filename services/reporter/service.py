@@ -6,17 +6,19 @@ import functools
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import jinja2
 
 from services.reporter.fitsreport import fit
 from services.reporter.handlers import ReporterPorts, handle_products_ready, write_report_files
 from shared.bus.runner import Handlers
+from shared.files import file_stamp, settled
 from shared.messages import ProductsReady
 from shared.metrics import Metrics
 from shared.profiles import load_profile
 from shared.settings import Settings
-from shared.userreport_config import USERREPORT_CONFIG, parse_config
+from shared.userreport_config import USERREPORT_CONFIG, ReportSpec, parse_config
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +54,21 @@ def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
     return env
 
 
+def report_specs(path: Path, kept: dict[str, Any]) -> tuple[ReportSpec, ...]:
+    """The fitsreport configuration of ``path``, parsed again only when the file changed.
+
+    ``kept`` holds the last parse (its file stamp and the specs): an operator's edit
+    takes effect on the next run without parsing the file for every run.
+    """
+    stamp = file_stamp(path)
+    if stamp is not None and kept.get("stamp") == stamp:
+        return kept["specs"]
+    specs = parse_config(path)
+    if settled(stamp):
+        kept.update(stamp=stamp, specs=specs)
+    return specs
+
+
 def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
     """The reporter's handler bound to real ports (the composition root's entry point). No I/O here."""
     if instrument:
@@ -68,7 +85,7 @@ def build_ports(settings: Settings, config_path: Path = USERREPORT_CONFIG) -> Re
     return ReporterPorts(
         templates=build_templates(),
         clock=utc_now,
-        report_specs=lambda: parse_config(config_path),
+        report_specs=functools.partial(report_specs, config_path, {}),
         write_reports=write_report_files,
         load_profile=load_profile,
     )
