@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Protocol
 
 import jinja2
+from markupsafe import Markup
 
 from services.publisher.mailer import MAIL_ERRORS, Mailer
 from services.publisher.monitor import (
@@ -100,6 +101,8 @@ class PublisherPorts:
         The run's local files (README copy, REPORT note, e-mail marker, EXECUTED).
     monitor_rows
         Monitor rows this publisher already parsed, by index key and ETag.
+    monitor_fragments
+        The HTML of the monitor rows this publisher already rendered.
     """
 
     settings: Settings
@@ -111,6 +114,7 @@ class PublisherPorts:
     count_notification_failure: Callable[[str], None]
     files: RunFiles
     monitor_rows: RowCache = field(default_factory=RowCache)
+    monitor_fragments: RowFragments = field(default_factory=lambda: RowFragments())
 
 
 class RunFiles(Protocol):
@@ -176,18 +180,49 @@ def package_name(path: Path, msg: ReportsReady) -> str:
     return "logs/" + path.name
 
 
+MONITOR_TEMPLATE = "preimgMonitor.html.j2"
+MONITOR_ROW_TEMPLATE = "preimgMonitorRow.html.j2"
+
+
+@dataclass
+class RowFragments:
+    """The monitor rows one publisher process already rendered, so a rebuild renders only new rows.
+
+    ``rows`` maps ``id(row)`` to (row, its HTML); holding the row keeps its id from being
+    reused. Rows come from the :class:`RowCache`, which hands out the same object while the
+    row's object is unchanged. Emptied when the row template is compiled again (edited).
+    """
+
+    template: jinja2.Template | None = None
+    rows: dict[int, tuple[MonitorRow, Markup]] = field(default_factory=dict)
+
+
 def render_monitor(templates: jinja2.Environment, instrument: str, now: datetime,
-                   max_rows: int) -> Callable[[list[MonitorRow]], str]:
-    """The page renderer: newest first, at most ``max_rows`` rows."""
+                   max_rows: int, fragments: RowFragments | None = None) -> Callable[[list[MonitorRow]], str]:
+    """The page renderer: newest first, at most ``max_rows`` rows; ``fragments``: rows rendered before."""
+    fragments = RowFragments() if fragments is None else fragments
 
     def render(rows: list[MonitorRow]) -> str:
         ordered = sorted(rows, key=lambda r: (r.delivered_at, r.run_id), reverse=True)
-        return templates.get_template("preimgMonitor.html.j2").render(
+        shown = ordered[:max_rows]
+        row_template = templates.get_template(MONITOR_ROW_TEMPLATE)
+        if fragments.template is not row_template:
+            fragments.template, fragments.rows = row_template, {}
+        kept, html = {}, []
+        for row in shown:
+            hit = fragments.rows.get(id(row))
+            if hit is None or hit[0] is not row:
+                hit = (row, Markup(row_template.render(row=row)))
+            kept[id(row)] = hit
+            html.append(hit[1])
+        fragments.rows = kept
+        return templates.get_template(MONITOR_TEMPLATE).render(
             instrument=instrument,
-            rows=ordered[:max_rows],
+            rows=shown,
+            row_html=html,
             total=len(rows),
             generated_at=now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
-            trends=trend_charts(ordered[:max_rows]),
+            trends=trend_charts(shown),
         )
 
     return render
@@ -395,7 +430,8 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
     package_url = ports.qc.url(package_prefix(base, msg.run_id))
     monitor_url = ports.qc.url(page_key(base))
     show_row(ports.qc, base, row,
-             render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
+             render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows,
+                            ports.monitor_fragments),
              ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
 
     if profile.email_note:
@@ -454,6 +490,7 @@ def handle_run_failed(msg: RunFailed, ports: PublisherPorts) -> list[Envelope]:
         reason=f"{msg.failed_stage}: {msg.reason}", run_url=f"runs/{msg.run_id}/{RUN_PAGE}",
     )
     record_row(ports.qc, base, row,
-               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows),
+               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows,
+                              ports.monitor_fragments),
                ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
     return []
