@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import os
+
 #: Static calibrations of an instrument (DFOS: dated "forever").
 DATED_CAL_DIR = "2099-99-99"
 #: General calibration files (catalogues, gain tables).
@@ -30,3 +32,17 @@ INSTRUMENT_PATTERN = r"^[A-Z][A-Z0-9_]{1,15}$"
 def is_fits_name(name: str) -> bool:
     """True for a file name with a FITS ending (:data:`FITS_SUFFIXES`)."""
     return name.lower().endswith(FITS_SUFFIXES)
+
+
+def path_inside(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> str | None:
+    """``path`` relative to ``directory`` (POSIX, "." for the directory itself), None when outside it.
+
+    Both are taken as written: made absolute and normalised, no symlink looked up
+    (``Path.is_relative_to`` / ``relative_to`` on the normalised paths, without the Path objects).
+    """
+    where = os.path.normpath(os.path.abspath(path))
+    base = os.path.normpath(os.path.abspath(directory))
+    if where == base:
+        return "."
+    top = base if base.endswith("/") else base + "/"
+    return where[len(top):] if where.startswith(top) else None

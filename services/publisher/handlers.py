@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -56,7 +55,7 @@ from services.publisher.runlinks import RUN_PAGE, run_links
 from services.publisher.trends import trend_charts
 from shared.errors import PermanentError
 from shared.files import sha256_of
-from shared.layout import is_fits_name
+from shared.layout import is_fits_name, path_inside
 from shared.messages import (
     Envelope,
     ManifestEntry,
@@ -171,11 +170,9 @@ def package_name(path: Path, msg: ReportsReady) -> str:
     """
     if path.name.startswith(REPORT_PREFIXES):
         return path.name
-    where = Path(os.path.normpath(os.path.abspath(path)))
     for directory, folder in ((msg.sci_dir, "products"), (msg.log_dir, "logs")):
-        base = Path(os.path.normpath(os.path.abspath(directory)))
-        if where.is_relative_to(base):
-            inside = where.relative_to(base).as_posix()
+        inside = path_inside(path, directory)
+        if inside is not None:
             return RUN_PAGE if (folder, inside) == ("logs", RUN_PAGE) else f"{folder}/{inside}"
     return "logs/" + path.name
 

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.layout import path_inside
 from shared.messages import ProductsReady
 
 #: The page's file name in the log directory and at the top of the package.
@@ -27,12 +28,11 @@ RUN_PAGE = "index.html"
 
 def package_link(path: str, msg: ProductsReady) -> str:
     """Where a file of the run sits in the package, relative to the run page (as the publisher lays it out)."""
-    where = Path(os.path.normpath(os.path.abspath(path)))  # as written, like the publisher's package_name
     for directory, prefix in ((msg.sci_dir, "products/"), (msg.log_dir, "logs/")):
-        base = Path(os.path.normpath(os.path.abspath(directory)))
-        if where.is_relative_to(base):
-            return prefix + where.relative_to(base).as_posix()
-    return "logs/" + where.name
+        inside = path_inside(path, directory)  # as written, like the publisher's package_name
+        if inside is not None:
+            return prefix + inside
+    return "logs/" + os.path.basename(os.path.normpath(os.path.abspath(path)))
 
 
 def first_failure(msg: ProductsReady) -> str:
