@@ -118,13 +118,13 @@ class PublisherPorts:
 
 class RunFiles(Protocol):
     """The run's local files the publisher reads and marks (the README copy, the REPORT's
-    note, the e-mail marker, the legacy EXECUTED flag); writes are atomic and durable."""
+    note, the e-mail marker, the legacy EXECUTED flag); writes are atomic, and durable unless asked not."""
 
     def read_text(self, path: Path) -> str | None:
         """The file's text, or None when it does not exist."""
 
-    def write(self, path: Path, data: bytes) -> None:
-        """Replace the file's content atomically and durably."""
+    def write(self, path: Path, data: bytes, durable: bool = True) -> None:
+        """Replace the file's content atomically; durably unless ``durable`` is False."""
 
     def exists(self, path: Path) -> bool:
         """Whether the file exists."""
@@ -272,13 +272,17 @@ def _fetch_readme(msg: ReportsReady, ports: PublisherPorts, profile: Profile,
     report = Path(msg.report)
     text = ports.files.read_text(report) or ""
     if README_NOTE_MARKER not in text:  # a replay must not add the note twice
-        ports.files.write(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode())
+        # Not synced here: the package's REPORT is copied from this file (no digest is known for it)
+        # in the package's batch, which makes that copy durable before the completion is returned.
+        ports.files.write(report, (text.rstrip("\n") + "\n\n" + note + "\n").encode(), durable=False)
     return None, note
 
 
 def _collect(msg: ReportsReady, readme: PackageFile | None) -> list[PackageFile]:
     """Every file of the run, each once, with its name in the package and its known SHA-256."""
     known = known_checksums(msg)
+    # The REPORT may carry the README note, written unsynced: always copied (and synced) into the package.
+    known.pop(str(Path(msg.report)), None)
     paths = [msg.report, msg.userreport, msg.list_mcalib, *msg.files]
     files: dict[str, PackageFile] = {}
     for text in paths:

@@ -140,8 +140,8 @@ class LocalRunFiles:
         except FileNotFoundError:
             return None
 
-    def write(self, path: Path, data: bytes) -> None:
-        write_atomic(path, data)
+    def write(self, path: Path, data: bytes, durable: bool = True) -> None:
+        write_atomic(path, data, durable=durable)
 
     def exists(self, path: Path) -> bool:
         return path.is_file()

@@ -182,7 +182,7 @@ class MemoryRunFiles:
     def read_text(self, path):
         return self.data[path].decode() if path in self.data else None
 
-    def write(self, path, data):
+    def write(self, path, data, durable=True):
         self.data[path] = data
 
     def exists(self, path):
