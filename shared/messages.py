@@ -265,7 +265,8 @@ class ReportsReady(Envelope):
     checksums: dict[str, Checksum] = Field(
         default_factory=dict,
         description="sha256:<hex> of files listed in `files`, keyed by the same path string, where an earlier "
-        "stage computed it while reading the file (the processor's Product.checksum): the publisher trusts it",
+        "stage computed it while reading or writing the file (the processor's Product.checksum, the reporter's for the "
+        "reports it wrote): the publisher trusts it",
     )
     objects: tuple[str, ...] = Field(
         default=(), description="OBJECT values of the raw frames (FITS header text, not escaped)"

@@ -18,6 +18,7 @@ same files instead of adding new ones.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -233,7 +234,8 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
     Returns
     -------
     list of Envelope
-        One ReportsReady whose ``files`` lists every file of the package.
+        One ReportsReady whose ``files`` lists every file of the package and whose
+        ``checksums`` give the SHA-256 of the reports written here and of the products.
 
     Raises
     ------
@@ -304,7 +306,11 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
     files += [p.path for p in msg.products]
     looks = [p.quicklook for p in msg.products if p.quicklook is not None]
     files += [f for q in looks for f in (q.path, q.thumbnail)]
-    checksums = {p.path: p.checksum for p in msg.products if p.checksum}
+    # The reports' digests, from the bytes just written (and synced): the publisher can then link
+    # them into the package instead of copying and hashing them again.
+    checksums = {str(path): "sha256:" + hashlib.sha256(text.encode("utf-8")).hexdigest()
+                 for path, text in texts.items()}
+    checksums.update({p.path: p.checksum for p in msg.products if p.checksum})
     checksums.update({q.path: q.checksum for q in looks})
     checksums.update({q.thumbnail: q.thumbnail_checksum for q in looks})
     files += [ab.log_path for ab in msg.abs if ab.log_path]
