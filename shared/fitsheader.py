@@ -19,6 +19,7 @@ A bad file raises :class:`FitsHeaderError` naming the file and what is wrong.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -199,6 +200,7 @@ def _find_end(data: bytes, start: int) -> int:
     return end
 
 
+@functools.lru_cache(maxsize=4096)
 def _card_prefix(key: str) -> tuple[str, bool]:
     """The text a card for ``key`` starts with, and whether it is a HIERARCH card."""
     key = " ".join(key.upper().split())
@@ -269,12 +271,32 @@ def parse_value(value_text: str, path: str | os.PathLike = "", key: str = "") ->
     raise FitsHeaderError(path, f"malformed value of {key}: {token[:40]!r}")
 
 
+def card_values(text: str) -> dict[str, str]:
+    """The value part of every card of a header, by the text :func:`_find_card` looks for.
+
+    A standard card by its first nine characters (``"NAXIS   ="``), a HIERARCH card by
+    what precedes its ``=`` (``"HIERARCH ESO DPR CATG"``); the first card of a key wins.
+    ``card_values(text).get(_card_prefix(key)[0])`` is ``_find_card(text, key)``, for one
+    pass over the header instead of one search per key.
+    """
+    values: dict[str, str] = {}
+    for start in range(0, len(text) - len(text) % CARD_SIZE, CARD_SIZE):
+        card = text[start: start + CARD_SIZE]
+        if card[8:9] == "=":
+            values.setdefault(card[:9], card[9:])
+        if card.startswith("HIERARCH "):
+            eq = card.find("=")
+            if eq >= 0:
+                values.setdefault(card[:eq].rstrip(" "), card[eq + 1:])
+    return values
+
+
 def read_keywords(path: str | os.PathLike, keys: Iterable[str]) -> dict[str, Any]:
     """The requested keywords of the primary header of ``path`` (absent ones left out)."""
-    text = read_header_text(path)
+    values = card_values(read_header_text(path))
     out: dict[str, Any] = {}
     for key in keys:
-        value_text = _find_card(text, key)
+        value_text = values.get(_card_prefix(key)[0])
         if value_text is not None:
             out[key] = parse_value(value_text, path, key)
     return out
