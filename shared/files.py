@@ -8,14 +8,16 @@ interrupted by ``kill -9`` leaves its temporary file behind;
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 from pathlib import Path
 
 CHUNK = 1 << 20
@@ -32,7 +34,7 @@ def is_temp_name(name: str) -> bool:
 
 
 def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644, *, durable: bool = True,
-                 sync_dir: bool = True) -> None:
+                 sync_dir: bool = True, sync_first: Iterable[Path] = ()) -> None:
     """Write ``data`` (bytes, text, or the content of another file) to ``path`` atomically.
 
     Temporary file in the same directory, fsync, rename over ``path``, fsync
@@ -46,19 +48,28 @@ def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644, *, dur
         saves a duplicate): still atomic for readers, but not fsynced.
     sync_dir
         False when the caller writes several files into one directory and
-        calls :func:`fsync_dir` once afterwards.
+        calls :func:`fsync_dir` once afterwards (or must sync it at once, even
+        inside a :func:`deferred_dir_syncs` block: the state records).
+    sync_first
+        Files or directories that must be durable before ``path`` appears:
+        synced in the same round as the temporary file's bytes, before the rename
+        (the directory syncs a :func:`deferred_dir_syncs` block collected).
     """
-    tmp = _write_temp(path, data, mode, durable=durable)
+    sync_first = list(sync_first)
+    tmp = _write_temp(path, data, mode, durable=durable and not sync_first)
     try:
+        if durable and sync_first:
+            sync_all([tmp, *sync_first])
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     if durable and sync_dir:
-        fsync_dir(path.parent)
+        sync_dirs([path.parent])
 
 
-def write_all_atomic(contents: Mapping[Path, bytes | str], mode: int = 0o644) -> None:
+def write_all_atomic(contents: Mapping[Path, bytes | str], mode: int = 0o644, *,
+                     sync_first: Iterable[Path] = (), sync_dir: bool = True) -> None:
     """Write several files atomically and durably with one round of syncs for all of them.
 
     Like :func:`write_atomic` for each file, but the temporary files are
@@ -66,20 +77,22 @@ def write_all_atomic(contents: Mapping[Path, bytes | str], mode: int = 0o644) ->
     (:func:`sync_all`): a stage's five reports cost two journal commits
     instead of ten. Each file appears complete or not at all; a crash
     before the end may leave some of them renamed and others not, as
-    separate :func:`write_atomic` calls would.
+    separate :func:`write_atomic` calls would. ``sync_first`` and ``sync_dir``:
+    as for :func:`write_atomic`.
     """
     temps: dict[Path, Path] = {}
     try:
         for path, data in contents.items():
             temps[path] = _write_temp(path, data, mode, durable=False)
-        sync_all(temps.values())
+        sync_all([*temps.values(), *sync_first])
         for path, tmp in temps.items():
             os.replace(tmp, path)
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
-    sync_all({path.parent for path in contents})
+    if sync_dir:
+        sync_dirs({path.parent for path in contents})
 
 
 def _write_temp(path: Path, data: bytes | str | Path, mode: int, *, durable: bool) -> Path:
@@ -177,6 +190,42 @@ def fsync_path(path: Path) -> None:
 fsync_dir = fsync_path
 #: A file someone else wrote (esorex, a transfer tool), before we vouch for it.
 fsync_file = fsync_path
+
+#: Directory syncs put off by :func:`deferred_dir_syncs` (None: outside such a block, sync at once).
+_deferred_dirs: ContextVar[list[Path] | None] = ContextVar("preimg_deferred_dir_syncs", default=None)
+
+
+@contextlib.contextmanager
+def deferred_dir_syncs() -> Iterator[list[Path]]:
+    """Collect, instead of doing, the directory syncs :func:`sync_dirs` is asked for inside the block.
+
+    For the message runner around a handler: a stage's renamed outputs are made
+    durable in the same round of syncs as the bytes of its state record
+    (``write_atomic(..., sync_first=pending)``), before the record is renamed into
+    place and before anything is acked or emitted; one round fewer per stage. Whoever
+    opens the block must sync the yielded directories before relying on the
+    outputs; if it does not (the handler failed), nothing was promised. Per thread
+    (a context variable): other threads sync at once.
+    """
+    pending: list[Path] = []
+    token = _deferred_dirs.set(pending)
+    try:
+        yield pending
+    finally:
+        _deferred_dirs.reset(token)
+
+
+def sync_dirs(directories: Iterable[Path]) -> None:
+    """Make the entries created or renamed in ``directories`` durable: now, or at the end of the
+    enclosing :func:`deferred_dir_syncs` block's owner's next round of syncs."""
+    pending = _deferred_dirs.get()
+    if pending is None:
+        sync_all(directories)
+        return
+    for directory in directories:
+        if directory not in pending:
+            pending.append(directory)
+
 
 #: Concurrent syncs at most; more gain nothing once the journal commit is shared.
 _SYNC_THREADS = 8

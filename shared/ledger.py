@@ -37,14 +37,14 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.files import write_all_atomic, write_atomic
+from shared.files import fsync_dir, write_all_atomic, write_atomic
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
@@ -144,11 +144,13 @@ class FileLedger:
             raise CorruptRecord(path, e) from e
 
     def record(self, stage: str, source: Envelope, events: list[Envelope], lease: Lease | None = None,
-               terminal: Envelope | None = None) -> StageRecord:
+               terminal: Envelope | None = None, sync_first: Sequence[Path] = ()) -> StageRecord:
         """Write what ``stage`` emitted for ``source``; with ``lease``, only while it is still ours.
 
         ``terminal``: the run's answer to AOG among ``events``, kept as ``terminal.json``
-        in the same round of syncs as the record.
+        in the same round of syncs as the record. ``sync_first``: directories holding the
+        stage's outputs whose syncs were put off (``shared.files.deferred_dir_syncs``):
+        synced with the record's bytes, so they are durable before the record appears.
         """
         if lease is not None and lease.current_token() != lease.token:
             raise LeaseLost(f"{lease.path}: token {lease.token} is no longer current; not recording")
@@ -173,11 +175,14 @@ class FileLedger:
         texts = {id(e): e.to_json() for e in events}
         body = json.dumps(meta)[:-1] + ', "events": [' + ", ".join(t.decode() for t in texts.values()) + "]}"
         record_path = self._path(stage, source.instrument, source.run_id)
+        # The record's own directory is synced here and now, never put off (shared.files.sync_dirs).
         if terminal is None:
-            write_atomic(record_path, body.encode())
+            write_atomic(record_path, body.encode(), sync_first=sync_first, sync_dir=False)
         else:
             answer = texts.get(id(terminal)) or terminal.to_json()
-            write_all_atomic({record_path: body.encode(), self._terminal_path(terminal): answer})
+            write_all_atomic({record_path: body.encode(), self._terminal_path(terminal): answer},
+                             sync_first=sync_first, sync_dir=False)
+        fsync_dir(record_path.parent)
         return rec
 
     def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
@@ -204,7 +209,9 @@ class FileLedger:
 
     def record_terminal(self, event: Envelope) -> None:
         """Keep the run's latest terminal event (completion or failure)."""
-        write_atomic(self._terminal_path(event), event.to_json())
+        path = self._terminal_path(event)
+        write_atomic(path, event.to_json(), sync_dir=False)
+        fsync_dir(path.parent)
 
     def _terminal_path(self, event: Envelope) -> Path:
         return self.run_dir(event.instrument, event.run_id) / "terminal.json"

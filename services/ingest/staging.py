@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import PermanentError
-from shared.files import CHUNK, file_digest, fsync_dir, sync_all
+from shared.files import CHUNK, file_digest, sync_all, sync_dirs
 from shared.messages import DeliveredFile
 
 
@@ -77,7 +77,7 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
         if dest.exists():  # left by an attempt that crashed before recording its result
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        sync_dirs([dest.parent])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [dest / f.name for f, _ in sources]

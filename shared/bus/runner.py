@@ -40,9 +40,10 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from shared.bus.topology import (
@@ -61,6 +62,7 @@ from shared.errors import (
     PublishFailed,
     RetryableError,
 )
+from shared.files import deferred_dir_syncs
 from shared.layout import INSTRUMENT_PATTERN
 from shared.ledger import CorruptRecord, FileLedger, Lease, LeaseBusy, LeaseLost
 from shared.logs import log_context
@@ -251,7 +253,10 @@ class MessageRunner:
         gauge.inc()
         started = time.perf_counter()
         try:
-            events = list(handler(message))
+            # The directories the handler renamed its outputs into are synced with the record's
+            # bytes (one round of syncs fewer); nothing is recorded, emitted or acked before.
+            with deferred_dir_syncs() as pending:
+                events = list(handler(message))
         except PermanentError as e:
             return self._failed(message, incoming, e, lease=lease)
         except IgnorableMessage as e:
@@ -268,7 +273,7 @@ class MessageRunner:
             self._metrics.stage_duration.labels(stage, instrument).observe(elapsed)
 
         try:
-            self._record(message, events, lease)
+            self._record(message, events, lease, sync_first=pending)
         except (OSError, LeaseLost) as e:
             return self._retry_or_give_up(message, incoming, e)
         _log.info("handled %s in %.3f s; emits %s", message.type, elapsed, ", ".join(e.type for e in events) or "nothing")
@@ -276,9 +281,11 @@ class MessageRunner:
         self._observe_end_to_end(message, events)
         return self._emit(message, incoming, tuple(events))
 
-    def _record(self, message: Envelope, events: list[Envelope], lease: Lease | None) -> None:
+    def _record(self, message: Envelope, events: list[Envelope], lease: Lease | None,
+                sync_first: Sequence[Path] = ()) -> None:
         answers = [e for e in events if e.stage in TERMINAL_STAGES]
-        self._ledger.record(message.stage, message, events, lease=lease, terminal=answers[-1] if answers else None)
+        self._ledger.record(message.stage, message, events, lease=lease, terminal=answers[-1] if answers else None,
+                            sync_first=sync_first)
 
     def _emit(self, message: Envelope, incoming: Incoming, events: tuple[Envelope, ...],
               label: str = "ok", recorded_for: str | None = None) -> Outcome:

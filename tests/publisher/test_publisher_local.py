@@ -125,6 +125,7 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
         files.sync_all(paths)
 
     monkeypatch.setattr(qc_local, "sync_all", record)
+    monkeypatch.setattr(qc_local, "sync_dirs", record)  # the directories' round (sync_all outside a runner)
     qc = qc_local.LocalQcServer(tmp_path / "qc")
     qc.put("a/one.txt", b"1", content_type="text/plain")
     # outside a batch each put is durable when it returns: its bytes, then its directory
@@ -140,6 +141,46 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
     assert rounds[3] == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
     assert (tmp_path / "qc" / "b" / "4.txt").read_bytes() == b"4"
     assert qc.head("b/4.txt").sha256 == hashlib.sha256(b"4").hexdigest()
+
+
+def test_inside_a_runner_a_batch_leaves_its_directories_to_the_state_record_round(tmp_path, monkeypatch):
+    """Under deferred_dir_syncs (the runner around a handler) the directories are synced with the
+    record's bytes, before the record is renamed into place; the record's own directory at once."""
+    from services.publisher import qc_local
+    from shared import files
+    from shared import ledger as ledger_module
+    from shared.ledger import FileLedger
+    from shared.messages import RunFailed
+
+    rounds: list[list[Path]] = []
+    real_sync_all, real_fsync_dir = files.sync_all, files.fsync_path
+
+    def record(paths):
+        paths = sorted(paths)
+        rounds.append(paths)
+        real_sync_all(paths)
+
+    def record_dir(path):
+        rounds.append([path])
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(files, "sync_all", record)
+    monkeypatch.setattr(qc_local, "sync_all", record)
+    monkeypatch.setattr(ledger_module, "fsync_dir", record_dir)
+    qc = qc_local.LocalQcServer(tmp_path / "qc")
+    with files.deferred_dir_syncs() as pending, qc.batch():
+        qc.put("b/1.txt", b"1", content_type="text/plain")
+        qc.put("c/2.txt", b"2", content_type="text/plain")
+    assert len(rounds) == 1 and all(files.is_temp_name(p.name) for p in rounds[0])  # only the bytes so far
+    assert sorted(pending) == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
+    ledger = FileLedger(tmp_path / "state")
+    event = RunFailed(run_id="r-1", delivery_id="d-1", instrument="HAWKI", failed_stage="publisher", reason="x")
+    ledger.record("reports_ready", event, [], sync_first=pending)
+    record_round, record_dir_round = rounds[1], rounds[2]
+    assert [p for p in record_round if files.is_temp_name(p.name)] and \
+        [p for p in record_round if not files.is_temp_name(p.name)] == sorted(pending)
+    assert record_dir_round == [tmp_path / "state" / "HAWKI" / "r-1"]
+    assert len(rounds) == 3
 
 
 def test_a_failing_batch_leaves_no_object_and_no_temporary_file(tmp_path):
