@@ -49,11 +49,11 @@ def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644, *, dur
     sync_dir
         False when the caller writes several files into one directory and
         calls :func:`fsync_dir` once afterwards (or must sync it at once, even
-        inside a :func:`deferred_dir_syncs` block: the state records).
+        inside a :func:`deferred_syncs` block: the state records).
     sync_first
         Files or directories that must be durable before ``path`` appears:
         synced in the same round as the temporary file's bytes, before the rename
-        (the directory syncs a :func:`deferred_dir_syncs` block collected).
+        (the directory syncs a :func:`deferred_syncs` block collected).
     """
     sync_first = list(sync_first)
     tmp = _write_temp(path, data, mode, durable=durable and not sync_first)
@@ -65,11 +65,11 @@ def write_atomic(path: Path, data: bytes | str | Path, mode: int = 0o644, *, dur
         tmp.unlink(missing_ok=True)
         raise
     if durable and sync_dir:
-        sync_dirs([path.parent])
+        sync_later([path.parent])
 
 
 def write_all_atomic(contents: Mapping[Path, bytes | str], mode: int = 0o644, *,
-                     sync_first: Iterable[Path] = (), sync_dir: bool = True) -> None:
+                     sync_first: Iterable[Path] = (), sync_dir: bool = True, rewritten: bool = False) -> None:
     """Write several files atomically and durably with one round of syncs for all of them.
 
     Like :func:`write_atomic` for each file, but the temporary files are
@@ -79,20 +79,30 @@ def write_all_atomic(contents: Mapping[Path, bytes | str], mode: int = 0o644, *,
     before the end may leave some of them renamed and others not, as
     separate :func:`write_atomic` calls would. ``sync_first`` and ``sync_dir``:
     as for :func:`write_atomic`.
+
+    ``rewritten``: the files are written again whenever their writer runs again
+    until it has committed (a stage's outputs under its state record): their bytes
+    are synced after the renames, with their directories (:func:`sync_later`: in the
+    record's round when a runner defers the syncs). Readers still never see half a
+    file; after a crash before that round a file may be in place with its bytes
+    lost, and is written again, the stage not having committed.
     """
     temps: dict[Path, Path] = {}
     try:
         for path, data in contents.items():
             temps[path] = _write_temp(path, data, mode, durable=False)
-        sync_all([*temps.values(), *sync_first])
+        if not rewritten:
+            sync_all([*temps.values(), *sync_first])
         for path, tmp in temps.items():
             os.replace(tmp, path)
     except BaseException:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
         raise
-    if sync_dir:
-        sync_dirs({path.parent for path in contents})
+    if rewritten:
+        sync_later([*contents, *sync_first, *({path.parent for path in contents} if sync_dir else ())])
+    elif sync_dir:
+        sync_later({path.parent for path in contents})
 
 
 def _write_temp(path: Path, data: bytes | str | Path, mode: int, *, durable: bool) -> Path:
@@ -191,40 +201,42 @@ fsync_dir = fsync_path
 #: A file someone else wrote (esorex, a transfer tool), before we vouch for it.
 fsync_file = fsync_path
 
-#: Directory syncs put off by :func:`deferred_dir_syncs` (None: outside such a block, sync at once).
-_deferred_dirs: ContextVar[list[Path] | None] = ContextVar("preimg_deferred_dir_syncs", default=None)
+#: Syncs put off by :func:`deferred_syncs` (None: outside such a block, sync at once).
+_deferred: ContextVar[list[Path] | None] = ContextVar("preimg_deferred_syncs", default=None)
 
 
 @contextlib.contextmanager
-def deferred_dir_syncs() -> Iterator[list[Path]]:
-    """Collect, instead of doing, the directory syncs :func:`sync_dirs` is asked for inside the block.
+def deferred_syncs() -> Iterator[list[Path]]:
+    """Collect, instead of doing, the syncs :func:`sync_later` is asked for inside the block.
 
-    For the message runner around a handler: a stage's renamed outputs are made
-    durable in the same round of syncs as the bytes of its state record
-    (``write_atomic(..., sync_first=pending)``), before the record is renamed into
-    place and before anything is acked or emitted; one round fewer per stage. Whoever
-    opens the block must sync the yielded directories before relying on the
-    outputs; if it does not (the handler failed), nothing was promised. Per thread
-    (a context variable): other threads sync at once.
+    For the message runner around a handler: the stage's state record is its commit
+    point. What the handler asked to sync later (the directories it renamed outputs
+    into; the bytes of outputs that are written again whenever the stage runs again)
+    is synced in the same round of syncs as the bytes of the record
+    (``FileLedger.record(..., sync_first=pending)``), before the record is renamed
+    into place and before anything is acked or emitted. Whoever opens the block must
+    sync the yielded paths before relying on the outputs; if it does not (the handler
+    failed), nothing was promised and the stage runs again. Per thread (a context
+    variable): other threads sync at once.
     """
     pending: list[Path] = []
-    token = _deferred_dirs.set(pending)
+    token = _deferred.set(pending)
     try:
         yield pending
     finally:
-        _deferred_dirs.reset(token)
+        _deferred.reset(token)
 
 
-def sync_dirs(directories: Iterable[Path]) -> None:
-    """Make the entries created or renamed in ``directories`` durable: now, or at the end of the
-    enclosing :func:`deferred_dir_syncs` block's owner's next round of syncs."""
-    pending = _deferred_dirs.get()
+def sync_later(paths: Iterable[Path]) -> None:
+    """Make files (their bytes) or directories (the entries created or renamed in them) durable:
+    now, or inside a :func:`deferred_syncs` block in its owner's next round of syncs."""
+    pending = _deferred.get()
     if pending is None:
-        sync_all(directories)
+        sync_all(paths)
         return
-    for directory in directories:
-        if directory not in pending:
-            pending.append(directory)
+    for path in paths:
+        if path not in pending:
+            pending.append(path)
 
 
 #: Concurrent syncs at most; more gain nothing once the journal commit is shared.

@@ -149,7 +149,7 @@ class FileLedger:
 
         ``terminal``: the run's answer to AOG among ``events``, kept as ``terminal.json``
         in the same round of syncs as the record. ``sync_first``: directories holding the
-        stage's outputs whose syncs were put off (``shared.files.deferred_dir_syncs``):
+        stage's outputs whose syncs were put off (``shared.files.deferred_syncs``):
         synced with the record's bytes, so they are durable before the record appears.
         """
         if lease is not None and lease.current_token() != lease.token:
@@ -175,7 +175,7 @@ class FileLedger:
         texts = {id(e): e.to_json() for e in events}
         body = json.dumps(meta)[:-1] + ', "events": [' + ", ".join(t.decode() for t in texts.values()) + "]}"
         record_path = self._path(stage, source.instrument, source.run_id)
-        # The record's own directory is synced here and now, never put off (shared.files.sync_dirs).
+        # The record's own directory is synced here and now, never put off (shared.files.sync_later).
         if terminal is None:
             write_atomic(record_path, body.encode(), sync_first=sync_first, sync_dir=False)
         else:

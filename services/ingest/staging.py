@@ -4,7 +4,10 @@ Every file must lie inside the delivery area (symlinks are resolved, so one
 pointing out is refused). The run's directory is filled under a temporary
 name, each file hard-linked (no byte read) or copied and hashed in one pass,
 checked against the announced size and checksum, then renamed into place in
-one step: a crash never leaves a half-staged run behind.
+one step: no reader ever sees a half-staged run. The frames' bytes and the
+directory are made durable afterwards, under a runner in the round of
+ingest's state record (``shared.files.sync_later``): until that record exists
+the delivery is not acked, and a crash before it means the run is staged again.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import PermanentError
-from shared.files import CHUNK, file_digest, sync_all, sync_dirs
+from shared.files import CHUNK, file_digest, sync_later
 from shared.messages import DeliveredFile
 
 
@@ -71,13 +74,13 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
                 ". Deliver the files again with their correct sizes and checksums",
                 problems=problems,
             )
-        # AOG's bytes are ours to keep once the delivery is acked: every frame and the
-        # directory naming them made durable in one round of concurrent syncs.
-        sync_all([*staged, tmp])
         if dest.exists():  # left by an attempt that crashed before recording its result
             shutil.rmtree(dest)
         os.replace(tmp, dest)
-        sync_dirs([dest.parent])
+        # AOG's bytes are ours to keep once the delivery is acked: every frame, the directory
+        # naming them and its entry made durable in one round of concurrent syncs; under a
+        # runner, the round of ingest's state record (before it, the run is staged again).
+        sync_later([*(dest / f.name for f, _ in sources), dest, dest.parent])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return [dest / f.name for f, _ in sources]

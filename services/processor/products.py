@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shared.files import file_digest, fsync_file, sync_dirs
+from shared.files import file_digest, fsync_file, sync_later
 from shared.fitsheader import FitsHeaderError, card_value, iter_header_texts, parse_value
 from shared.messages import Product, RawFrame
 from shared.oca.keywords import header_key
@@ -214,7 +214,7 @@ def move_products(products: Sequence[RecipeProduct], sci_dir: Path, instrument: 
         shutil.move(str(product.path), target)  # os.rename on one file system
         fsync_file(target)  # esorex does not: the products must be durable before the run is acked
         moved.append(replace(product, path=target))
-    sync_dirs([sci_dir])
+    sync_later([sci_dir])
     _log.info("moved %d products to %s", len(moved), sci_dir)
     return moved
 

@@ -21,7 +21,7 @@ from urllib.parse import quote_from_bytes
 
 from services.publisher.qcserver import HEX_SHA256, ObjectInfo, safe_key
 from shared.errors import RetryableError
-from shared.files import CHUNK, TEMP_NAME, is_temp_name, sync_all, sync_dirs, temp_file_beside
+from shared.files import CHUNK, TEMP_NAME, is_temp_name, sync_all, sync_later, temp_file_beside
 
 _log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def _commit(staged: list[_StagedObject], durable: bool = True) -> None:
         _discard(staged)
         raise
     if durable:
-        sync_dirs({s.target.parent for s in staged})
+        sync_later({s.target.parent for s in staged})
 
 
 def _discard(staged: list[_StagedObject]) -> None:

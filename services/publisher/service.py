@@ -18,7 +18,7 @@ from services.publisher.qc_local import LocalQcServer
 from services.publisher.qc_s3 import S3QcServer
 from services.publisher.qcserver import MIB, QcServer
 from shared.bus.runner import Handlers
-from shared.files import remove_stale_temp_files, sync_dirs, write_atomic
+from shared.files import remove_stale_temp_files, sync_later, write_atomic
 from shared.logs import current_context
 from shared.messages import ReportsReady, RunFailed
 from shared.metrics import Metrics
@@ -153,7 +153,7 @@ class LocalRunFiles:
             os.fsync(fd)
         finally:
             os.close(fd)
-        sync_dirs([path.parent])
+        sync_later([path.parent])
 
 
 def remove_package_temp_files(settings: Settings, instrument: str, run_id: str) -> list[Path]:

@@ -341,5 +341,10 @@ def handle_products_ready(msg: ProductsReady, ports: ReporterPorts) -> list[Enve
 
 
 def write_report_files(texts: Mapping[Path, str]) -> None:
-    """Every report atomically and durably, synced together (one round of syncs for all)."""
-    write_all_atomic(texts)
+    """Every report atomically, synced together: at once, or under a runner with the stage's record.
+
+    The reports are rendered and written again whenever the stage runs again before it
+    recorded its result, so their bytes need not be durable before their renames
+    (``write_all_atomic(rewritten=True)``): one round of syncs fewer.
+    """
+    write_all_atomic(texts, rewritten=True)

@@ -62,7 +62,7 @@ from shared.errors import (
     PublishFailed,
     RetryableError,
 )
-from shared.files import deferred_dir_syncs
+from shared.files import deferred_syncs
 from shared.layout import INSTRUMENT_PATTERN
 from shared.ledger import CorruptRecord, FileLedger, Lease, LeaseBusy, LeaseLost
 from shared.logs import log_context
@@ -255,7 +255,7 @@ class MessageRunner:
         try:
             # The directories the handler renamed its outputs into are synced with the record's
             # bytes (one round of syncs fewer); nothing is recorded, emitted or acked before.
-            with deferred_dir_syncs() as pending:
+            with deferred_syncs() as pending:
                 events = list(handler(message))
         except PermanentError as e:
             return self._failed(message, incoming, e, lease=lease)

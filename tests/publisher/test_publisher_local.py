@@ -125,7 +125,7 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
         files.sync_all(paths)
 
     monkeypatch.setattr(qc_local, "sync_all", record)
-    monkeypatch.setattr(qc_local, "sync_dirs", record)  # the directories' round (sync_all outside a runner)
+    monkeypatch.setattr(qc_local, "sync_later", record)  # the directories' round (sync_all outside a runner)
     qc = qc_local.LocalQcServer(tmp_path / "qc")
     qc.put("a/one.txt", b"1", content_type="text/plain")
     # outside a batch each put is durable when it returns: its bytes, then its directory
@@ -144,7 +144,7 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
 
 
 def test_inside_a_runner_a_batch_leaves_its_directories_to_the_state_record_round(tmp_path, monkeypatch):
-    """Under deferred_dir_syncs (the runner around a handler) the directories are synced with the
+    """Under deferred_syncs (the runner around a handler) the directories are synced with the
     record's bytes, before the record is renamed into place; the record's own directory at once."""
     from services.publisher import qc_local
     from shared import files
@@ -168,7 +168,7 @@ def test_inside_a_runner_a_batch_leaves_its_directories_to_the_state_record_roun
     monkeypatch.setattr(qc_local, "sync_all", record)
     monkeypatch.setattr(ledger_module, "fsync_dir", record_dir)
     qc = qc_local.LocalQcServer(tmp_path / "qc")
-    with files.deferred_dir_syncs() as pending, qc.batch():
+    with files.deferred_syncs() as pending, qc.batch():
         qc.put("b/1.txt", b"1", content_type="text/plain")
         qc.put("c/2.txt", b"2", content_type="text/plain")
     assert len(rounds) == 1 and all(files.is_temp_name(p.name) for p in rounds[0])  # only the bytes so far
