@@ -15,9 +15,9 @@ work and released after the result is recorded. The kernel drops the lock when
 its holder dies (kill -9 included), so a lease never outlives its process. Each
 acquisition gets a fencing token (one more than the last), written into the
 lease file with the holder's host and pid; ``record`` refuses to write for a
-token that is no longer the current one. Every lease is appended to
-``<stage>.leases.jsonl`` when released: the history of who worked on the run
-when.
+token that is no longer the current one. Every lease is appended to the run's
+``leases.jsonl`` when released (one file for all stages, each entry naming its
+stage): the history of who worked on the run when.
 
 The run's last answer to AOG (a PreImagingCompleted or RunFailed) is kept in
 ``terminal.json``, so a delivery sent again after its run finished can be
@@ -48,6 +48,9 @@ from shared.files import fsync_dir, write_all_atomic, write_atomic
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
+
+#: The run's lease history, every stage's released leases (``lease_history``).
+LEASE_HISTORY = "leases.jsonl"
 
 
 class LedgerError(Exception):
@@ -251,17 +254,25 @@ class FileLedger:
             try:
                 yield lease
             finally:
-                _append_history(directory / f"{stage}.leases.jsonl", {**holder, "released_at": _now()})
+                _append_history(directory / LEASE_HISTORY, {"stage": stage, **holder, "released_at": _now()})
         finally:
             os.close(fd)  # releases the flock
 
     def lease_history(self, stage: str, instrument: str, run_id: str) -> list[dict[str, Any]]:
-        """Every released lease of (stage, run), oldest first."""
-        path = self.run_dir(instrument, run_id) / f"{stage}.leases.jsonl"
-        try:
-            return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        except FileNotFoundError:
-            return []
+        """Every released lease of (stage, run), oldest first (an earlier version's per-stage file first)."""
+        directory = self.run_dir(instrument, run_id)
+        entries = []
+        for path, of_stage in ((directory / f"{stage}.leases.jsonl", True), (directory / LEASE_HISTORY, False)):
+            try:
+                lines = path.read_text().splitlines()
+            except FileNotFoundError:
+                continue
+            for line in lines:
+                if line.strip():
+                    entry = json.loads(line)
+                    if of_stage or entry.get("stage") == stage:
+                        entries.append(entry)
+        return entries
 
 
 def _append_history(path: Path, entry: dict[str, Any]) -> None:
