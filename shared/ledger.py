@@ -25,9 +25,10 @@ answered with it.
 
 Records live in ``<data_root>/state/<INSTR>/<run_id>/<stage>.json`` and are
 written atomically (temporary file, fsync, rename, fsync of the directory),
-each event serialised once; that the events were published is a separate
-marker ``<stage>.published`` naming the input message, so the record is never
-rewritten.
+each event serialised once. That the events were published is a marker naming
+the input message, written into the stage's lease file after the holder (no
+file of its own), so the record is never rewritten; earlier versions kept it in
+``<stage>.published``, which is still read.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ _log = logging.getLogger(__name__)
 
 #: The run's lease history, every stage's released leases (``lease_history``).
 LEASE_HISTORY = "leases.jsonl"
+#: A lease file holds the holder's JSON in its first HOLDER_BYTES (padded with blanks), then the
+#: stage's published marker in the next MARKER_BYTES (blank: not published).
+HOLDER_BYTES = 4096
+MARKER_BYTES = 4096
 
 
 class LedgerError(Exception):
@@ -166,7 +171,7 @@ class FileLedger:
             lease_token=lease.token if lease else None,
         )
         # A new record (another failure of the run) is not published yet, whatever its predecessor was.
-        self._marker(stage, source.instrument, source.run_id).unlink(missing_ok=True)
+        self._clear_marker(stage, source.instrument, source.run_id, lease)
         meta = {
             "stage": rec.stage,
             "input_message_id": rec.input_message_id,
@@ -189,19 +194,62 @@ class FileLedger:
         return rec
 
     def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
-        """Note that the events recorded for ``input_message_id`` were confirmed; the record is not rewritten."""
-        marker = {"input_message_id": input_message_id, "published_at": _now()}
-        # Not fsynced: a marker lost in a crash costs one re-emission of events consumers already dedupe.
-        write_atomic(self._marker(stage, instrument, run_id), json.dumps(marker).encode(), durable=False)
+        """Note that the events recorded for ``input_message_id`` were confirmed; the record is not rewritten.
+
+        The marker is written into the stage's lease file, after the holder (no new file);
+        not fsynced: a marker lost in a crash costs one re-emission of events consumers
+        already dedupe, and one cut short is read as absent.
+        """
+        marker = json.dumps({"input_message_id": input_message_id, "published_at": _now()}).encode()
+        try:
+            fd = os.open(self._lease_path(stage, instrument, run_id), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return  # the run's state was removed meanwhile: there is no record to mark
+        try:
+            os.pwrite(fd, marker.ljust(MARKER_BYTES), HOLDER_BYTES)
+        finally:
+            os.close(fd)
+
+    def _clear_marker(self, stage: str, instrument: str, run_id: str, lease: Lease | None) -> None:
+        blank = b" " * MARKER_BYTES
+        if lease is not None:
+            os.pwrite(lease.fd, blank, HOLDER_BYTES)
+        else:
+            try:
+                fd = os.open(self._lease_path(stage, instrument, run_id), os.O_WRONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                fd = -1
+            if fd >= 0:
+                try:
+                    os.pwrite(fd, blank, HOLDER_BYTES)
+                finally:
+                    os.close(fd)
+        self._marker(stage, instrument, run_id).unlink(missing_ok=True)
+
+    def _lease_path(self, stage: str, instrument: str, run_id: str) -> Path:
+        return self.run_dir(instrument, run_id) / f"{stage}.lease"
 
     def _marker(self, stage: str, instrument: str, run_id: str) -> Path:
+        """Where an earlier version kept the published marker (still read; removed by a new record)."""
         return self.run_dir(instrument, run_id) / f"{stage}.published"
 
     def _published_at(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> str | None:
         try:
-            marker = json.loads(self._marker(stage, instrument, run_id).read_bytes())
+            fd = os.open(self._lease_path(stage, instrument, run_id), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            text = b""
+        else:
+            try:
+                text = os.pread(fd, MARKER_BYTES, HOLDER_BYTES)
+            finally:
+                os.close(fd)
+        if not text.strip():
+            try:
+                text = self._marker(stage, instrument, run_id).read_bytes()
+            except FileNotFoundError:
+                return None
+        try:
+            marker = json.loads(text)
         except ValueError:
             return None  # a marker cut short: not published as far as we know; re-emitting is harmless
         if not isinstance(marker, dict) or marker.get("input_message_id") != input_message_id:
@@ -237,7 +285,7 @@ class FileLedger:
         """Hold the (stage, run) lease for the duration of the block; ``LeaseBusy`` if another holds it."""
         directory = self.run_dir(instrument, run_id)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"{stage}.lease"
+        path = self._lease_path(stage, instrument, run_id)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
@@ -248,8 +296,9 @@ class FileLedger:
             token = (previous if isinstance(previous, int) else 0) + 1
             holder = {"token": token, "host": socket.gethostname(), "pid": os.getpid(), "acquired_at": _now()}
             body = json.dumps(holder).encode()
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, body, 0)  # not fsynced: the lock, not the file, excludes; the token is for the record
+            # Padded over the previous holder, the published marker after it kept. Not fsynced:
+            # the lock, not the file, excludes; the token is for the record.
+            os.pwrite(fd, body.ljust(HOLDER_BYTES), 0)
             lease = Lease(path, token, fd)
             try:
                 yield lease
