@@ -16,6 +16,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from markupsafe import Markup, escape
+
 from shared.userreport_config import ReportSpec, normalise_keyword
 
 _log = logging.getLogger(__name__)
@@ -79,6 +81,19 @@ def fit(text: str, width: int, right: bool = False) -> str:
     if len(text) > width:
         return text[: max(width - 1, 0)] + "~"
     return text.rjust(width) if right else text.ljust(width)
+
+
+def fit_row(cells: Iterable[Any], columns: Iterable[Column]) -> str:
+    """A table line of the text report: each cell :func:`fit` to its column, one blank between."""
+    return " ".join(fit(cell, column.width, column.numeric) for cell, column in zip(cells, columns))
+
+
+def html_cells(cells: Iterable[Any], columns: Iterable[Column]) -> Markup:
+    """The ``<td>`` cells of an HTML report line, each value escaped; numeric columns right-aligned."""
+    return Markup("".join(
+        f'<td class="num">{escape(cell)}</td>' if column.numeric else f"<td>{escape(cell)}</td>"
+        for cell, column in zip(cells, columns)
+    ))
 
 
 def _sort_key(value: Any) -> tuple[int, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import jinja2
 
-from services.reporter.fitsreport import fit
+from services.reporter.fitsreport import fit, fit_row, html_cells
 from services.reporter.handlers import ReporterPorts, handle_products_ready, write_report_files
 from shared.bus.runner import Handlers
 from shared.files import file_stamp, settled
@@ -51,6 +51,8 @@ def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
         keep_trailing_newline=True,
     )
     env.filters["fit"] = fit
+    env.filters["fit_row"] = fit_row
+    env.filters["html_cells"] = html_cells
     return env
 
 
