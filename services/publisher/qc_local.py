@@ -2,7 +2,8 @@
 
 The directory has the bucket's key layout, ``<root>/<key>``. Objects appear by
 rename, each with its SHA-256 in the extended attribute ``user.preimg.sha256``;
-a batch stages a package's objects and shows them together once durable.
+a batch stages a package's objects and shows them together, durable when it
+ends (see ``_commit`` for which bytes are synced before the renames).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class _StagedObject:
     target: Path
     #: The temporary file's bytes still need a sync (False for a hard link of a durable file).
     sync: bool
+    #: They may be synced after the rename, with the directories: the object was written from
+    #: bytes whose digest the caller did not give, so nobody can trust it on a replay (see _commit).
+    sync_after: bool = False
 
 
 def _stage_object(target: Path, body: bytes | Path, sha256: str | None) -> tuple[_StagedObject, str]:
@@ -49,6 +53,7 @@ def _stage_object(target: Path, body: bytes | Path, sha256: str | None) -> tuple
     The digest is set on the temporary file, so after the rename the object
     and its SHA-256 appear together.
     """
+    given = sha256
     if isinstance(body, Path) and sha256 is not None:
         linked = _link_temp(body, target, sha256)
         if linked is not None:
@@ -80,7 +85,7 @@ def _stage_object(target: Path, body: bytes | Path, sha256: str | None) -> tuple
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return _StagedObject(tmp, target, sync=True), sha256
+    return _StagedObject(tmp, target, sync=True, sync_after=given is None), sha256
 
 
 def _link_temp(source: Path, target: Path, sha256: str) -> Path | None:
@@ -111,21 +116,28 @@ def _link_temp(source: Path, target: Path, sha256: str) -> Path | None:
 
 
 def _commit(staged: list[_StagedObject], durable: bool = True) -> None:
-    """Rename staged objects into place: their bytes synced together first, their directories after.
+    """Rename staged objects into place, durably: bytes, renames, directories.
 
-    Objects appear only once their bytes are durable, so a replay that finds
-    an object with the right SHA-256 and size can trust it.
+    An object put with the caller's SHA-256 appears only once its bytes are
+    durable, so a replay that finds it with that SHA-256 and size can trust it
+    and skip it. An object whose digest was computed here from the bytes (the
+    caller gave none) cannot be skipped that way: a replay puts it again. Its
+    bytes are synced after the rename, with the directories (``sync_later``:
+    under a message runner, in the round of the stage's state record, before
+    anything is emitted), which saves a round of syncs per batch.
     """
     try:
-        if durable:
-            sync_all([s.tmp for s in staged if s.sync])
+        before = [s.tmp for s in staged if s.sync and not s.sync_after]
+        if durable and before:
+            sync_all(before)
         for s in staged:
             os.replace(s.tmp, s.target)
     except BaseException:
         _discard(staged)
         raise
     if durable:
-        sync_later({s.target.parent for s in staged})
+        sync_later([*(s.target for s in staged if s.sync and s.sync_after),
+                    *dict.fromkeys(s.target.parent for s in staged)])
 
 
 def _discard(staged: list[_StagedObject]) -> None:

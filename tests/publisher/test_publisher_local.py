@@ -113,7 +113,7 @@ def test_prune_command_against_s3(tmp_path, s3_server, bucket):
     assert left.get("KeyCount", 0) == 0
 
 
-def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_path, monkeypatch):
+def test_a_batch_syncs_its_objects_and_shows_them_at_its_end(tmp_path, monkeypatch):
     from services.publisher import qc_local
     from shared import files
 
@@ -125,22 +125,28 @@ def test_a_batch_syncs_its_objects_in_two_rounds_and_shows_them_at_its_end(tmp_p
         files.sync_all(paths)
 
     monkeypatch.setattr(qc_local, "sync_all", record)
-    monkeypatch.setattr(qc_local, "sync_later", record)  # the directories' round (sync_all outside a runner)
+    monkeypatch.setattr(qc_local, "sync_later", record)  # sync_all outside a runner
     qc = qc_local.LocalQcServer(tmp_path / "qc")
     qc.put("a/one.txt", b"1", content_type="text/plain")
-    # outside a batch each put is durable when it returns: its bytes, then its directory
-    assert len(rounds) == 2 and rounds[1] == [tmp_path / "qc" / "a"]
+    # outside a batch a put is durable when it returns: written from bytes (no digest given,
+    # so no replay skips it), it is renamed, then its bytes and directory synced in one round
+    assert rounds == [[tmp_path / "qc" / "a", tmp_path / "qc" / "a" / "one.txt"]]
     assert (tmp_path / "qc" / "a" / "one.txt").read_bytes() == b"1"
     with qc.batch():
         for i in range(5):
             qc.put(f"b/{i}.txt", str(i).encode(), content_type="text/plain")
         qc.put("c/x.txt", b"x", content_type="text/plain")
-        assert len(rounds) == 2
-        assert not (tmp_path / "qc" / "b" / "4.txt").exists()  # nothing shows before it is durable
-    assert len(rounds[2]) == 6 and all(files.is_temp_name(p.name) for p in rounds[2])
-    assert rounds[3] == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
+        assert len(rounds) == 1
+        assert not (tmp_path / "qc" / "b" / "4.txt").exists()  # nothing shows before the batch ends
+    assert rounds[1] == sorted([tmp_path / "qc" / "b", tmp_path / "qc" / "c", tmp_path / "qc" / "c" / "x.txt",
+                                *(tmp_path / "qc" / "b" / f"{i}.txt" for i in range(5))])
     assert (tmp_path / "qc" / "b" / "4.txt").read_bytes() == b"4"
     assert qc.head("b/4.txt").sha256 == hashlib.sha256(b"4").hexdigest()
+    # with the caller's digest a replay may skip the object: its bytes are durable before it appears
+    with qc.batch():
+        qc.put("d/k.txt", b"k", content_type="text/plain", sha256=hashlib.sha256(b"k").hexdigest())
+    assert len(rounds[2]) == 1 and files.is_temp_name(rounds[2][0].name)
+    assert rounds[3] == [tmp_path / "qc" / "d"]
 
 
 def test_inside_a_runner_a_batch_leaves_its_directories_to_the_state_record_round(tmp_path, monkeypatch):
@@ -168,11 +174,13 @@ def test_inside_a_runner_a_batch_leaves_its_directories_to_the_state_record_roun
     monkeypatch.setattr(qc_local, "sync_all", record)
     monkeypatch.setattr(ledger_module, "fsync_dir", record_dir)
     qc = qc_local.LocalQcServer(tmp_path / "qc")
+    digest = hashlib.sha256(b"2").hexdigest()
     with files.deferred_syncs() as pending, qc.batch():
         qc.put("b/1.txt", b"1", content_type="text/plain")
-        qc.put("c/2.txt", b"2", content_type="text/plain")
-    assert len(rounds) == 1 and all(files.is_temp_name(p.name) for p in rounds[0])  # only the bytes so far
-    assert sorted(pending) == [tmp_path / "qc" / "b", tmp_path / "qc" / "c"]
+        qc.put("c/2.txt", b"2", content_type="text/plain", sha256=digest)
+    # only the bytes of the object with the caller's digest so far
+    assert len(rounds) == 1 and len(rounds[0]) == 1 and files.is_temp_name(rounds[0][0].name)
+    assert sorted(pending) == [tmp_path / "qc" / "b", tmp_path / "qc" / "b" / "1.txt", tmp_path / "qc" / "c"]
     ledger = FileLedger(tmp_path / "state")
     event = RunFailed(run_id="r-1", delivery_id="d-1", instrument="HAWKI", failed_stage="publisher", reason="x")
     ledger.record("reports_ready", event, [], sync_first=pending)
