@@ -156,9 +156,9 @@ class FileLedger:
         """Write what ``stage`` emitted for ``source``; with ``lease``, only while it is still ours.
 
         ``terminal``: the run's answer to AOG among ``events``, kept as ``terminal.json``
-        in the same round of syncs as the record. ``sync_first``: directories holding the
-        stage's outputs whose syncs were put off (``shared.files.deferred_syncs``):
-        synced with the record's bytes, so they are durable before the record appears.
+        in the same round of syncs as the record. ``sync_first``: the stage's outputs (files,
+        directories) whose syncs were put off (``shared.files.deferred_syncs``): synced
+        with the record's bytes, so they are durable before the record appears.
         """
         if lease is not None and lease.current_token() != lease.token:
             raise LeaseLost(f"{lease.path}: token {lease.token} is no longer current; not recording")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -273,7 +274,8 @@ class MessageRunner:
             self._metrics.stage_duration.labels(stage, instrument).observe(elapsed)
 
         try:
-            self._record(message, events, lease, sync_first=pending)
+            # A path the handler removed again after asking for its sync (an emptied directory) needs none.
+            self._record(message, events, lease, sync_first=[p for p in pending if os.path.lexists(p)])
         except (OSError, LeaseLost) as e:
             return self._retry_or_give_up(message, incoming, e)
         _log.info("handled %s in %.3f s; emits %s", message.type, elapsed, ", ".join(e.type for e in events) or "nothing")
