@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any, Self
 
 import pika
@@ -165,7 +166,7 @@ def declare_topology(
             return
         specs = {s.name: s for s in (*topology_specs(instruments or ()), *extra)}
         for spec in specs.values():
-            _declare_queue(channel, exchange, spec, retry_delays_ms, queue_args)
+            _declare_queues(channel, _queues_of(spec, exchange, retry_delays_ms, queue_args), queue_args)
     finally:
         if channel.is_open:
             channel.close()
@@ -182,10 +183,15 @@ def _declare(channel: BlockingChannel, queue: str, arguments: dict[str, Any], qu
 
 def _declare_exchanges(connection: pika.BlockingConnection, channel: BlockingChannel, exchange: str,
                        queue_args: QueueArguments) -> None:
+    """The topic exchange, its alternate exchange, and ``preimg.unroutable`` collecting what no binding takes."""
+    _declare_exchange_pair(connection, channel, exchange)
+    _declare_queues(channel, [_unroutable_queue(exchange, queue_args)], queue_args)
+
+
+def _declare_exchange_pair(connection: pika.BlockingConnection, channel: BlockingChannel, exchange: str) -> None:
+    """The topic exchange with its alternate exchange (an older exchange without it is used, with a warning)."""
     alternate = alternate_exchange(exchange)
     channel.exchange_declare(exchange=alternate, exchange_type="fanout", durable=True)
-    _declare(channel, UNROUTABLE_QUEUE, queue_args.plain_queue(), queue_args)
-    channel.queue_bind(queue=UNROUTABLE_QUEUE, exchange=alternate)
     probe = connection.channel()  # the broker closes a channel whose declaration it refuses
     try:
         probe.exchange_declare(
@@ -206,15 +212,37 @@ def _declare_exchanges(connection: pika.BlockingConnection, channel: BlockingCha
         )
 
 
-def _declare_queue(channel: BlockingChannel, exchange: str, spec: QueueSpec, retry_delays_ms: tuple[int, ...],
-                   queue_args: QueueArguments) -> None:
-    _declare(channel, dead_letter_queue(spec.name), queue_args.plain_queue(), queue_args)
-    # A message the runner cannot settle (a bug) is nacked without requeue and lands in the DLQ.
-    _declare(channel, spec.name, queue_args.service_queue(spec.name), queue_args)
-    for key in spec.bindings:
-        channel.queue_bind(queue=spec.name, exchange=exchange, routing_key=key)
-    for tier, delay_ms in enumerate(retry_delays_ms):
-        _declare(channel, retry_queue(spec.name, tier), queue_args.retry_queue(spec.name, delay_ms), queue_args)
+@dataclass(frozen=True)
+class _QueueDecl:
+    """One queue of the layout as it is declared: its name, ``x-`` arguments and bindings (exchange, key)."""
+
+    name: str
+    arguments: dict[str, Any]
+    bindings: tuple[tuple[str, str], ...] = ()
+
+
+def _unroutable_queue(exchange: str, queue_args: QueueArguments) -> _QueueDecl:
+    return _QueueDecl(UNROUTABLE_QUEUE, queue_args.plain_queue(), ((alternate_exchange(exchange), ""),))
+
+
+def _queues_of(spec: QueueSpec, exchange: str, retry_delays_ms: tuple[int, ...],
+               queue_args: QueueArguments) -> list[_QueueDecl]:
+    """A consuming queue's part of the layout, in declaration order: its dead-letter queue (a message
+    the runner cannot settle, a bug, is nacked there without requeue), the queue with its bindings,
+    its retry queues."""
+    return [
+        _QueueDecl(dead_letter_queue(spec.name), queue_args.plain_queue()),
+        _QueueDecl(spec.name, queue_args.service_queue(spec.name), tuple((exchange, k) for k in spec.bindings)),
+        *(_QueueDecl(retry_queue(spec.name, tier), queue_args.retry_queue(spec.name, delay_ms))
+          for tier, delay_ms in enumerate(retry_delays_ms)),
+    ]
+
+
+def _declare_queues(channel: BlockingChannel, queues: Iterable[_QueueDecl], queue_args: QueueArguments) -> None:
+    for queue in queues:
+        _declare(channel, queue.name, queue.arguments, queue_args)
+        for source, key in queue.bindings:
+            channel.queue_bind(queue=queue.name, exchange=source, routing_key=key)
 
 
 def _properties(headers: Mapping[str, Any] | None, message_id: str | None = None) -> pika.BasicProperties:
@@ -695,55 +723,38 @@ def migrate_queue_types(amqp_url: str, exchange: str, instruments: Iterable[str]
 
 def _migrate(connection: pika.BlockingConnection, exchange: str, instruments: Iterable[str],
              retry_delays_ms: tuple[int, ...], queue_args: QueueArguments) -> list[dict[str, Any]]:
-    _declare_exchanges_for_migration(connection, exchange)
-    layout: list[tuple[str, dict[str, Any], list[tuple[str, str]]]] = [
-        (UNROUTABLE_QUEUE, queue_args.plain_queue(), [(alternate_exchange(exchange), "")])]
+    channel = connection.channel()
+    _declare_exchange_pair(connection, channel, exchange)
+    channel.close()
+    layout = [_unroutable_queue(exchange, queue_args)]
     for spec in topology_specs(instruments):
-        layout += [(retry_queue(spec.name, tier), queue_args.retry_queue(spec.name, delay), [])
-                   for tier, delay in enumerate(retry_delays_ms)]
-        layout.append((spec.name, queue_args.service_queue(spec.name), [(exchange, k) for k in spec.bindings]))
-        layout.append((dead_letter_queue(spec.name), queue_args.plain_queue(), []))
-    changed = [(name, args, binds) for name, args, binds in layout if not _holds_as(connection, name, args)]
+        dead_letters, queue, *retries = _queues_of(spec, exchange, retry_delays_ms, queue_args)
+        layout += [*retries, queue, dead_letters]  # no retry may expire into a queue being replaced
+    changed = [q for q in layout if not _holds_as(connection, q.name, q.arguments)]
     channel = connection.channel()
     channel.confirm_delivery()
-    for name, _args, _binds in changed:
-        consumers = channel.queue_declare(name, passive=True).method.consumer_count
+    for q in changed:
+        consumers = channel.queue_declare(q.name, passive=True).method.consumer_count
         if consumers:
-            raise MigrationRefused(f"queue {name} has {consumers} consumer(s): stop the services first")
+            raise MigrationRefused(f"queue {q.name} has {consumers} consumer(s): stop the services first")
     report = []
-    for name, _args, binds in changed:  # 1: unbind (new messages go elsewhere), move aside, delete
-        for source, key in binds:
-            channel.queue_unbind(queue=name, exchange=source, routing_key=key)
-        channel.queue_declare(_holding_queue(name), durable=True, arguments=queue_args.plain_queue() or None)
-        moved = _move_messages(channel, name, _holding_queue(name))
-        _delete_empty(channel, name)
-        report.append({"queue": name, "from": queue_args.other_type, "to": queue_args.queue_type,
+    for q in changed:  # 1: unbind (new messages go elsewhere), move aside, delete
+        for source, key in q.bindings:
+            channel.queue_unbind(queue=q.name, exchange=source, routing_key=key)
+        channel.queue_declare(_holding_queue(q.name), durable=True, arguments=queue_args.plain_queue() or None)
+        moved = _move_messages(channel, q.name, _holding_queue(q.name))
+        _delete_empty(channel, q.name)
+        report.append({"queue": q.name, "from": queue_args.other_type, "to": queue_args.queue_type,
                        "messages": moved})
     channel.close()
     # 2: declare anew, refill (also what a crash left aside). A channel of its own: a channel that
     # used the old queue keeps its type in a cache and crashes publishing to the new one (3.10).
     channel = connection.channel()
     channel.confirm_delivery()
-    for name, args, binds in layout:
-        channel.queue_declare(name, durable=True, arguments=args or None)
-        for source, key in binds:
-            channel.queue_bind(queue=name, exchange=source, routing_key=key)
-        _restore_holding(connection, channel, name)
+    for q in layout:
+        _declare_queues(channel, [q], queue_args)
+        _restore_holding(connection, channel, q.name)
     return report
-
-
-def _declare_exchanges_for_migration(connection: pika.BlockingConnection, exchange: str) -> None:
-    channel = connection.channel()
-    channel.exchange_declare(exchange=alternate_exchange(exchange), exchange_type="fanout", durable=True)
-    probe = connection.channel()
-    try:
-        probe.exchange_declare(exchange=exchange, exchange_type="topic", durable=True,
-                               arguments={"alternate-exchange": alternate_exchange(exchange)})
-        probe.close()
-    except pika.exceptions.ChannelClosedByBroker as e:
-        if e.reply_code != _PRECONDITION_FAILED:
-            raise
-    channel.close()
 
 
 def _holds_as(connection: pika.BlockingConnection, queue: str, arguments: dict[str, Any]) -> bool:
