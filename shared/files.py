@@ -15,12 +15,14 @@ import stat
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
 from pathlib import Path
+from typing import TypeVar
 
 CHUNK = 1 << 20
+T = TypeVar("T")
 
 #: Name of :func:`write_atomic`'s temporary files, ``.<target name>.<random>.tmp``:
 #: (prefix, suffix). :func:`is_temp_name` and :func:`remove_stale_temp_files` match it.
@@ -313,6 +315,21 @@ def settled(stamp: Stamp | None) -> bool:
     its size keeps its stamp: what was parsed from a file changed that recently is not kept.
     """
     return stamp is not None and stamp[2] < time.time_ns() - SETTLED_NS
+
+
+def reuse_while_unchanged(cache: dict[Hashable, tuple[tuple[Stamp | None, ...], T]], key: Hashable,
+                          paths: Sequence[Path], load: Callable[[], T]) -> T:
+    """What ``load()`` makes of ``paths`` (parsed configuration), taken from ``cache[key]`` while none
+    of the files changed (:func:`file_stamp`). Kept only when every file has :func:`settled`; a
+    missing file has no stamp, so ``load`` runs (and says what is missing) each time."""
+    stamps = tuple(file_stamp(p) for p in paths)
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamps:
+        return hit[1]
+    value = load()
+    if all(settled(s) for s in stamps):
+        cache[key] = (stamps, value)
+    return value
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Hashable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import jinja2
 from services.reporter.fitsreport import fit, fit_row, html_cells
 from services.reporter.handlers import ReporterPorts, handle_products_ready, write_report_files
 from shared.bus.runner import Handlers
-from shared.files import file_stamp, settled
+from shared.files import reuse_while_unchanged
 from shared.messages import ProductsReady
 from shared.metrics import Metrics
 from shared.profiles import load_profile
@@ -56,19 +57,13 @@ def build_templates(directory: Path = TEMPLATE_DIR) -> jinja2.Environment:
     return env
 
 
-def report_specs(path: Path, kept: dict[str, Any]) -> tuple[ReportSpec, ...]:
+def report_specs(path: Path, kept: dict[Hashable, Any]) -> tuple[ReportSpec, ...]:
     """The fitsreport configuration of ``path``, parsed again only when the file changed.
 
-    ``kept`` holds the last parse (its file stamp and the specs): an operator's edit
-    takes effect on the next run without parsing the file for every run.
+    ``kept`` holds the last parse: an operator's edit takes effect on the next run
+    without parsing the file for every run.
     """
-    stamp = file_stamp(path)
-    if stamp is not None and kept.get("stamp") == stamp:
-        return kept["specs"]
-    specs = parse_config(path)
-    if settled(stamp):
-        kept.update(stamp=stamp, specs=specs)
-    return specs
+    return reuse_while_unchanged(kept, path, (path,), lambda: parse_config(path))
 
 
 def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:

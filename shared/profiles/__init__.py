@@ -40,13 +40,13 @@ import glob
 import logging
 import os
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
-from shared.files import Stamp, file_stamp, settled
+from shared.files import Stamp, reuse_while_unchanged
 from shared.layout import INSTRUMENT_PATTERN
 from shared.messages import describe_validation_error
 
@@ -222,27 +222,20 @@ def load_profile(instrument: str, directory: Path | None = None,
     directory = directory or PROFILE_DIR
     path = directory / f"{instrument.lower()}.toml"
     overlay_files = overlay_paths(overlays)
-    stamps = tuple(file_stamp(p) for p in (path, *overlay_files))
-    if stamps[0] is None:
-        known = ", ".join(available_instruments()) or "none"
-        raise ProfileError(f"unknown instrument {instrument!r}: no profile {path} (known: {known})")
-    cache_key = (str(path), tuple(str(p) for p in overlay_files))
-    hit = _loaded.get(cache_key)
-    if hit is not None and hit[0] == stamps:
-        return hit[1]
-    profile = _load(path, instrument, overlay_files)
-    if all(settled(s) for s in stamps):  # else read again next time (see shared.files.settled)
-        _loaded[cache_key] = (stamps, profile)
-    return profile
+    return reuse_while_unchanged(_loaded, (str(path), tuple(str(p) for p in overlay_files)), (path, *overlay_files),
+                                 lambda: _load(path, instrument, overlay_files))
 
 
 #: Profiles already validated, by (profile file, overlay files): (their stamps, the profile).
 #: An edited or replaced file has another stamp (``shared.files.file_stamp``): read again on the next call.
-_loaded: dict[tuple[str, tuple[str, ...]], tuple[tuple[Stamp | None, ...], Profile]] = {}
+_loaded: dict[Hashable, tuple[tuple[Stamp | None, ...], Profile]] = {}
 
 
 def _load(path: Path, instrument: str, overlay_files: list[Path]) -> Profile:
     """Read, merge and validate the profile and its overlays (``load_profile`` without the cache)."""
+    if not path.is_file():
+        known = ", ".join(available_instruments()) or "none"
+        raise ProfileError(f"unknown instrument {instrument!r}: no profile {path} (known: {known})")
     data = _read_toml(path, "profile")
     applied: list[str] = []
     for overlay in overlay_files:
