@@ -201,30 +201,28 @@ class FileLedger:
         already dedupe, and one cut short is read as absent.
         """
         marker = json.dumps({"input_message_id": input_message_id, "published_at": _now()}).encode()
+        self._write_marker(stage, instrument, run_id, marker)
+
+    def _clear_marker(self, stage: str, instrument: str, run_id: str, lease: Lease | None) -> None:
+        self._write_marker(stage, instrument, run_id, b"", lease)
+        self._marker(stage, instrument, run_id).unlink(missing_ok=True)
+
+    def _write_marker(self, stage: str, instrument: str, run_id: str, marker: bytes,
+                      lease: Lease | None = None) -> None:
+        """Put ``marker`` (blank-padded; empty: not published) after the holder in the stage's lease
+        file, through the held lease's descriptor or, without one, by opening the file (gone: nothing to mark)."""
+        padded = marker.ljust(MARKER_BYTES)
+        if lease is not None:
+            os.pwrite(lease.fd, padded, HOLDER_BYTES)
+            return
         try:
             fd = os.open(self._lease_path(stage, instrument, run_id), os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return  # the run's state was removed meanwhile: there is no record to mark
         try:
-            os.pwrite(fd, marker.ljust(MARKER_BYTES), HOLDER_BYTES)
+            os.pwrite(fd, padded, HOLDER_BYTES)
         finally:
             os.close(fd)
-
-    def _clear_marker(self, stage: str, instrument: str, run_id: str, lease: Lease | None) -> None:
-        blank = b" " * MARKER_BYTES
-        if lease is not None:
-            os.pwrite(lease.fd, blank, HOLDER_BYTES)
-        else:
-            try:
-                fd = os.open(self._lease_path(stage, instrument, run_id), os.O_WRONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
-                fd = -1
-            if fd >= 0:
-                try:
-                    os.pwrite(fd, blank, HOLDER_BYTES)
-                finally:
-                    os.close(fd)
-        self._marker(stage, instrument, run_id).unlink(missing_ok=True)
 
     def _lease_path(self, stage: str, instrument: str, run_id: str) -> Path:
         return self.run_dir(instrument, run_id) / f"{stage}.lease"
