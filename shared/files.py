@@ -267,6 +267,27 @@ def sync_all(paths: Iterable[Path]) -> None:
         raise errors[0]
 
 
+def sync_soon(paths: Iterable[Path]) -> Callable[[], None]:
+    """Start making ``paths`` durable in the background; the returned function waits until they
+    are and raises the first error.
+
+    For what must be durable before a message is acked but not before its events are
+    published: the directory entry of a stage's state record (``FileLedger.record``), synced
+    while the broker takes the events and the next stage starts.
+    """
+    paths = list(paths)
+    if not paths:
+        return lambda: None
+    future = _pool().submit(_sync_each, paths)
+    return future.result
+
+
+def _sync_each(paths: list[Path]) -> None:
+    errors = [e for e in map(_sync_one, paths) if e is not None]
+    if errors:
+        raise errors[0]
+
+
 def _sync_one(path: Path) -> OSError | None:
     try:
         fd = os.open(path, os.O_RDONLY)

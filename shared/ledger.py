@@ -38,14 +38,14 @@ import json
 import logging
 import os
 import socket
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.files import fsync_dir, write_all_atomic, write_atomic
+from shared.files import fsync_dir, sync_soon, write_all_atomic, write_atomic
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
@@ -152,32 +152,32 @@ class FileLedger:
             raise CorruptRecord(path, e) from e
 
     def record(self, stage: str, source: Envelope, events: list[Envelope], lease: Lease | None = None,
-               terminal: Envelope | None = None, sync_first: Sequence[Path] = ()) -> StageRecord:
+               terminal: Envelope | None = None, sync_first: Sequence[Path] = (),
+               entry_synced_later: bool = False) -> Callable[[], None]:
         """Write what ``stage`` emitted for ``source``; with ``lease``, only while it is still ours.
 
         ``terminal``: the run's answer to AOG among ``events``, kept as ``terminal.json``
         in the same round of syncs as the record. ``sync_first``: the stage's outputs (files,
         directories) whose syncs were put off (``shared.files.deferred_syncs``): synced
         with the record's bytes, so they are durable before the record appears.
+
+        Returns a function that blocks until the record is durable and raises the
+        ``OSError`` that kept it from being so. The record's bytes are synced before it is
+        renamed into place; its directory entry, after. ``entry_synced_later``: that last
+        sync runs in the background and the returned function waits for it (the runner's
+        bus adapter, before the ack: the entry's sync overlaps the events' publishing);
+        otherwise it is done before returning.
         """
         if lease is not None and lease.current_token() != lease.token:
             raise LeaseLost(f"{lease.path}: token {lease.token} is no longer current; not recording")
-        rec = StageRecord(
-            stage=stage,
-            input_message_id=source.message_id,
-            delivery_id=source.delivery_id,
-            events=tuple(events),
-            recorded_at=_now(),
-            lease_token=lease.token if lease else None,
-        )
         # A new record (another failure of the run) is not published yet, whatever its predecessor was.
         self._clear_marker(stage, source.instrument, source.run_id, lease)
         meta = {
-            "stage": rec.stage,
-            "input_message_id": rec.input_message_id,
-            "delivery_id": rec.delivery_id,
-            "recorded_at": rec.recorded_at,
-            "lease_token": rec.lease_token,
+            "stage": stage,
+            "input_message_id": source.message_id,
+            "delivery_id": source.delivery_id,
+            "recorded_at": _now(),
+            "lease_token": lease.token if lease else None,
         }
         # Each event is serialised once, straight into the record (and the answer's copy from it).
         texts = {id(e): e.to_json() for e in events}
@@ -190,8 +190,15 @@ class FileLedger:
             answer = texts.get(id(terminal)) or terminal.to_json()
             write_all_atomic({record_path: body.encode(), self._terminal_path(terminal): answer},
                              sync_first=sync_first, sync_dir=False)
+        if entry_synced_later:
+            return sync_soon([record_path.parent])
         fsync_dir(record_path.parent)
-        return rec
+        return _already_durable
+
+    def sync_record_entry(self, stage: str, instrument: str, run_id: str) -> Callable[[], None]:
+        """Sync the directory entry of an existing record again, in the background; the returned
+        function waits for it (a record found unpublished: its first sync may have failed)."""
+        return sync_soon([self._path(stage, instrument, run_id).parent])
 
     def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
         """Note that the events recorded for ``input_message_id`` were confirmed; the record is not rewritten.
@@ -337,6 +344,10 @@ def _read_json(fd: int) -> dict[str, Any]:
     except ValueError:
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _already_durable() -> None:
+    """What :meth:`FileLedger.record` returns when the record was made durable before it returned."""
 
 
 def _now() -> str:

@@ -52,8 +52,13 @@ def settle(outcome: Outcome, incoming: Incoming, queue: str, n_retry_tiers: int,
     try:
         for event in outcome.events:
             sender.publish(event)
+        if outcome.recorded_durably is not None:
+            try:
+                outcome.recorded_durably()
+            except OSError as e:
+                raise PublishFailed(f"the stage's state record could not be made durable: {e}") from e
     except PublishFailed as e:
-        _log.warning("the broker did not take an event: %s", e)
+        _log.warning("the result could not be settled: %s", e)
         if outcome.if_not_published is not None:
             settle(outcome.if_not_published(str(e)), incoming, queue, n_retry_tiers, sender)
             return

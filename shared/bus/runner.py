@@ -113,8 +113,10 @@ class Incoming:
 class Outcome:
     """What the bus adapter must do with the message in hand, in this order.
 
-    1. publish ``events`` (with confirms), then call ``on_published``; if the
-       broker does not take an event, settle ``if_not_published(reason)``
+    1. publish ``events`` (with confirms), then wait for ``recorded_durably``
+       (the stage's state record, whose last sync overlaps the publishing),
+       then call ``on_published``; if the broker does not take an event or the
+       record cannot be made durable, settle ``if_not_published(reason)``
        instead;
     2. ``ack``, or publish to the retry queue for ``next_attempt`` (tier
        ``retry_tier`` when given) with ``headers`` added and ack, or publish to
@@ -127,6 +129,7 @@ class Outcome:
     next_attempt: int = 0
     label: str = "ok"
     on_published: Callable[[], None] | None = None
+    recorded_durably: Callable[[], None] | None = None
     if_not_published: Callable[[str], Outcome] | None = None
     retry_tier: int | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
@@ -241,8 +244,10 @@ class MessageRunner:
                 _log.info("duplicate of a finished message: absorbed")
                 return Outcome("ack", label="replayed")
             _log.info("redelivered before its events were confirmed: re-emitting the recorded events")
+            # The record's last sync may be what failed the first time: done again before the ack.
             return self._emit(message, incoming, record.events, label="replayed",
-                              recorded_for=record.input_message_id)
+                              recorded_for=record.input_message_id,
+                              recorded_durably=self._ledger.sync_record_entry(stage, instrument, message.run_id))
 
         if self._prepare is not None and lease.token > 1:
             try:
@@ -275,22 +280,33 @@ class MessageRunner:
 
         try:
             # A path the handler removed again after asking for its sync (an emptied directory) needs none.
-            self._record(message, events, lease, sync_first=[p for p in pending if os.path.lexists(p)])
+            recorded_durably = self._record(message, events, lease,
+                                            sync_first=[p for p in pending if os.path.lexists(p)])
         except (OSError, LeaseLost) as e:
             return self._retry_or_give_up(message, incoming, e)
         _log.info("handled %s in %.3f s; emits %s", message.type, elapsed, ", ".join(e.type for e in events) or "nothing")
         self._count(stage, instrument, "ok")
         self._observe_end_to_end(message, events)
-        return self._emit(message, incoming, tuple(events))
+        return self._emit(message, incoming, tuple(events), recorded_durably=recorded_durably)
 
     def _record(self, message: Envelope, events: list[Envelope], lease: Lease | None,
-                sync_first: Sequence[Path] = ()) -> None:
+                sync_first: Sequence[Path] = ()) -> Callable[[], None]:
+        """Record the stage's result; returns the wait for the record's last sync (see ``Outcome``).
+
+        The outputs and the record's bytes are durable when this returns; the record's
+        directory entry is synced while the events are published, and the message is acked
+        only once it is: publishing first is safe, because a record lost with its entry
+        (power cut in between) only means the unacked message is handled again, re-emitting
+        events with the same message ids, which the next stage absorbs.
+        """
         answers = [e for e in events if e.stage in TERMINAL_STAGES]
-        self._ledger.record(message.stage, message, events, lease=lease, terminal=answers[-1] if answers else None,
-                            sync_first=sync_first)
+        return self._ledger.record(message.stage, message, events, lease=lease,
+                                   terminal=answers[-1] if answers else None, sync_first=sync_first,
+                                   entry_synced_later=True)
 
     def _emit(self, message: Envelope, incoming: Incoming, events: tuple[Envelope, ...],
-              label: str = "ok", recorded_for: str | None = None) -> Outcome:
+              label: str = "ok", recorded_for: str | None = None,
+              recorded_durably: Callable[[], None] | None = None) -> Outcome:
         """Publish recorded events and ack; if the broker does not take them, retry the message.
 
         ``recorded_for`` is the input message id the record was made for (a
@@ -301,6 +317,7 @@ class MessageRunner:
             events=events,
             label=label,
             on_published=self._marker(message, recorded_for or message.message_id),
+            recorded_durably=recorded_durably,
             if_not_published=lambda reason: self._not_published(message, incoming, reason),
         )
 
@@ -312,18 +329,19 @@ class MessageRunner:
                 lease: Lease | None = None) -> Outcome:
         _log.warning("run failed permanently: %s", error.reason)
         event = self._run_failed(message, incoming, error.reason, error.details)
+        recorded_durably = None
         if record_it:
             try:
-                self._record(message, [event], lease)
+                recorded_durably = self._record(message, [event], lease)
             except (OSError, LeaseLost) as e:
                 return self._retry_or_give_up(message, incoming, e)
         self._count(message.stage, message.instrument, "failed")
         self._observe_end_to_end(message, [event])
         if isinstance(message, RunFailed):  # never answer a failure with another failure
-            return Outcome("ack", label="failed")
+            return Outcome("ack", label="failed", recorded_durably=recorded_durably)
         if not record_it:
             return Outcome("ack", events=(event,), label="failed")
-        return self._emit(message, incoming, (event,), label="failed")
+        return self._emit(message, incoming, (event,), label="failed", recorded_durably=recorded_durably)
 
     def _retry_or_give_up(self, message: Envelope, incoming: Incoming, error: Exception) -> Outcome:
         stage, instrument = message.stage, message.instrument

@@ -483,6 +483,49 @@ def test_a_full_disk_while_recording_is_retried_with_the_reason(harness, handler
     assert handler.calls == {"good-full": 2} and harness.dead_letters() == []
 
 
+class EntrySyncFailsOnce(FileLedger):
+    """A ledger whose first record cannot be made durable: its directory's sync fails as on a bad disk."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.failures = 1
+        self.waits = 0
+        self.resyncs = 0
+
+    def record(self, *args, **kwargs):
+        durable = super().record(*args, **kwargs)
+
+        def wait() -> None:
+            self.waits += 1
+            durable()
+            if self.failures:
+                self.failures -= 1
+                raise OSError(errno.EIO, "Input/output error")
+
+        return wait
+
+    def sync_record_entry(self, *args, **kwargs):
+        self.resyncs += 1
+        return super().sync_record_entry(*args, **kwargs)
+
+
+def test_a_record_that_cannot_be_made_durable_is_not_acked_and_its_result_comes_again(harness, handler, tmp_path):
+    ledger = EntrySyncFailsOnce(tmp_path / "state")
+    r = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger,
+                      build_metrics(CollectorRegistry()), max_attempts=4)
+    harness.start(r)
+    msg = delivery("good-eio")
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 2)
+    # Published while the record's last sync ran; that sync failed, so the message was not acked
+    # but retried, and the retry re-emitted the recorded event (same id) without redoing the work.
+    assert {e.message_id for e in harness.sink()} == {harness.sink()[0].message_id}
+    assert all(isinstance(e, RawDataReady) for e in harness.sink())
+    assert handler.calls == {"good-eio": 1} and ledger.waits == 1 and ledger.resyncs == 1
+    assert harness.dead_letters() == []
+    harness.wait(lambda: ledger.lookup("delivery", "HAWKI", msg.run_id).published_at is not None)
+
+
 def test_an_event_nobody_can_route_is_retried_then_dead_lettered_with_the_reason(tmp_path):
     bus = InProcessBus(RETRY_DELAYS_MS)
     bus.declare(SPEC)  # nothing bound to raw_ready.* or run_failed.*, and no alternate exchange
