@@ -10,8 +10,10 @@ page is a view rebuilt from the newest rows:
 - a copy of each row sits in an index, ``<base>/monitor/recent/<K>_<run_id>.json``,
   whose key ``K`` orders the newest delivery first; the page is rendered from
   the first ``max_rows`` keys of a listing in key order (S3 lists in key order
-  and can stop after N keys), so a publish costs the same with 10,000 past
-  runs as with 10; rows already parsed are kept per process by ETag;
+  and can stop after N keys); the index keeps only the newest ``max_rows``
+  entries (the page never shows older ones; their rows stay), so a publish
+  costs the same with 10,000 past runs as with 10, on S3 and on a local QC
+  directory alike; rows already parsed are kept per process by ETag;
 - two publishers at the same moment lose no row: after writing its row, a
   publisher lists the newest rows, renders the page, puts it, and lists again;
   if the listing changed meanwhile (keys or ETags), it renders again. Whoever
@@ -43,6 +45,8 @@ _log = logging.getLogger(__name__)
 MONITOR_PAGE = "preimgMonitor.html"
 #: Index keys count down from here, so the newest delivery sorts first.
 NEWEST_FIRST = 10**15
+#: Index entries listed beyond ``max_rows``: older entries found there are deleted (one per run once full).
+INDEX_SLACK = 16
 #: Rebuild rounds before giving up (a storm of concurrent runs); the message is retried later.
 MAX_ROUNDS = 25
 
@@ -157,6 +161,20 @@ def _fill_index(qc: QcServer, base: str, listing: dict[str, str]) -> bool:
     return added
 
 
+def _newest(qc: QcServer, prefix: str, max_rows: int) -> dict[str, str]:
+    """The newest ``max_rows`` index entries (key -> ETag); older ones listed are deleted.
+
+    The page never shows them, and their rows stay (``_fill_index`` indexes them again
+    if ``max_rows`` grows), so the index stays ``max_rows`` long whatever the number of
+    runs. Two publishers deleting the same entry is harmless.
+    """
+    listing = qc.list(prefix, limit=max_rows + INDEX_SLACK)
+    keys = sorted(listing, key=str.encode)
+    for key in keys[max_rows:]:
+        qc.delete(key)
+    return {key: listing[key] for key in keys[:max_rows]}
+
+
 def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], str], max_rows: int,
                  cache: RowCache | None = None) -> int:
     """Render the page from the newest ``max_rows`` rows until they stay still across a put.
@@ -173,18 +191,18 @@ def rebuild_page(qc: QcServer, base: str, render: Callable[[list[MonitorRow]], s
     """
     cache = RowCache() if cache is None else cache
     prefix = recent_prefix(base)
-    listing = qc.list(prefix, limit=max_rows)
+    listing = _newest(qc, prefix, max_rows)
     if base not in cache.indexed and len(listing) < max_rows:
         # Once per process: rows from before the index (or from a publisher of that time).
         if _fill_index(qc, base, listing):
-            listing = qc.list(prefix, limit=max_rows)
+            listing = _newest(qc, prefix, max_rows)
         cache.indexed.add(base)
     for _ in range(MAX_ROUNDS):
         rows = _read_rows(qc, listing, cache.rows)
         page = render(rows).encode()
         # The page is a view of the rows, rebuilt whenever it is missing: not worth a sync.
         qc.put(page_key(base), page, content_type="text/html; charset=utf-8", durable=False)
-        after = qc.list(prefix, limit=max_rows)
+        after = _newest(qc, prefix, max_rows)
         if after == listing:
             return len(rows)
         _log.info("monitor rows changed while the page was written (%d -> %d); rendering again",

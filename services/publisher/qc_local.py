@@ -277,22 +277,27 @@ class LocalQcServer:
         return found
 
     def _list_first(self, base: Path, prefix: str, limit: int) -> dict[str, str]:
-        """The first ``limit`` files directly in ``base`` by name: the names are listed, only those stat'ed."""
+        """The first ``limit`` files directly in ``base`` by name: the names are listed, only those stat'ed
+        (relative to the open directory: the monitor lists its index twice per run)."""
         try:
-            names = sorted((n for n in os.listdir(base) if not is_temp_name(n)), key=str.encode)
+            fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
         except FileNotFoundError:
             return {}
-        found: dict[str, str] = {}
-        for name in names:
-            if len(found) == limit:
-                break
-            try:
-                info = os.stat(base / name)
-            except FileNotFoundError:
-                continue  # deleted since the listing
-            if stat.S_ISREG(info.st_mode):
-                found[prefix + name] = self._etag(info)
-        return found
+        try:
+            names = sorted((n for n in os.listdir(fd) if not is_temp_name(n)), key=str.encode)
+            found: dict[str, str] = {}
+            for name in names:
+                if len(found) == limit:
+                    break
+                try:
+                    info = os.stat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # deleted since the listing
+                if stat.S_ISREG(info.st_mode):
+                    found[prefix + name] = self._etag(info)
+            return found
+        finally:
+            os.close(fd)
 
     def delete(self, key: str) -> None:
         path = self._path(key)

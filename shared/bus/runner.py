@@ -279,6 +279,7 @@ class MessageRunner:
             self._metrics.stage_duration.labels(stage, instrument).observe(elapsed)
 
         try:
+            pending.wait_started()
             # A path the handler removed again after asking for its sync (an emptied directory) needs none.
             recorded_durably = self._record(message, events, lease,
                                             sync_first=[p for p in pending if os.path.lexists(p)])

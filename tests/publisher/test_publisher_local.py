@@ -292,6 +292,26 @@ def test_a_publish_reads_only_the_newest_rows_and_the_page_shows_them_newest_fir
     assert len(monitor_reads) <= 2, monitor_reads
 
 
+def test_the_index_keeps_the_newest_rows_only_and_grows_again_with_max_rows(tmp_path):
+    from datetime import timedelta
+
+    settings = Settings(data_root=tmp_path, monitor_max_rows=3)
+    ports = ports_for(settings)
+    for n in range(6):
+        msg = reports_ready(tmp_path / f"r{n}", run_id=f"run-{n}")
+        handle_reports_ready(msg.model_copy(update={"delivered_at": msg.delivered_at + timedelta(hours=n)}), ports)
+    monitor = settings.qc_local_dir() / BASE / "monitor"
+    index = sorted(p.name.split("_", 1)[1] for p in (monitor / "recent").iterdir())
+    assert index == ["run-3.json", "run-4.json", "run-5.json"]  # a publish lists max_rows entries, not every run
+    assert len(list((monitor / "rows").iterdir())) == 6  # the rows themselves stay
+    assert _rows(settings.qc_local_dir()) == ["run-5", "run-4", "run-3"]
+
+    wider = ports_for(Settings(data_root=tmp_path, monitor_max_rows=10))  # a publisher configured for more rows
+    msg = reports_ready(tmp_path / "r6", run_id="run-6")
+    handle_reports_ready(msg.model_copy(update={"delivered_at": msg.delivered_at + timedelta(hours=6)}), wider)
+    assert _rows(settings.qc_local_dir()) == [f"run-{n}" for n in range(6, -1, -1)]
+
+
 def test_rows_written_before_the_index_existed_reach_the_page(tmp_path):
     settings = Settings(data_root=tmp_path)
     ports = ports_for(settings)
