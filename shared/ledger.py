@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.files import fsync_dir, sync_soon, write_all_atomic, write_atomic
+from shared.files import fsync_dir, is_temp_name, sync_soon, write_all_atomic, write_atomic
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
@@ -194,6 +194,22 @@ class FileLedger:
             return sync_soon([record_path.parent])
         fsync_dir(record_path.parent)
         return _already_durable
+
+    def remove_interrupted_record(self, stage: str, instrument: str, run_id: str) -> list[Path]:
+        """Remove the temporary files of ``stage``'s record that an earlier holder of its lease left
+        (killed while writing it); only the lease holder writes them. Returns what was removed."""
+        directory = self.run_dir(instrument, run_id)
+        prefix = f".{stage}.json."
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return []
+        removed = []
+        for name in names:
+            if name.startswith(prefix) and is_temp_name(name):
+                (directory / name).unlink(missing_ok=True)
+                removed.append(directory / name)
+        return removed
 
     def sync_record_entry(self, stage: str, instrument: str, run_id: str) -> Callable[[], None]:
         """Sync the directory entry of an existing record again, in the background; the returned

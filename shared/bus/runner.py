@@ -249,9 +249,12 @@ class MessageRunner:
                               recorded_for=record.input_message_id,
                               recorded_durably=self._ledger.sync_record_entry(stage, instrument, message.run_id))
 
-        if self._prepare is not None and lease.token > 1:
+        if lease.token > 1:  # an earlier holder may have left something behind
             try:
-                self._prepare(message)
+                for path in self._ledger.remove_interrupted_record(stage, instrument, message.run_id):
+                    _log.info("removed the temporary file of a record whose writing was interrupted: %s", path)
+                if self._prepare is not None:
+                    self._prepare(message)
             except Exception:  # noqa: BLE001 - housekeeping must not stop the work
                 _log.warning("preparing the run failed; going on", exc_info=True)
 

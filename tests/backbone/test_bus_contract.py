@@ -679,6 +679,24 @@ def test_housekeeping_runs_only_when_an_earlier_attempt_may_have_left_something(
     assert prepared == ["flaky-clean", "flaky-clean"]  # before the second and the third call
 
 
+def test_a_copy_killed_while_writing_its_record_leaves_no_temporary_file(harness, handler, tmp_path):
+    ledger = FileLedger(tmp_path / "state")
+    msg = delivery("good-killed")
+    with ledger.lease("delivery", "HAWKI", msg.run_id):
+        pass  # the copy that was killed held the lease ...
+    run_dir = ledger.run_dir("HAWKI", msg.run_id)
+    interrupted = run_dir / ".delivery.json.k1ll3d.tmp"  # ... and was writing its record
+    interrupted.write_text('{"stage": "deliv')
+    other = run_dir / ".raw_ready.json.wr1t1n.tmp"  # another stage's write, maybe in progress
+    other.write_text("{")
+    r = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger, build_metrics(CollectorRegistry()))
+    harness.start(r)
+    harness.publish_raw("delivery.HAWKI", msg.to_json())
+    harness.wait(lambda: len(harness.sink()) >= 1)
+    assert not interrupted.exists() and other.exists()
+    assert ledger.lookup("delivery", "HAWKI", msg.run_id) is not None
+
+
 def test_a_refusal_only_an_operator_can_mend_is_dead_lettered_at_once_with_an_answer(harness, runner, handler):
     harness.publish_raw("delivery.HAWKI", delivery("operator-1").to_json())
     harness.wait(lambda: len(harness.sink()) >= 1 and len(harness.dead_letters()) >= 1)
