@@ -98,9 +98,17 @@ class Cluster:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         for svc in self.services.values():
+            port_retries = 3
             while not svc.ready():
                 if svc.proc and svc.proc.poll() is not None:
-                    raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log.read_text()[-3000:]}")
+                    log = svc.log.read_text()
+                    if "Address already in use" in log[-3000:] and port_retries:
+                        # free_port() released the port and another process (a broker node) took it
+                        port_retries -= 1
+                        svc.port = free_port()
+                        self.start_service(svc.name)
+                        continue
+                    raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{log[-3000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{svc.name} not ready:\n{svc.log.read_text()[-3000:]}")
                 time.sleep(0.1)
