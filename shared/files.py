@@ -203,38 +203,12 @@ fsync_dir = fsync_path
 #: A file someone else wrote (esorex, a transfer tool), before we vouch for it.
 fsync_file = fsync_path
 
-class PendingSyncs:
-    """What a :func:`deferred_syncs` block was asked to make durable: the paths put off (iterate)
-    and the syncs started at once in the background (:meth:`wait_started`)."""
-
-    def __init__(self) -> None:
-        self._paths: list[Path] = []
-        self._started: list[Callable[[], None]] = []
-
-    def __iter__(self) -> Iterator[Path]:
-        return iter(self._paths)
-
-    def put_off(self, paths: Iterable[Path]) -> None:
-        for path in paths:
-            if path not in self._paths:
-                self._paths.append(path)
-
-    def start(self, paths: Iterable[Path]) -> None:
-        self._started.append(sync_soon(paths, missing_ok=True))
-
-    def wait_started(self) -> None:
-        """Block until the started syncs are done; raise the first error."""
-        started, self._started = self._started, []
-        for wait in started:
-            wait()
-
-
 #: Syncs put off by :func:`deferred_syncs` (None: outside such a block, sync at once).
-_deferred: ContextVar[PendingSyncs | None] = ContextVar("preimg_deferred_syncs", default=None)
+_deferred: ContextVar[list[Path] | None] = ContextVar("preimg_deferred_syncs", default=None)
 
 
 @contextlib.contextmanager
-def deferred_syncs() -> Iterator[PendingSyncs]:
+def deferred_syncs() -> Iterator[list[Path]]:
     """Collect, instead of doing, the syncs :func:`sync_later` is asked for inside the block.
 
     For the message runner around a handler: the stage's state record is its commit
@@ -242,13 +216,12 @@ def deferred_syncs() -> Iterator[PendingSyncs]:
     into; the bytes of outputs that are written again whenever the stage runs again)
     is synced in the same round of syncs as the bytes of the record
     (``FileLedger.record(..., sync_first=pending)``), before the record is renamed
-    into place and before anything is acked or emitted; what it asked to sync with
-    ``start_now`` is synced meanwhile, and waited for (``wait_started``) before that
-    round. Whoever opens the block must sync the yielded paths before relying on the
-    outputs; if it does not (the handler failed), nothing was promised and the stage
-    runs again. Per thread (a context variable): other threads sync at once.
+    into place and before anything is acked or emitted. Whoever opens the block must
+    sync the yielded paths before relying on the outputs; if it does not (the handler
+    failed), nothing was promised and the stage runs again. Per thread (a context
+    variable): other threads sync at once.
     """
-    pending = PendingSyncs()
+    pending: list[Path] = []
     token = _deferred.set(pending)
     try:
         yield pending
@@ -256,22 +229,16 @@ def deferred_syncs() -> Iterator[PendingSyncs]:
         _deferred.reset(token)
 
 
-def sync_later(paths: Iterable[Path], *, start_now: bool = False) -> None:
+def sync_later(paths: Iterable[Path]) -> None:
     """Make files (their bytes) or directories (the entries created or renamed in them) durable:
-    now, or inside a :func:`deferred_syncs` block in its owner's next round of syncs.
-
-    ``start_now``: inside such a block, start the syncs at once in the background instead, for
-    outputs the caller is done with while the handler still has work to do (ingest's staged
-    frames while their headers are read): the syncs overlap that work, the owner still waits
-    for them before its commit. A path gone by then needs no sync.
-    """
+    now, or inside a :func:`deferred_syncs` block in its owner's next round of syncs."""
     pending = _deferred.get()
     if pending is None:
         sync_all(paths)
-    elif start_now:
-        pending.start(paths)
-    else:
-        pending.put_off(paths)
+        return
+    for path in paths:
+        if path not in pending:
+            pending.append(path)
 
 
 #: Concurrent syncs at most; more gain nothing once the journal commit is shared.
@@ -300,9 +267,9 @@ def sync_all(paths: Iterable[Path]) -> None:
         raise errors[0]
 
 
-def sync_soon(paths: Iterable[Path], *, missing_ok: bool = False) -> Callable[[], None]:
+def sync_soon(paths: Iterable[Path]) -> Callable[[], None]:
     """Start making ``paths`` durable in the background (concurrently); the returned function
-    waits until they are and raises the first error (``missing_ok``: a path gone is no error).
+    waits until they are and raises the first error.
 
     For what must be durable before a message is acked but not before its events are
     published: the directory entry of a stage's state record (``FileLedger.record``), synced
@@ -312,7 +279,6 @@ def sync_soon(paths: Iterable[Path], *, missing_ok: bool = False) -> Callable[[]
 
     def wait() -> None:
         errors = [e for e in (f.result() for f in futures) if e is not None]
-        errors = [e for e in errors if not (missing_ok and isinstance(e, FileNotFoundError))]
         if errors:
             raise errors[0]
 

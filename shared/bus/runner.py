@@ -282,7 +282,6 @@ class MessageRunner:
             self._metrics.stage_duration.labels(stage, instrument).observe(elapsed)
 
         try:
-            pending.wait_started()
             # A path the handler removed again after asking for its sync (an emptied directory) needs none.
             recorded_durably = self._record(message, events, lease,
                                             sync_first=[p for p in pending if os.path.lexists(p)])
@@ -299,9 +298,9 @@ class MessageRunner:
 
         The outputs and the record's bytes are durable when this returns; the record's
         directory entry is synced while the events are published, and the message is acked
-        only once it is: publishing first is safe, because a record lost with its entry
-        (power cut in between) only means the unacked message is handled again, re-emitting
-        events with the same message ids, which the next stage absorbs.
+        only once it is. Publishing first is safe: a record lost with its entry (a power cut in
+        between) only means that the unacked message comes again and the stage runs again,
+        emitting events with the same message ids, which the next stage absorbs as duplicates.
         """
         answers = [e for e in events if e.stage in TERMINAL_STAGES]
         return self._ledger.record(message.stage, message, events, lease=lease,
