@@ -129,14 +129,18 @@ def _write_temp(path: Path, data: bytes | str | Path, mode: int, *, durable: boo
     return tmp
 
 
+def _temp_prefix(path: Path) -> str:
+    """How the names of ``path``'s temporary files begin (``.<name>.``)."""
+    return f"{TEMP_NAME[0]}{path.name}."
+
+
 def temp_file_beside(path: Path) -> tuple[int, str]:
     """A new temporary file in ``path``'s directory, named for :func:`is_temp_name`: (fd, name)."""
     # A concurrent clean-up may remove the directory just made empty; make it again.
     for attempt in range(5):
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            prefix, suffix = TEMP_NAME
-            return tempfile.mkstemp(prefix=f"{prefix}{path.name}.", suffix=suffix, dir=path.parent)
+            return tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_NAME[1], dir=path.parent)
         except FileNotFoundError:
             if attempt == 4:
                 raise
@@ -186,6 +190,22 @@ def remove_stale_temp_files(root: Path, older_than_s: float | None = None) -> li
             except FileNotFoundError:
                 continue
             removed.append(path)
+    return removed
+
+
+def remove_temp_files_of(path: Path) -> list[Path]:
+    """Remove the temporary files interrupted writes of ``path`` left beside it, whatever their age:
+    for a writer that knows nobody else writes ``path`` (the holder of a lease on it)."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(path.parent)
+    except FileNotFoundError:
+        return removed
+    prefix = _temp_prefix(path)
+    for name in names:
+        if name.startswith(prefix) and is_temp_name(name):
+            (path.parent / name).unlink(missing_ok=True)
+            removed.append(path.parent / name)
     return removed
 
 

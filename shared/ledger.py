@@ -45,7 +45,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.files import fsync_dir, is_temp_name, sync_soon, write_all_atomic, write_atomic
+from shared.files import fsync_dir, remove_temp_files_of, sync_soon, write_all_atomic, write_atomic
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
@@ -183,7 +183,8 @@ class FileLedger:
         texts = {id(e): e.to_json() for e in events}
         body = json.dumps(meta)[:-1] + ', "events": [' + ", ".join(t.decode() for t in texts.values()) + "]}"
         record_path = self._path(stage, source.instrument, source.run_id)
-        # The record's own directory is synced here and now, never put off (shared.files.sync_later).
+        # The record's own directory is synced by the ledger below, never put off into the
+        # handler's round (shared.files.sync_later): the entry appears after the outputs.
         if terminal is None:
             write_atomic(record_path, body.encode(), sync_first=sync_first, sync_dir=False)
         else:
@@ -191,30 +192,23 @@ class FileLedger:
             write_all_atomic({record_path: body.encode(), self._terminal_path(terminal): answer},
                              sync_first=sync_first, sync_dir=False)
         if entry_synced_later:
-            return sync_soon([record_path.parent])
+            return self._sync_entry(source.instrument, source.run_id)
         fsync_dir(record_path.parent)
         return _already_durable
 
     def remove_interrupted_record(self, stage: str, instrument: str, run_id: str) -> list[Path]:
         """Remove the temporary files of ``stage``'s record that an earlier holder of its lease left
         (killed while writing it); only the lease holder writes them. Returns what was removed."""
-        directory = self.run_dir(instrument, run_id)
-        prefix = f".{stage}.json."
-        try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return []
-        removed = []
-        for name in names:
-            if name.startswith(prefix) and is_temp_name(name):
-                (directory / name).unlink(missing_ok=True)
-                removed.append(directory / name)
-        return removed
+        return remove_temp_files_of(self._path(stage, instrument, run_id))
 
     def sync_record_entry(self, stage: str, instrument: str, run_id: str) -> Callable[[], None]:
         """Sync the directory entry of an existing record again, in the background; the returned
         function waits for it (a record found unpublished: its first sync may have failed)."""
-        return sync_soon([self._path(stage, instrument, run_id).parent])
+        return self._sync_entry(instrument, run_id)
+
+    def _sync_entry(self, instrument: str, run_id: str) -> Callable[[], None]:
+        """Start syncing the run's state directory (the records' entries); the wait for it."""
+        return sync_soon([self.run_dir(instrument, run_id)])
 
     def mark_published(self, stage: str, instrument: str, run_id: str, input_message_id: str) -> None:
         """Note that the events recorded for ``input_message_id`` were confirmed; the record is not rewritten.
