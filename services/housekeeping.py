@@ -43,7 +43,9 @@ def remove_run_temp_files(settings: Settings, service: str, message: Envelope) -
 
     Any age in the run's data directories, which no other stage writes while
     this one holds the run; in its state directory only those older than a
-    minute, since the previous stage may still be marking its record published.
+    minute, since other stages write their records and the run's terminal answer
+    there (the runner removes this stage's own interrupted record at any age:
+    ``FileLedger.remove_interrupted_record``).
     """
     dirs = settings.run_dirs(message.instrument, message.run_id)
     for directory in (dirs.raw, dirs.sci, dirs.logs, dirs.work, dirs.state):
