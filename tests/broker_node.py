@@ -49,6 +49,8 @@ from typing import Self
 import pika
 from pika.adapters.utils.connection_workflow import AMQPConnectorException
 
+from tests.ports import free_port
+
 # Set by the shell or CI for the machine's broker; never inherited by the private node.
 _FOREIGN_ENV = (
     "NODENAME", "NODE_IP_ADDRESS", "NODE_PORT", "DIST_PORT", "CONFIG_FILE", "CONF_ENV_FILE",
@@ -77,12 +79,6 @@ def rabbitmq_scripts_dir() -> Path | None:
         if server.exists() and ctl.exists() and "wrapper" not in server.resolve().name:
             return cand
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,10 @@ from pathlib import Path
 
 from shared.bus.rabbitmq import RabbitClient
 from shared.bus.topology import CLASSIC, QueueArguments
+from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 PREIMG = [sys.executable, "-m", "services.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -98,17 +92,9 @@ class Cluster:
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         for svc in self.services.values():
-            port_retries = 3
             while not svc.ready():
                 if svc.proc and svc.proc.poll() is not None:
-                    log = svc.log.read_text()
-                    if "Address already in use" in log[-3000:] and port_retries:
-                        # free_port() released the port and another process (a broker node) took it
-                        port_retries -= 1
-                        svc.port = free_port()
-                        self.start_service(svc.name)
-                        continue
-                    raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{log[-3000:]}")
+                    raise RuntimeError(f"{svc.name} exited with {svc.proc.returncode}:\n{svc.log.read_text()[-3000:]}")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{svc.name} not ready:\n{svc.log.read_text()[-3000:]}")
                 time.sleep(0.1)

@@ -21,8 +21,9 @@ import pytest
 from services.app import serve
 from shared.bus.topology import queue_name
 from shared.settings import Settings
-from tests.backbone.cluster import PREIMG, REPO, Cluster, CompletionWatcher, free_port
+from tests.backbone.cluster import PREIMG, REPO, Cluster, CompletionWatcher
 from tests.backbone.test_e2e_rabbitmq import make_frames
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 

@@ -24,7 +24,8 @@ from shared.bus.topology import HEADER_REASON, QueueArguments, QueueSpec, dead_l
 from shared.ledger import FileLedger
 from shared.messages import DeliveredFile, DeliveryAnnounced, RunFailed, decode
 from shared.metrics import build_metrics
-from tests.backbone.cluster import PREIMG, REPO, Cluster, free_port
+from tests.backbone.cluster import PREIMG, REPO, Cluster
+from tests.ports import free_port
 
 SPEC = QueueSpec.for_service("ingest")
 DELAYS = (50, 100, 200)

@@ -19,9 +19,10 @@ from services.app import describe_files
 from shared.bus.rabbitmq import RabbitClient
 from shared.bus.topology import queue_name
 from shared.messages import DeliveryAnnounced
-from tests.backbone.cluster import PREIMG, REPO, Cluster, free_port
+from tests.backbone.cluster import PREIMG, REPO, Cluster
 from tests.backbone.test_e2e_rabbitmq import make_frames
 from tests.backbone.test_exactly_once import queue_depth, wait_until
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.rabbitmq]
 

@@ -17,10 +17,11 @@ import pika
 import pytest
 
 from shared.bus.identities import IDENTITIES, definitions, password_hash
-from tests.backbone.cluster import PREIMG, REPO, Cluster, free_port
+from tests.backbone.cluster import PREIMG, REPO, Cluster
 from tests.backbone.test_e2e_rabbitmq import make_frames
 from tests.broker_node import BrokerNode
 from tests.conftest import _need_rabbitmq_server
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 

@@ -18,7 +18,8 @@ from shared.bus.rabbitmq import RabbitClient
 from shared.messages import DeliveryAnnounced
 from tests.backbone.cluster import Cluster, CompletionWatcher
 from tests.backbone.test_e2e_rabbitmq import make_frames
-from tests.publisher.servers import MotoServer, free_port
+from tests.ports import free_port
+from tests.publisher.servers import MotoServer
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 

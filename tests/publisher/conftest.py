@@ -13,7 +13,8 @@ from services.publisher.service import build_ports as publisher_ports
 from services.reporter.handlers import handle_products_ready
 from services.reporter.service import build_ports as reporter_ports
 from shared.settings import Settings
-from tests.publisher.servers import MotoServer, SmtpServer, free_port
+from tests.ports import free_port
+from tests.publisher.servers import MotoServer, SmtpServer
 from tests.reporter.sample import REPORTED, products_ready
 
 COMPLETED = datetime(2026, 11, 20, 9, 20, 0, tzinfo=UTC)

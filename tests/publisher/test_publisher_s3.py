@@ -18,8 +18,9 @@ from services.publisher.handlers import handle_reports_ready, handle_run_failed
 from shared.errors import OperatorActionRequired, PermanentError, RetryableError
 from shared.messages import PreImagingCompleted, RunFailed, derived_message_id
 from shared.profiles import load_profile
+from tests.ports import free_port
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
-from tests.publisher.servers import MotoServer, free_port
+from tests.publisher.servers import MotoServer
 
 BASE = "qc/PREIMG/HAWKI"
 HERE = Path(__file__).resolve().parent
