@@ -27,9 +27,18 @@ def _preimg(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
 
 
 def _recipe_logs(data_root: Path) -> str:
-    """The end of every recipe log under ``data_root``: why a recipe failed when it should not have."""
-    return "".join(f"\n--- {log}:\n" + log.read_text(errors="replace")[-4000:]
-                   for log in sorted(data_root.rglob("*.rblog")) if log.is_file())
+    """Why a recipe failed when it should not have: each recipe log's first error with what led to it,
+    and the state of the machine (a failure seen twice in whole-suite runs only, never alone)."""
+    parts = []
+    for log in sorted(data_root.rglob("*.rblog")):
+        lines = log.read_text(errors="replace").splitlines()
+        first = next((i for i, line in enumerate(lines) if "[ ERROR ]" in line), len(lines))
+        parts.append(f"\n--- {log} (lines {max(first - 40, 0)}-{first + 10} of {len(lines)}):\n"
+                     + "\n".join(lines[max(first - 40, 0):first + 10]))
+    disk = os.statvfs(data_root)
+    parts.append(f"\n--- free: {disk.f_bavail * disk.f_frsize >> 20} MiB, {disk.f_favail} inodes; "
+                 + " ".join(Path("/proc/meminfo").read_text().split("\n")[:3]))
+    return "".join(parts)
 
 
 def test_run_reports_progress_on_stderr_and_one_json_object_on_stdout(tmp_path, hawki_cal):
