@@ -310,7 +310,9 @@ def upload_package(msg: ReportsReady, ports: PublisherPorts, base: str,
     A file with a known SHA-256 is skipped when the server already holds it
     with that SHA-256 and size (a replay: nothing is read); otherwise it is
     uploaded with the digest, which the server checks. A file without one is
-    uploaded and hashed from the bytes read for the upload.
+    uploaded and hashed from the bytes read for the upload. The package's
+    objects are listed once, so only those already there are asked for their
+    SHA-256: a first publish makes one LIST request instead of a HEAD per file.
     """
     prefix = package_prefix(base, msg.run_id)
     with ports.qc.batch():  # all of the package durable before the manifest is returned
@@ -322,6 +324,7 @@ def upload_package(msg: ReportsReady, ports: PublisherPorts, base: str,
 
 def _upload_files(ports: PublisherPorts, prefix: str, files: list[PackageFile]) -> list[ManifestEntry]:
     manifest = []
+    present = ports.qc.list(prefix)  # an object put after this listing is simply put again
     for file in sorted(files, key=lambda f: f.name):
         size = file.path.stat().st_size
         key = prefix + file.name
@@ -330,7 +333,7 @@ def _upload_files(ports: PublisherPorts, prefix: str, files: list[PackageFile]) 
         if digest is None:
             digest = ports.qc.put(key, file.path, content_type=content_type)
         else:
-            there = ports.qc.head(key)
+            there = ports.qc.head(key) if key in present else None
             if there is None or there.sha256 != digest or there.size != size:
                 ports.qc.put(key, file.path, content_type=content_type, sha256=digest)
         manifest.append(ManifestEntry(name=file.name, size=size, checksum=f"sha256:{digest}",

@@ -117,6 +117,31 @@ def test_s3_known_checksum_is_trusted_and_a_replay_reads_nothing(tmp_path, s3_se
     assert again.manifest == event.manifest
 
 
+def test_s3_a_first_publish_lists_the_package_once_instead_of_a_head_per_file(tmp_path, s3_server, bucket):
+    """Round trips to the QC server: one LIST, no HEAD, the first time; a replay HEADs what is there."""
+    settings = s3_settings(tmp_path, s3_server, bucket)
+    msg = reports_ready(tmp_path)
+    product, _data, digest = _full_size_product(msg, 1 * MIB)
+    msg = with_checksums(msg, {**msg.checksums, str(product): f"sha256:{digest}"})
+    ports = ports_for(settings)
+    requests = collections.Counter()
+    # The adapter's own client, as the handler uses it; the requests reach the moto server process.
+    ports.qc._s3().meta.events.register("before-call.s3.*", lambda model, **_: requests.update([model.name]))
+    package = f"qc/{BASE}/runs/run-0001/"
+
+    handle_reports_ready(msg, ports)
+    assert requests["HeadObject"] == 0, requests
+    assert requests["ListObjectsV2"] >= 1
+    stored = s3_server.client().list_objects_v2(Bucket=bucket, Prefix=package)["KeyCount"]
+    known = sum(1 for name in msg.checksums if name != msg.report)
+
+    requests.clear()
+    with counting_opens(product) as opens:
+        handle_reports_ready(msg, ports)
+    assert opens[str(product)] == 0, "a replay still proves the product is there without reading it"
+    assert requests["HeadObject"] == known < stored, (requests, known, stored)
+
+
 def test_s3_unknown_checksum_is_computed_from_the_bytes_uploaded(tmp_path, s3_server, bucket):
     settings = s3_settings(tmp_path, s3_server, bucket)
     msg = reports_ready(tmp_path)
