@@ -25,11 +25,12 @@ def deliver_and_wait_for_esorex(cluster: Cluster, run_id: str) -> None:
         client.sender.publish(DeliveryAnnounced(
             run_id=run_id, delivery_id=run_id, instrument="HAWKI", test=True,
             files=tuple(describe_files(frames, cluster.delivery_area))))
-    work = cluster.root / "data" / "work" / "HAWKI" / run_id
+    # The process itself, not its output file: the processor opens esorex.out before it forks,
+    # and on a busy machine the fork and exec come measurably later.
     deadline = time.monotonic() + 60
-    while not list(work.glob("*/esorex.out")):
+    while not esorex_processes_under(cluster.root):
         assert time.monotonic() < deadline, cluster.logs()
-        time.sleep(0.05)
+        time.sleep(0.02)
 
 
 def esorex_processes_under(root: Path) -> list[tuple[int, str]]:
