@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ from datetime import UTC
 
 import synth
 from services.processor import esorex
-from shared.profiles import RecipeCheck, load_profile
+from shared.profiles import OVERLAY_ENV, RecipeCheck, load_profile
 
 Sof = Sequence[tuple[Path, str]]
 
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-processor-") as tmp:
         scratch = Path(tmp)
         hawki_cal = synth.make_calibrations("HAWKI", cal_root)
+        if hawki_cal.profile_overlay is not None:  # the cells the small synthetic windows need
+            os.environ[OVERLAY_ENV] = str(hawki_cal.profile_overlay)
         raw = synth.make_raw_frames("HAWKI", scratch / "hawki_raw", n_frames=3)
         bench_recipe("HAWKI", "hawki_science_process", synth.science_sof(raw, hawki_cal), args.repeat, scratch)
         bench_processor_overhead(cal_root, scratch, args.repeat)

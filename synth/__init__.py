@@ -20,11 +20,11 @@ What is made, and why it looks the way it does, follows the measurements in
 
   - HAWK-I (:mod:`synth.hawki`): PHU without data + 4 IMAGE extensions, each
     the lower-left ``size``² window of a 2048² chip. 128² by default; 64² to
-    2048² (the whole chip) are accepted (:func:`check_size`). From 116² up
-    the science recipe runs with its default options; smaller windows need
-    smaller background cells, which go into a profile overlay beside the
-    calibration set (:func:`synthetic_recipe_options`), never into the
-    shipped profile.
+    2048² (the whole chip) are accepted (:func:`check_size`). From 512² up
+    the science recipe runs with its default options; smaller windows (the
+    default too) need smaller background cells, which go into a profile
+    overlay beside the calibration set (:func:`synthetic_recipe_options`),
+    never into the shipped profile.
   - VIMOS (:mod:`synth.vimos`): one single-HDU file per quadrant, 4 per
     exposure, at the real raw size 2148×2440, 16-bit with BZERO.
   - FORS2 (:mod:`synth.fors2`): two single-HDU chip files per exposure; no

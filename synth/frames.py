@@ -11,9 +11,9 @@ from synth.common import DEFAULT_START
 from synth.hawki import (
     HAWKI_CHIP,
     HAWKI_DEFAULT_SIZE,
+    HAWKI_MIN_BACKGROUND_CELLS,
     HAWKI_MIN_DEFAULT_SIZE,
     HAWKI_MIN_SIZE,
-    HAWKI_SMALL_NBSIZE,
 )
 from synth.vimos import VIMOS_NX, VIMOS_NY
 
@@ -62,14 +62,16 @@ def check_size(instrument: str, size: int | None) -> int | None:
 def synthetic_recipe_options(instrument: str, size: int | None = None) -> dict[str, tuple[str, ...]]:
     """Recipe options the synthetic data of this size need beyond the pipeline's defaults.
 
-    Empty from 116² per chip up (and for VIMOS); below, smaller background
-    cells for ``hawki_science_process`` (it dies of SIGFPE with its 128-px
-    cells on a window less than 0.9 cell wide). These go into the profile
-    overlay beside the calibration set, never into the shipped profile.
+    Empty from 512² per chip up (and for VIMOS). Below, ``hawki_science_process``
+    gets background cells small enough for :data:`~synth.hawki.HAWKI_MIN_BACKGROUND_CELLS`
+    per window side: with fewer it filters its background grid beyond the grid's
+    ends, reads heap garbage and gives results that depend on where it runs
+    (128² with the default 128-px cells). These go into the profile overlay
+    beside the calibration set, never into the shipped profile.
     """
     size = check_size(instrument, size)
     if instrument.upper() == "HAWKI" and size is not None and size < HAWKI_MIN_DEFAULT_SIZE:
-        n = HAWKI_SMALL_NBSIZE
+        n = size // HAWKI_MIN_BACKGROUND_CELLS
         return {"hawki_science_process": (f"--psm_nbsize={n}", f"--stk_cat_nbsize={n}")}
     return {}
 

@@ -52,12 +52,20 @@ HAWKI_DEFAULT_SIZE = 128
 #: 48² 0.10" rms, 40² 2.2" rms, 32² too few standards for the fit).
 HAWKI_MIN_SIZE = 64
 #: hawki_science_process's sky and catalogue background cells (--psm_nbsize, --stk_cat_nbsize):
-#: 128 px by default. The recipe dies of SIGFPE unless the window is at least 0.9 cell wide
-#: (measured with 128: 116² runs, 115² does not; ESOREX.md §1: 64² runs with 65, not with 127).
+#: 128 px by default.
 HAWKI_DEFAULT_NBSIZE = 128
-HAWKI_MIN_DEFAULT_SIZE = math.ceil(0.9 * HAWKI_DEFAULT_NBSIZE)  # 116
-#: Cells for windows below that (64² to 115² all ran clean with 32).
-HAWKI_SMALL_NBSIZE = 32
+#: The recipe median-filters its grid of background cells with a 3-cell window whose edge
+#: padding reads 4 cells from each end (casu_bfilt's wraparound, and imcore's 5-cell filter):
+#: a window fewer than 4 cells wide makes it read outside its buffers. The run does not crash;
+#: it reads whatever the heap holds there, so its sky and zero point depend on the process's
+#: memory layout (measured on 128² frames with 128-px cells: QC.MAGZPT 25.39 to 25.89 and
+#: WCS_RMS 0.011 to 0.017 for the same data in four working directories, valgrind: 482 invalid
+#: reads; and, with one working-directory path, "Cannot save product table extension" and a
+#: failed run). With 4 cells or more valgrind is clean and the run is bit-identical wherever it
+#: runs (128² with 32-px cells, 64² with 16-px cells).
+HAWKI_MIN_BACKGROUND_CELLS = 4
+#: From this window up the pipeline's default cells are safe.
+HAWKI_MIN_DEFAULT_SIZE = HAWKI_MIN_BACKGROUND_CELLS * HAWKI_DEFAULT_NBSIZE  # 512
 #: A full chip gets about as many stars as a high-latitude J-band field; denser synthetic
 #: fields only slow the recipe down (2048²: 381 s of recipe time at ~16,000 stars per chip).
 HAWKI_MAX_STARS_PER_CHIP = 600

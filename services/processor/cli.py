@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     synth.add_argument("--frames", type=int, help="exposures (default: HAWKI 3, VIMOS 1, FORS2 2)")
     synth.add_argument("--size", type=int,
                        help="HAWKI only: window per chip in pixels, 64 to 2048 (the whole chip); default 128. "
-                       "Below 116 the science recipe needs smaller background cells: they go into "
+                       "Below 512 the science recipe needs smaller background cells: they go into "
                        "CALROOT/HAWKI/profile-overlay.toml, to be named in PREIMG_PROFILE_OVERLAY. "
                        "VIMOS and FORS2 frames always have the detector's size")
     synth.add_argument("--start", help="UTC time of the first exposure, ISO 8601 (default 2026-11-20T01:02:03.456)")

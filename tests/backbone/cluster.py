@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shared.bus.rabbitmq import RabbitClient
 from shared.bus.topology import CLASSIC, QueueArguments
+from shared.profiles import OVERLAY_ENV
 from tests.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,6 +59,10 @@ class Cluster:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PREIMG_")}
+        # ...except the synthetic calibration set's overlay the session exported
+        # (tests/integration/conftest.py): its data need those recipe options.
+        if OVERLAY_ENV in os.environ:
+            env[OVERLAY_ENV] = os.environ[OVERLAY_ENV]
         env.update(
             PREIMG_AMQP_URL=self.amqp_url,
             PREIMG_DATA_ROOT=str(self.root / "data"),

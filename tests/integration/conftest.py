@@ -5,8 +5,9 @@ Each set is built once by the real calibration recipes and cached under
 full-size HAWK-I set has its own root). When the data of a set need recipe
 options beyond the shipped profile, synth writes them into the set's profile
 overlay; the fixtures export it (``PREIMG_PROFILE_OVERLAY``) for the session,
-so the ``preimg run`` processes the tests start pick it up as ``make demo``
-does. The default sizes need none.
+so the ``preimg run`` processes and the service clusters (``tests/backbone/cluster.py``)
+the tests start pick it up as ``make demo`` does. The default 128² HAWK-I set
+has one (smaller background cells); the full-size set needs none.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ science recipe takes about a minute on a quiet 2-vCPU machine (ESOREX.md §1)
 and two when the machine is shared. Each raw frame is 67 MB; the run's
 directories (staged raw frames, products, the QC copy: about 2 GB) are
 removed at the end, so that pytest's kept temporary directories stay small.
-QC values are not bit-reproducible (ESOREX.md §6.5): presence and plausible
-ranges only.
+QC values: presence and plausible ranges (that a run gives the same values
+wherever it runs is tested in tests/processor/test_recipes.py).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Whole deliveries through the real recipe chain: `preimg run` and the processor with real esorex.
 
 Synthetic pre-imaging frames (synth) and a calibration set
-made by the real calibration recipes (cached under .cache/synth/cal). QC values
-are not bit-reproducible (ESOREX.md 6.5): presence and plausible ranges only.
+made by the real calibration recipes (cached under .cache/synth/cal). QC values:
+presence and plausible ranges (exact equality across working directories is
+tested in tests/processor/test_recipes.py).
 """
 
 from __future__ import annotations

@@ -65,6 +65,17 @@ def hawki_cal(esorex_available: Path, synth_cal_root: Path) -> synth.Calibration
 
 
 @pytest.fixture(scope="session")
+def hawki_science_options(hawki_cal: synth.CalibrationSet) -> tuple[str, ...]:
+    """hawki_science_process's options for the default set, as the processor gets them.
+
+    The shipped profile with the set's overlay merged in (the cells the small
+    synthetic windows need; see ``synth.synthetic_recipe_options``).
+    """
+    overlays = [hawki_cal.profile_overlay] if hawki_cal.profile_overlay is not None else []
+    return load_profile("HAWKI", overlays=overlays).recipe_options.get("hawki_science_process", ())
+
+
+@pytest.fixture(scope="session")
 def vimos_cal(esorex_available: Path, synth_cal_root: Path) -> synth.CalibrationSet:
     return synth.make_calibrations("VIMOS", synth_cal_root)
 

@@ -149,9 +149,12 @@ def test_calibration_sets_follow_the_science_window(hawki_cal):
     params = synth.read_manifest(hawki_cal.root)["params"]
     assert params["science_size"] == 128 and params["flat_size"] == synth.HAWKI_FLAT_SIZE
     assert calibration_set._params("HAWKI", 2048, synth.DEFAULT_SETUPS["HAWKI"])["flat_size"] == 2048
-    # The default window runs with the pipeline's defaults: no overlay.
-    assert params["recipe_options"] == {} and hawki_cal.profile_overlay is None
-    assert not (hawki_cal.root / synth.OVERLAY_NAME).exists()
+    # The default window is 4 cells of 32 px wide: those cells go into the set's overlay.
+    cells = {"hawki_science_process": ["--psm_nbsize=32", "--stk_cat_nbsize=32"]}
+    assert params["recipe_options"] == cells
+    assert hawki_cal.profile_overlay == hawki_cal.root / synth.OVERLAY_NAME
+    assert load_profile("HAWKI", overlays=[hawki_cal.profile_overlay]).recipe_options["hawki_science_process"] \
+        == tuple(cells["hawki_science_process"])
 
 
 # -- sizes and the options only synthetic data need ------------------------------------------
@@ -170,11 +173,14 @@ def test_sizes_the_recipes_cannot_take_are_refused(tmp_path, capsys, argv, reaso
     assert not (tmp_path / "raw").exists() and not (tmp_path / "cal").exists()  # refused before writing
 
 
-def test_small_windows_need_smaller_background_cells():
-    assert synth.synthetic_recipe_options("HAWKI", 64) == {
-        "hawki_science_process": ("--psm_nbsize=32", "--stk_cat_nbsize=32")}
-    assert synth.synthetic_recipe_options("HAWKI", 115) == synth.synthetic_recipe_options("HAWKI", 64)
-    for size in (116, 128, 2048, None):
+def test_small_windows_get_four_background_cells_per_side():
+    def cells(size):
+        return synth.synthetic_recipe_options("HAWKI", size)["hawki_science_process"]
+
+    assert cells(64) == ("--psm_nbsize=16", "--stk_cat_nbsize=16")
+    assert cells(None) == cells(128) == ("--psm_nbsize=32", "--stk_cat_nbsize=32")  # the default window
+    assert cells(511) == ("--psm_nbsize=127", "--stk_cat_nbsize=127")
+    for size in (512, 1024, 2048):  # 4 of the pipeline's 128-px cells or more
         assert synth.synthetic_recipe_options("HAWKI", size) == {}, size
     assert synth.synthetic_recipe_options("VIMOS") == {}
     with pytest.raises(ValueError, match="below 64x64"):
@@ -240,7 +246,7 @@ def test_small_synthetic_window_runs_with_the_overlay_synth_writes(esorex_availa
     raw = synth.make_raw_frames("HAWKI", tmp_path / "raw", n_frames=3, size=64)
     monkeypatch.setenv(OVERLAY_ENV, str(cal.profile_overlay))
     options = load_profile("HAWKI").recipe_options["hawki_science_process"]
-    assert options == ("--psm_nbsize=32", "--stk_cat_nbsize=32")
+    assert options == ("--psm_nbsize=16", "--stk_cat_nbsize=16")
     check = load_profile("HAWKI").recipe_checks["hawki_science_process"]
     result = esorex.run_recipe("hawki_science_process", synth.science_sof(raw, cal), tmp_path / "ab",
                                recipe_dir=hawki_recipe_dir, options=options, check=check)
