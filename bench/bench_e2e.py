@@ -11,6 +11,7 @@ side on their own vhosts, one floor delivery before each real one, so both see t
 state (on a shared machine its speed drifts by 2x within minutes); ratio_paired_median is the median of
 the per-pair ratios. file_create_us is what creating one file costs in the data root of the run
 (file_create_us()): the data root follows TMPDIR; point it at a tree the test suite has not filled.
+N_DELIVERIES (default 50) sets the number of deliveries, e.g. for a profiler attached to the services.
 Target on the CI machine: e2e_overhead_ms p50 <= 100 ms, p99 <= 250 ms; on the cluster p50 within 2x
 of the single node.
 """
@@ -52,7 +53,7 @@ from shared.messages import (
 from tests.backbone.cluster import Cluster, CompletionWatcher
 from tests.backbone.test_e2e_rabbitmq import make_frames
 
-N_DELIVERIES = 50
+N_DELIVERIES = int(os.environ.get("N_DELIVERIES", "50"))
 N_FILES = 10
 WARM_UP = 2
 

@@ -57,14 +57,19 @@ SERVICE_MODULES: dict[str, str] = {
 
 
 def build_runner(service: str, settings: Settings, metrics: Metrics, instrument: str | None = None,
-                 ab_finished: Callable[[int, int, Any], None] | None = None) -> MessageRunner:
+                 ab_finished: Callable[[int, int, Any], None] | None = None,
+                 embedded: bool = False) -> MessageRunner:
     """The MessageRunner of ``service`` with its handlers bound to real ports.
 
     ``ab_finished`` (processor only) is told of each finished AB, for progress reports.
+    ``embedded``: for :func:`run_embedded`, whose caller looks at the outputs once it
+    returns (the publisher rebuilds the monitor page before the completion, not after).
     """
     if service not in SERVICE_MODULES:
         raise ValueError(f"unknown service {service!r}; known: {', '.join(SERVICE_MODULES)}")
-    extra = {"ab_finished": ab_finished} if ab_finished is not None else {}
+    extra: dict[str, Any] = {"ab_finished": ab_finished} if ab_finished is not None else {}
+    if embedded and service == "publisher":
+        extra["monitor_in_background"] = False
     handlers = importlib.import_module(SERVICE_MODULES[service]).build(settings, metrics, instrument, **extra)
     return MessageRunner(
         service=service,
@@ -266,7 +271,7 @@ def run_embedded(instrument: str, raw_dir: Path, settings: Settings, test: bool 
     for service in ("ingest", "processor", "reporter", "publisher"):
         service_instrument = instrument if service == "processor" else None
         spec = QueueSpec.for_service(service, service_instrument)
-        runner = build_runner(service, settings, metrics, service_instrument,
+        runner = build_runner(service, settings, metrics, service_instrument, embedded=True,
                               ab_finished=_ab_progress(progress) if progress and service == "processor" else None)
         bus.subscribe(spec.name, _reporting(runner.process, progress) if progress else runner.process)
         specs.append(spec)

@@ -27,6 +27,7 @@ class Metrics:
     notification_failures: Counter
     upload_retries: Counter
     publish_failures: Counter
+    monitor_page_failures: Counter
 
 
 def build_metrics(registry: CollectorRegistry) -> Metrics:
@@ -100,6 +101,12 @@ def build_metrics(registry: CollectorRegistry) -> Metrics:
             "preimg_publish_failures",
             "Events the broker did not take (returned as unroutable, or nacked); the message is retried",
             ["stage", "instrument"],
+            registry=registry,
+        ),
+        monitor_page_failures=Counter(
+            "preimg_monitor_page_failures",
+            "Monitor page rebuilds that failed (retried with back-off; the page shows older rows meanwhile)",
+            ["instrument"],
             registry=registry,
         ),
     )

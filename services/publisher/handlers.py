@@ -14,7 +14,9 @@ Order matters, because the event is the promise that the package is there:
    products) is trusted, and the file is skipped when the server already holds
    it with that SHA-256 and size (a replay); other files are hashed while read
    for the upload;
-3. rebuild ``preimgMonitor.html`` from the newest rows;
+3. ask for ``preimgMonitor.html`` to be rebuilt from the newest rows (the
+   ``monitor`` port: in the service, on a thread of its own once the
+   completion is on its way, see :mod:`services.publisher.pages`);
 4. e-mail the operator when EMAIL_NOTE is on, once per run (recorded in the
    run's state directory); an SMTP failure is logged and counted, not fatal;
 5. the legacy ``EXECUTED`` file, when configured;
@@ -43,11 +45,9 @@ from markupsafe import Markup
 from services.publisher.mailer import MAIL_ERRORS, Mailer
 from services.publisher.monitor import (
     MonitorRow,
-    RowCache,
+    drop_moved_entry,
     page_key,
     read_row,
-    record_row,
-    show_row,
     write_row,
 )
 from services.publisher.qcserver import HEX_SHA256, QcServer
@@ -98,10 +98,8 @@ class PublisherPorts:
         Called with the instrument each time an e-mail cannot be sent.
     files
         The run's local files (README copy, REPORT note, e-mail marker, EXECUTED).
-    monitor_rows
-        Monitor rows this publisher already parsed, by index key and ETag.
-    monitor_fragments
-        The HTML of the monitor rows this publisher already rendered.
+    monitor
+        Rebuilds an instrument's monitor page from its rows, now or soon after.
     """
 
     settings: Settings
@@ -112,8 +110,7 @@ class PublisherPorts:
     load_profile: Callable[[str], Profile]
     count_notification_failure: Callable[[str], None]
     files: RunFiles
-    monitor_rows: RowCache = field(default_factory=RowCache)
-    monitor_fragments: RowFragments = field(default_factory=lambda: RowFragments())
+    monitor: MonitorPages
 
 
 class RunFiles(Protocol):
@@ -131,6 +128,14 @@ class RunFiles(Protocol):
 
     def touch(self, path: Path) -> None:
         """Create the (empty) file if it is missing, durably."""
+
+
+class MonitorPages(Protocol):
+    """Brings an instrument's monitor page up to date with its rows."""
+
+    def refresh(self, instrument: str, base: str, now: datetime) -> None:
+        """Rebuild the page under ``base`` from its newest rows, now or soon after (``now``: its
+        "generated at"); raises only when it rebuilds at once and that fails."""
 
 
 # ---------------------------------------------------------------------------
@@ -433,10 +438,8 @@ def handle_reports_ready(msg: ReportsReady, ports: PublisherPorts) -> list[Envel
         write_row(ports.qc, base, row)
     package_url = ports.qc.url(package_prefix(base, msg.run_id))
     monitor_url = ports.qc.url(page_key(base))
-    show_row(ports.qc, base, row,
-             render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows,
-                            ports.monitor_fragments),
-             ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
+    drop_moved_entry(ports.qc, base, row, previous)
+    ports.monitor.refresh(msg.instrument, base, now)
 
     if profile.email_note:
         _notify(msg, ports, profile, package_url, monitor_url, notes)
@@ -493,8 +496,7 @@ def handle_run_failed(msg: RunFailed, ports: PublisherPorts) -> list[Envelope]:
         delivered_at=delivered_at, completed_at=now, status="failed",
         reason=f"{msg.failed_stage}: {msg.reason}", run_url=f"runs/{msg.run_id}/{RUN_PAGE}",
     )
-    record_row(ports.qc, base, row,
-               render_monitor(ports.templates, msg.instrument, now, ports.settings.monitor_max_rows,
-                              ports.monitor_fragments),
-               ports.settings.monitor_max_rows, previous=previous, cache=ports.monitor_rows)
+    write_row(ports.qc, base, row)
+    drop_moved_entry(ports.qc, base, row, previous)
+    ports.monitor.refresh(msg.instrument, base, now)
     return []

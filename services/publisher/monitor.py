@@ -22,6 +22,9 @@ page is a view rebuilt from the newest rows:
   writer's own rebuild. S3 (and MinIO) list with read-after-write consistency,
   and a PUT replaces an object atomically, so this needs no lock and no
   conditional write;
+- the run's row is durable before its completion is returned; the page is
+  rebuilt afterwards, on a thread of the publisher's own
+  (:mod:`services.publisher.pages`), rebuilds asked for meanwhile merged;
 - the page is created from scratch whenever it is missing: it is never edited,
   always rendered from the rows. Rows written before the index existed are
   indexed by each publisher process once, when it first finds the index
@@ -219,28 +222,11 @@ def write_row(qc: QcServer, base: str, row: MonitorRow) -> None:
         qc.put(recent_key(base, row), data, content_type="application/json")
 
 
-def show_row(
-    qc: QcServer, base: str, row: MonitorRow, render: Callable[[list[MonitorRow]], str], max_rows: int,
-    *, previous: MonitorRow | None = None, cache: RowCache | None = None,
-) -> None:
-    """Bring the page up to date once the row written by :func:`write_row` is in place.
-
-    ``previous``: the run's row before this one, whose index entry goes when
-    the new row sorts elsewhere (a failure shown before the delivery time was known).
-    """
+def drop_moved_entry(qc: QcServer, base: str, row: MonitorRow, previous: MonitorRow | None) -> None:
+    """Delete the index entry of the run's ``previous`` row when ``row`` (written by :func:`write_row`)
+    sorts elsewhere (a failure shown before the delivery time was known): one entry per run."""
     if previous is not None and recent_key(base, previous) != recent_key(base, row):
         qc.delete(recent_key(base, previous))
-    count = rebuild_page(qc, base, render, max_rows, cache)
-    _log.info("monitor %s updated with run %s (%d rows)", page_key(base), row.run_id, count)
-
-
-def record_row(
-    qc: QcServer, base: str, row: MonitorRow, render: Callable[[list[MonitorRow]], str], max_rows: int,
-    *, previous: MonitorRow | None = None, cache: RowCache | None = None,
-) -> None:
-    """Write (or overwrite) the run's row and its index entry, and bring the page up to date."""
-    write_row(qc, base, row)
-    show_row(qc, base, row, render, max_rows, previous=previous, cache=cache)
 
 
 def prune_test_runs(

@@ -12,8 +12,15 @@ from typing import Any
 
 import jinja2
 
-from services.publisher.handlers import PublisherPorts, handle_reports_ready, handle_run_failed
+from services.publisher.handlers import (
+    MonitorPages,
+    PublisherPorts,
+    handle_reports_ready,
+    handle_run_failed,
+    qc_base,
+)
 from services.publisher.mailer import SmtpMailer
+from services.publisher.pages import BackgroundMonitorPages, MonitorPageBuilder
 from services.publisher.qc_local import LocalQcServer
 from services.publisher.qc_s3 import S3QcServer
 from services.publisher.qcserver import MIB, QcServer
@@ -22,7 +29,7 @@ from shared.files import remove_stale_temp_files, sync_later, write_atomic
 from shared.logs import current_context
 from shared.messages import ReportsReady, RunFailed
 from shared.metrics import Metrics
-from shared.profiles import ProfileError, load_profile
+from shared.profiles import ProfileError, available_instruments, load_profile
 from shared.settings import Settings
 
 _log = logging.getLogger(__name__)
@@ -86,16 +93,39 @@ def build_qc_server(settings: Settings, on_retry: Callable[[str], None] | None =
     return LocalQcServer(settings.qc_local_dir(), public_url=settings.qc_public_url)
 
 
-def build(settings: Settings, metrics: Metrics, instrument: str | None = None) -> Handlers:
-    """The publisher's handlers bound to real ports (the composition root's entry point). No I/O here."""
+def build(settings: Settings, metrics: Metrics, instrument: str | None = None,
+          monitor_in_background: bool = True) -> Handlers:
+    """The publisher's handlers bound to real ports (the composition root's entry point). No I/O
+    here; with ``monitor_in_background`` the page thread starts and checks the pages (below).
+
+    ``monitor_in_background``: monitor pages are rebuilt on a thread of their own after the
+    completion is sent (the service); False: before it, on the handler's thread (the embedded
+    run, which shows the page once it returns).
+    """
     if instrument:
         raise ValueError("the publisher serves every instrument: no --instrument")
-    ports = build_ports(settings, metrics)
+    ports = build_ports(settings, metrics, monitor_in_background=monitor_in_background)
+    if isinstance(ports.monitor, BackgroundMonitorPages):
+        # A publisher stopped with a rebuild pending left that page behind its rows: the page
+        # thread rebuilds, in the background, the page of each instrument that has rows.
+        ports.monitor.refresh_existing(_monitor_bases(), utc_now())
     return {ReportsReady: functools.partial(handle_reports_ready, ports=ports),
             RunFailed: functools.partial(handle_run_failed, ports=ports)}
 
 
-def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -> PublisherPorts:
+def _monitor_bases() -> dict[str, str]:
+    """Every instrument's monitor base on the QC server (base -> instrument)."""
+    bases = {}
+    for instrument in available_instruments():
+        try:
+            bases[qc_base(load_profile(instrument))] = instrument
+        except ProfileError as e:  # the instrument's own runs are answered with this error
+            _log.warning("no monitor page for %s: %s", instrument, e)
+    return bases
+
+
+def build_ports(settings: Settings, metrics: Any = None, instrument: str = "",
+                monitor_in_background: bool = False) -> PublisherPorts:
     """Wire the publisher's real adapters. No I/O happens here.
 
     Parameters
@@ -103,10 +133,13 @@ def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -
     settings
         The service's settings.
     metrics
-        Optional ``shared.metrics.Metrics``; its ``notification_failures`` and
-        ``upload_retries`` counters are fed when given.
+        Optional ``shared.metrics.Metrics``; its ``notification_failures``,
+        ``upload_retries`` and ``monitor_page_failures`` counters are fed when given.
     instrument
         Label for the upload-retry counter (the QC server adapter does not see messages).
+    monitor_in_background
+        Rebuild monitor pages on a thread of their own (:class:`BackgroundMonitorPages`,
+        with its own QC server client); False: at once, on the caller's thread.
     """
 
     def count_notification_failure(instr: str) -> None:
@@ -119,15 +152,29 @@ def build_ports(settings: Settings, metrics: Any = None, instrument: str = "") -
             label = instrument or current_context().get("instrument") or "unknown"
             metrics.upload_retries.labels(instrument=label).inc()
 
+    def count_page_failure(instr: str) -> None:
+        if metrics is not None:
+            metrics.monitor_page_failures.labels(instrument=instr).inc()
+
+    qc = build_qc_server(settings, on_retry=count_upload_retry)
+    templates = build_templates()
+    monitor: MonitorPages
+    if monitor_in_background:
+        # Its own client: a QC server adapter's batch belongs to the thread that opened it.
+        builder = MonitorPageBuilder(build_qc_server(settings), templates, settings.monitor_max_rows)
+        monitor = BackgroundMonitorPages(builder, on_failure=count_page_failure)
+    else:
+        monitor = MonitorPageBuilder(qc, templates, settings.monitor_max_rows)
     return PublisherPorts(
         settings=settings,
-        qc=build_qc_server(settings, on_retry=count_upload_retry),
+        qc=qc,
         mailer=SmtpMailer(settings.smtp_host, settings.smtp_port, settings.smtp_timeout_s),
-        templates=build_templates(),
+        templates=templates,
         clock=utc_now,
         load_profile=load_profile,
         count_notification_failure=count_notification_failure,
         files=LocalRunFiles(),
+        monitor=monitor,
     )
 
 
@@ -164,7 +211,7 @@ def remove_package_temp_files(settings: Settings, instrument: str, run_id: str) 
     """
     if settings.qc_mode != "local":
         return []
-    from services.publisher.handlers import package_prefix, qc_base
+    from services.publisher.handlers import package_prefix
     from services.publisher.monitor import rows_prefix
 
     try:

@@ -24,6 +24,20 @@ from tests.publisher.servers import MotoServer
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
 
+def monitor_page_when(client, bucket: str, key: str, shows, timeout: float = 30) -> str:
+    """The monitor page once ``shows(page)`` holds (or the last one read after ``timeout``):
+    the publisher rebuilds it just after the completion."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            page = client.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+        except client.exceptions.NoSuchKey:
+            page = ""
+        if shows(page) or time.monotonic() > deadline:
+            return page
+        time.sleep(0.1)
+
+
 def test_s3_outage_during_a_run_delays_completion_until_every_object_is_there(rabbitmq_url, tmp_path):
     s3 = MotoServer(free_port(), tmp_path / "moto.log")
     s3.start()
@@ -64,8 +78,8 @@ def test_s3_outage_during_a_run_delays_completion_until_every_object_is_there(ra
             assert entry["checksum"] == "sha256:" + hashlib.sha256(body).hexdigest()
         names = {e["name"].split("/")[-1] for e in event["manifest"]}
         assert {f.name for f in frames} <= names
-        page = client.get_object(Bucket=bucket, Key="qc/PREIMG/FORS2/preimgMonitor.html")["Body"].read().decode()
-        assert "s3-down" in page
+        page = monitor_page_when(client, bucket, "qc/PREIMG/FORS2/preimgMonitor.html", lambda p: "s3-down" in p)
+        assert "s3-down" in page, cluster.logs()
     finally:
         watcher.close()
         cluster.stop()
@@ -115,8 +129,9 @@ def test_dead_lettered_run_completes_when_replayed_after_the_fault_is_mended(rab
         assert json.loads(replay.stdout) == {"queue": "preimg.publisher", "replayed": 2}, replay.stderr
         events = watcher.collect(until=2, timeout=30)
         assert [(e["type"], e.get("status")) for e in events[1:]] == [("preimg.completed.v1", "ok")], cluster.logs()
-        page = s3.client().get_object(Bucket=bucket, Key="PREIMG/FORS2/preimgMonitor.html")["Body"].read().decode()
-        assert "dlq-1" in page and ">ok<" in page.replace(" ", "")
+        page = monitor_page_when(s3.client(), bucket, "PREIMG/FORS2/preimgMonitor.html",
+                                 lambda p: "dlq-1" in p and ">ok<" in p.replace(" ", ""))
+        assert "dlq-1" in page and ">ok<" in page.replace(" ", ""), cluster.logs()
     finally:
         watcher.close()
         cluster.stop()
