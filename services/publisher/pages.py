@@ -83,7 +83,7 @@ class BackgroundMonitorPages:
         self._cond = threading.Condition()
         #: Pages to rebuild: base -> (instrument, the newest "generated at" asked for).
         self._pending: dict[str, tuple[str, datetime]] = {}
-        self._running = 0
+        self._busy = False
         #: Bases asked for by ``refresh_existing``: rebuilt only if they have rows by then.
         self._only_with_rows: set[str] = set()
         self._thread: threading.Thread | None = None
@@ -111,7 +111,7 @@ class BackgroundMonitorPages:
     def flush(self, timeout_s: float) -> bool:
         """Wait until no rebuild is pending or running; False if that took longer than ``timeout_s``."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._running, timeout_s)
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout_s)
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Run what is pending (within ``timeout_s``), then end the thread; True if nothing was left."""
@@ -131,7 +131,7 @@ class BackgroundMonitorPages:
                 if self._stopped:
                     return
                 batch, self._pending = self._pending, {}
-                self._running = len(batch)
+                self._busy = True
                 only_with_rows, self._only_with_rows = self._only_with_rows, set()
             failed: dict[str, tuple[str, datetime]] = {}
             for base, (instrument, now) in batch.items():
@@ -147,7 +147,9 @@ class BackgroundMonitorPages:
             with self._cond:
                 for base, request in failed.items():
                     self._pending.setdefault(base, request)  # a newer request keeps its own time
-                self._running = 0
+                    if base in only_with_rows:  # still only if it has rows, when tried again
+                        self._only_with_rows.add(base)
+                self._busy = False
                 self._cond.notify_all()
             if not failed:
                 failures = 0

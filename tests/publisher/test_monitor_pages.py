@@ -22,13 +22,14 @@ T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 class RecordingBuilder:
     """Stands in for MonitorPageBuilder: records the rebuilds, can be held, can fail."""
 
-    def __init__(self, failures: int = 0, rows: bool = True):
+    def __init__(self, failures: int = 0, rows: bool = True, listing_failures: int = 0):
         self.calls: list[tuple[str, str, datetime]] = []
         self.release = threading.Event()
         self.release.set()
         self.entered = threading.Event()
         self.failures = failures
         self.rows = rows
+        self.listing_failures = listing_failures
 
     def refresh(self, instrument: str, base: str, now: datetime) -> None:
         self.entered.set()
@@ -39,6 +40,9 @@ class RecordingBuilder:
         self.calls.append((instrument, base, now))
 
     def has_rows(self, base: str) -> bool:
+        if self.listing_failures:
+            self.listing_failures -= 1
+            raise ConnectionError("QC server unreachable")
         return self.rows
 
 
@@ -88,6 +92,17 @@ def test_pages_checked_at_start_are_rebuilt_only_where_runs_have_rows():
         assert pages.flush(5)
         pages.stop()
     assert empty.calls == [] and used.calls == [("HAWKI", BASE, T0)]
+
+
+def test_a_page_checked_at_start_stays_unmade_when_the_check_fails_first():
+    builder = RecordingBuilder(rows=False, listing_failures=2)
+    failed: list[str] = []
+    pages = BackgroundMonitorPages(builder, on_failure=failed.append, retry_delays_s=(0.01, 0.02))
+    pages.refresh_existing({BASE: "HAWKI"}, T0)
+    assert pages.flush(5)
+    pages.stop()
+    assert failed == ["HAWKI", "HAWKI"]
+    assert builder.calls == [], "an instrument without runs gets no page, even after the QC server came back"
 
 
 def test_the_service_returns_the_completion_and_the_page_follows(tmp_path):
