@@ -12,6 +12,9 @@ state (on a shared machine its speed drifts by 2x within minutes); ratio_paired_
 the per-pair ratios. file_create_us is what creating one file costs in the data root of the run
 (file_create_us()): the data root follows TMPDIR; point it at a tree the test suite has not filled.
 N_DELIVERIES (default 50) sets the number of deliveries, e.g. for a profiler attached to the services.
+e2e_cpu_ms_per_delivery is the CPU time (user + system, and system alone) each service process spent
+per delivery after warm-up, page thread and idle polling included: its sum against e2e_overhead_ms tells
+a delivery held up by CPU from one held up by waiting (the broker, the disk).
 Target on the CI machine: e2e_overhead_ms p50 <= 100 ms, p99 <= 250 ms; on the cluster p50 within 2x
 of the single node.
 """
@@ -28,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
@@ -144,11 +148,39 @@ def stage_seconds(cluster: Cluster) -> dict[str, float]:
     return sums
 
 
+def cpu_seconds(cluster: Cluster) -> dict[str, tuple[float, float]]:
+    """CPU time each service process has used so far, (user + system, system) in s (Linux ``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for name, svc in cluster.services.items():
+        if svc.proc is None:
+            continue
+        fields = Path(f"/proc/{svc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        user, system = int(fields[11]) / tick, int(fields[12]) / tick
+        used[name] = (user + system, system)
+    return used
+
+
+@dataclass
+class ServicesRun:
+    """What :func:`services_run` measured."""
+
+    #: Delivery-to-completion times (ms) after warm-up.
+    times: list[float]
+    #: Mean handler time per stage (ms) after warm-up.
+    handler_ms: dict[str, float]
+    #: Mean CPU time per delivery per service process (ms) after warm-up: user + system, system.
+    cpu_ms: dict[str, float]
+    sys_ms: dict[str, float]
+    #: The floor chain's times, one floor delivery before each real one.
+    floor_times: list[float]
+
+
 def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
-                 floor: FloorChain | None = None) -> tuple[list[float], dict[str, float], list[float]]:
-    """Delivery-to-completion times (ms), the mean handler time per stage (ms) after warm-up, and,
-    with ``floor``, the floor chain's times, one floor delivery before each real one (the two
-    then share the machine's state of the moment: on a shared machine its speed drifts)."""
+                 floor: FloorChain | None = None) -> ServicesRun:
+    """Run ``n`` deliveries (after warm-up) through the four services; with ``floor``, one floor
+    delivery before each real one (the two then share the machine's state of the moment: on a
+    shared machine its speed drifts)."""
     # The backbone's own cost: FORS2's raw-frame quick-looks (matplotlib) are measured by bench_quicklook.
     root.mkdir(parents=True, exist_ok=True)
     overlay = root / "no-quicklooks.toml"
@@ -166,10 +198,12 @@ def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
         batches = [make_frames(cluster.delivery_area / f"d{i:02d}", N_FILES) for i in range(n + WARM_UP)]
         times, floor_times = [], []
         warm: dict[str, float] = {}
+        warm_cpu: dict[str, tuple[float, float]] = {}
         with RabbitClient(url, "preimg", queue_args=QueueArguments(queue_type)) as client:
             for i, files in enumerate(batches):
                 if i == WARM_UP:
                     warm = stage_seconds(cluster)
+                    warm_cpu = cpu_seconds(cluster)
                 if floor is not None:
                     floor_ms = floor.deliver()
                     if i >= WARM_UP:
@@ -183,10 +217,15 @@ def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
                     times.append((time.perf_counter() - t0) * 1000)
                 if len(events) <= i or events[i].get("status") != "ok":
                     raise RuntimeError(f"delivery {i} did not complete: {events[-1:]}\n{cluster.logs()}")
+        done_cpu = cpu_seconds(cluster)
         watcher.close()
         done = stage_seconds(cluster)
         handler_ms = {stage: round((done[stage] - warm.get(stage, 0.0)) * 1000 / n, 2) for stage in done}
-        return times, handler_ms, floor_times
+        per_delivery = {name: [round((done - warm) * 1000 / n, 1)
+                               for done, warm in zip(done_cpu[name], warm_cpu.get(name, (0.0, 0.0)), strict=True)]
+                        for name in done_cpu}
+        return ServicesRun(times, handler_ms, {name: v[0] for name, v in per_delivery.items()},
+                           {name: v[1] for name, v in per_delivery.items()}, floor_times)
     finally:
         cluster.stop()
 
@@ -198,8 +237,7 @@ def cluster_run(n: int) -> list[float]:
     base = Path(tempfile.mkdtemp(prefix="preimg-bench-cluster-"))
     try:
         with BrokerCluster(base / "nodes") as brokers:
-            times, _, _ = services_run(brokers.urls, base / "run", n, queue_type="quorum")
-            return times
+            return services_run(brokers.urls, base / "run", n, queue_type="quorum").times
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -231,11 +269,12 @@ def main() -> int:
     create_us = file_create_us(root)
     try:
         with FloorChain(vhosts[0][1]) as floor_chain:
-            real, handler_ms, floor = services_run(vhosts[1][1], root, N_DELIVERIES, floor=floor_chain)
+            run = services_run(vhosts[1][1], root, N_DELIVERIES, floor=floor_chain)
     finally:
         for name, _ in vhosts:
             subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False)
         shutil.rmtree(root, ignore_errors=True)
+    real, floor, handler_ms = run.times, run.floor_times, run.handler_ms
     fp50, fp99 = statistics.median(floor), percentile(floor, 99)
     p50, p99 = statistics.median(real), percentile(real, 99)
     # Each real delivery against the floor delivery just before it: robust to the machine's drift.
@@ -255,6 +294,8 @@ def main() -> int:
     # Where the time goes: each stage's handler (mean per delivery) against the whole delivery.
     print(json.dumps({"name": "e2e_stage_handler_ms", **handler_ms, "unit": "ms",
                       "share_of_p50": {k: round(v / p50, 2) for k, v in handler_ms.items()}}))
+    print(json.dumps({"name": "e2e_cpu_ms_per_delivery", **run.cpu_ms, "total": round(sum(run.cpu_ms.values()), 1),
+                      "unit": "ms", "total_to_p50": round(sum(run.cpu_ms.values()) / p50, 2), "system": run.sys_ms}))
     return 0
 
 

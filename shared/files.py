@@ -261,34 +261,96 @@ def sync_later(paths: Iterable[Path]) -> None:
             pending.append(path)
 
 
-#: Concurrent syncs at most; more gain nothing once the journal commit is shared.
-_SYNC_THREADS = 8
+#: Threads of :func:`sync_soon` (one directory per stage and message: a few suffice).
+_BACKGROUND_SYNC_THREADS = 4
 _sync_pool: ThreadPoolExecutor | None = None
 _sync_pool_lock = threading.Lock()
+#: Descriptors one round of :func:`sync_all` holds open at most (more paths: several rounds).
+_SYNC_BATCH = 64
 
 
 def sync_all(paths: Iterable[Path]) -> None:
-    """Make several files and directories durable at once.
+    """Make several files and directories durable in one round, on the caller's thread.
 
-    The syncs are issued concurrently, so the file system commits its journal
-    once for the lot (ext4 and XFS join concurrent fsyncs into one
-    transaction) where one after another each would wait for its own commit:
-    ten staged frames cost about what two do. Directories get ``fsync`` (their
-    entries), files ``fdatasync`` (their bytes and size; a new name is the
-    directory's business). Raises the first error once every sync has ended.
+    Two passes, as PostgreSQL syncs its data directory (``fsync_pgdata``): the
+    write-back of every file's dirty pages is started first
+    (``sync_file_range(SYNC_FILE_RANGE_WRITE)``, which does not wait), then each
+    file gets ``fdatasync`` (its bytes and size; a new name is the directory's
+    business) and each directory ``fsync`` (its entries), one after another. The
+    writes are then in flight together, so the waits overlap, and the first sync
+    commits the file system's journal for the lot: the later ones find theirs
+    committed. This is as fast as issuing the syncs from a pool of threads and
+    costs a third of the CPU (no thread hand-offs; bench_e2e's
+    ``e2e_cpu_ms_per_delivery``). Without ``sync_file_range`` (not Linux) the
+    syncs run one after another. Raises the first error once every path was tried.
     """
     paths = list(paths)
     if len(paths) <= 1:
         for path in paths:
             fsync_path(path)
         return
-    errors = [e for e in _pool().map(_sync_one, paths) if e is not None]
+    errors: list[OSError] = []
+    for start in range(0, len(paths), _SYNC_BATCH):
+        errors += _sync_batch(paths[start:start + _SYNC_BATCH])
     if errors:
         raise errors[0]
 
 
+def _sync_batch(paths: Sequence[Path]) -> list[OSError]:
+    """Sync ``paths`` (write-back of every file started first); the errors met, in order."""
+    errors: list[OSError] = []
+    opened: list[int] = []
+    directories: set[int] = set()
+    try:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                errors.append(e)
+                continue
+            opened.append(fd)
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                directories.add(fd)
+            else:
+                _start_writeback(fd)
+        for fd in opened:
+            try:
+                if fd in directories:
+                    os.fsync(fd)
+                else:
+                    os.fdatasync(fd)
+            except OSError as e:
+                errors.append(e)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return errors
+
+
+#: ``sync_file_range``'s flag: start writing the dirty pages of the range back, do not wait.
+_SYNC_FILE_RANGE_WRITE = 2
+#: libc's ``sync_file_range`` once looked up (None: there is none); unset until the first use.
+_writeback: list[Callable[[int, int, int, int], int] | None] = []
+
+
+def _start_writeback(fd: int) -> None:
+    """Start writing ``fd``'s dirty pages back without waiting for them. A hint: where
+    ``sync_file_range`` is missing or fails, the ``fdatasync`` that follows does all the work."""
+    if not _writeback:  # looked up on first use: nothing is loaded at import time
+        import ctypes
+
+        call = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+        if call is not None:
+            call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+            call.restype = ctypes.c_int
+        _writeback.append(call)
+    call = _writeback[0]
+    if call is not None:
+        call(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # offset 0, length 0: the whole file
+
+
 def sync_soon(paths: Iterable[Path]) -> Callable[[], None]:
-    """Start making ``paths`` durable in the background (concurrently); the returned function
+    """Start making ``paths`` durable in the background; the returned function
     waits until they are and raises the first error.
 
     For what must be durable before a message is acked but not before its events are
@@ -324,7 +386,7 @@ def _pool() -> ThreadPoolExecutor:
     global _sync_pool
     with _sync_pool_lock:
         if _sync_pool is None:  # made on first use: nothing starts at import time
-            _sync_pool = ThreadPoolExecutor(_SYNC_THREADS, thread_name_prefix="fsync")
+            _sync_pool = ThreadPoolExecutor(_BACKGROUND_SYNC_THREADS, thread_name_prefix="fsync")
         return _sync_pool
 
 

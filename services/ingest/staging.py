@@ -78,7 +78,7 @@ def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
             shutil.rmtree(dest)
         os.replace(tmp, dest)
         # AOG's bytes are ours to keep once the delivery is acked: every frame, the directory
-        # naming them and its entry made durable in one round of concurrent syncs; under a
+        # naming them and its entry made durable in one round of syncs (sync_all); under a
         # runner, the round of ingest's state record (before it, the run is staged again).
         sync_later([*(dest / f.name for f, _ in sources), dest, dest.parent])
     finally:

@@ -191,8 +191,8 @@ class LocalQcServer:
     def batch(self) -> Iterator[None]:
         """Puts inside the block are staged, and appear together when it ends: their bytes synced
         in one round, renamed into place, their directories synced in one more round (a package of
-        18 files: two rounds of concurrent syncs instead of 36 syncs one after another). An error
-        inside the block discards them."""
+        18 files: two rounds of syncs, ``shared.files.sync_all``, instead of 36 syncs each waiting
+        for its own). An error inside the block discards them."""
         self._batch_depth += 1
         try:
             yield
