@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     monitor_max_rows: int = Field(
         200, ge=1, description="Most recent executions shown on preimgMonitor.html"
     )
+    monitor_page_interval_s: float = Field(
+        1.0, ge=0, description="Least time between two rebuilds of an instrument's preimgMonitor.html by the "
+        "publisher service; completions meanwhile are shown by the next rebuild"
+    )
 
     # --- notification -------------------------------------------------------------
     smtp_host: str = "127.0.0.1"

@@ -8,19 +8,25 @@ of that promise. AOG waits for the completion, the operators look at the page:
   thread (the embedded run, which prints the page's path when it returns, and
   the handler tests);
 - :class:`BackgroundMonitorPages` hands the rebuild to one thread of the
-  publisher process, so the completion is not held up by it. Requests that
-  arrive while a rebuild runs are merged: a burst of completions costs one or
-  two rebuilds per instrument instead of one each. A rebuild that fails (the
+  publisher process, so the completion is not held up by it. A page is rebuilt
+  at most once per ``min_interval_s`` (``PREIMG_MONITOR_PAGE_INTERVAL_S``, 1 s):
+  requests that arrive meanwhile are merged into the next rebuild, so a burst
+  of completions costs one rebuild per instrument and second instead of one
+  each, and a page is never more than that interval (plus one rebuild) behind
+  its rows. A rebuild that fails (the
   QC server is down) is logged, counted, and tried again with back-off until
-  it succeeds; a publisher that stops before a pending rebuild has run leaves
-  the page behind its rows until the next rebuild, which every publisher
-  process asks for for its instruments when it starts.
+  it succeeds. A publisher that exits (SIGTERM included) runs what is pending
+  first, for up to ``EXIT_FLUSH_S``; one killed before leaves the page behind
+  its rows until the next rebuild, which every publisher process asks for for
+  its instruments when it starts.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -34,6 +40,8 @@ _log = logging.getLogger(__name__)
 
 #: Seconds between attempts at a page whose rebuild failed: doubling from the first to the last.
 RETRY_DELAYS_S = (1.0, 60.0)
+#: How long a process that exits waits for the rebuilds still pending (a QC server that is down).
+EXIT_FLUSH_S = 5.0
 
 
 class MonitorPageBuilder:
@@ -73,13 +81,25 @@ class BackgroundMonitorPages:
         Called with the instrument each time a rebuild fails (the metric).
     retry_delays_s
         (first, last) wait before trying a failed page again, doubling in between.
+    min_interval_s
+        Least time between the starts of two rebuilds of one page; requests made
+        meanwhile wait and are merged (``flush`` and ``stop`` do not wait for it).
+    clock
+        Monotonic seconds (tests).
     """
 
     def __init__(self, builder: MonitorPageBuilder, on_failure: Callable[[str], None] = lambda _i: None,
-                 retry_delays_s: tuple[float, float] = RETRY_DELAYS_S):
+                 retry_delays_s: tuple[float, float] = RETRY_DELAYS_S, min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         self._builder = builder
         self._on_failure = on_failure
         self._retry_delays_s = retry_delays_s
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        #: When each page's last rebuild started (``clock``).
+        self._last_started: dict[str, float] = {}
+        #: Set by ``flush``: run what is pending now, without waiting for the interval.
+        self._hurry = 0
         self._cond = threading.Condition()
         #: Pages to rebuild: base -> (instrument, the newest "generated at" asked for).
         self._pending: dict[str, tuple[str, datetime]] = {}
@@ -98,6 +118,7 @@ class BackgroundMonitorPages:
             if self._thread is None:  # started on first use: nothing runs at construction
                 self._thread = threading.Thread(target=self._run, name="monitor-pages", daemon=True)
                 self._thread.start()
+                atexit.register(self._stop_at_exit)
             self._cond.notify_all()
 
     def refresh_existing(self, bases: dict[str, str], now: datetime) -> None:
@@ -109,9 +130,15 @@ class BackgroundMonitorPages:
             self.refresh(instrument, base, now)
 
     def flush(self, timeout_s: float) -> bool:
-        """Wait until no rebuild is pending or running; False if that took longer than ``timeout_s``."""
+        """Run what is pending now (not waiting for the interval) and wait until no rebuild is pending
+        or running; False if that took longer than ``timeout_s``."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout_s)
+            self._hurry += 1
+            self._cond.notify_all()
+            try:
+                return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout_s)
+            finally:
+                self._hurry -= 1
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Run what is pending (within ``timeout_s``), then end the thread; True if nothing was left."""
@@ -123,14 +150,20 @@ class BackgroundMonitorPages:
             self._thread.join(timeout_s)
         return done
 
+    def _stop_at_exit(self) -> None:
+        if self._stopped:  # stopped by its owner already
+            return
+        if not self.stop(EXIT_FLUSH_S):
+            _log.warning("exiting with a monitor page rebuild still pending or failing; the page shows "
+                         "older rows until the publisher's next start rebuilds it")
+
     def _run(self) -> None:
         failures = 0
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending or self._stopped)
-                if self._stopped:
+                batch = self._wait_for_due_pages()
+                if batch is None:
                     return
-                batch, self._pending = self._pending, {}
                 self._busy = True
                 only_with_rows, self._only_with_rows = self._only_with_rows, set()
             failed: dict[str, tuple[str, datetime]] = {}
@@ -159,3 +192,20 @@ class BackgroundMonitorPages:
             delay = min(last, first * 2 ** (failures - 1))
             with self._cond:
                 self._cond.wait_for(lambda: self._stopped, delay)
+
+    def _wait_for_due_pages(self) -> dict[str, tuple[str, datetime]] | None:
+        """Under the lock: wait until a pending page is due (its interval over, or a flush asks),
+        take those pages off the pending set and return them; None once stopped."""
+        while True:
+            self._cond.wait_for(lambda: self._pending or self._stopped)
+            if self._stopped:
+                return None
+            now = self._clock()
+            due_at = {base: self._last_started.get(base, -float("inf")) + self._min_interval_s
+                      for base in self._pending}
+            due = [base for base, at in due_at.items() if at <= now or self._hurry]
+            if due:
+                for base in due:
+                    self._last_started[base] = now
+                return {base: self._pending.pop(base) for base in due}
+            self._cond.wait(min(due_at.values()) - now)

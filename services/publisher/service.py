@@ -162,7 +162,8 @@ def build_ports(settings: Settings, metrics: Any = None, instrument: str = "",
     if monitor_in_background:
         # Its own client: a QC server adapter's batch belongs to the thread that opened it.
         builder = MonitorPageBuilder(build_qc_server(settings), templates, settings.monitor_max_rows)
-        monitor = BackgroundMonitorPages(builder, on_failure=count_page_failure)
+        monitor = BackgroundMonitorPages(builder, on_failure=count_page_failure,
+                                         min_interval_s=settings.monitor_page_interval_s)
     else:
         monitor = MonitorPageBuilder(qc, templates, settings.monitor_max_rows)
     return PublisherPorts(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import threading
+import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -16,6 +20,7 @@ from shared.settings import Settings
 from tests.publisher.conftest import reports_ready
 
 BASE = "PREIMG/HAWKI"
+REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
 
 
@@ -62,6 +67,65 @@ def test_requests_made_during_a_rebuild_are_merged_into_one():
     assert sorted(builder.calls[1:]) == [("HAWKI", BASE, T0 + timedelta(minutes=5)),
                                          ("VIMOS", "PREIMG/VIMOS", T0)]
     assert pages.stop()
+
+
+def _wait_for_calls(builder: RecordingBuilder, n: int, timeout_s: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while len(builder.calls) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(builder.calls) >= n
+
+
+def test_a_page_is_rebuilt_at_most_once_per_interval_and_flush_does_not_wait_for_it():
+    builder = RecordingBuilder()
+    pages = BackgroundMonitorPages(builder, min_interval_s=60)
+    pages.refresh("HAWKI", BASE, T0)
+    assert _wait_for_calls(builder, 1)
+    for i in range(1, 4):  # three completions right after the rebuild
+        pages.refresh("HAWKI", BASE, T0 + timedelta(minutes=i))
+    time.sleep(0.3)
+    assert builder.calls == [("HAWKI", BASE, T0)], "rebuilt again within the interval"
+    assert pages.flush(5)
+    assert builder.calls[1:] == [("HAWKI", BASE, T0 + timedelta(minutes=3))]
+    assert pages.stop()
+
+
+def test_the_interval_is_per_page_and_a_waiting_page_is_rebuilt_once_it_is_over():
+    builder = RecordingBuilder()
+    pages = BackgroundMonitorPages(builder, min_interval_s=0.5)
+    pages.refresh("HAWKI", BASE, T0)
+    assert _wait_for_calls(builder, 1)
+    pages.refresh("HAWKI", BASE, T0 + timedelta(minutes=1))
+    pages.refresh("VIMOS", "PREIMG/VIMOS", T0)  # another page: not held up by HAWKI's interval
+    assert _wait_for_calls(builder, 2)
+    assert builder.calls[1] == ("VIMOS", "PREIMG/VIMOS", T0)
+    assert _wait_for_calls(builder, 3), "the waiting page was not rebuilt after its interval"
+    assert builder.calls[2] == ("HAWKI", BASE, T0 + timedelta(minutes=1))
+    assert pages.stop()
+
+
+def test_a_process_that_exits_runs_the_rebuild_still_waiting_for_its_interval(tmp_path):
+    """A publisher stopped by SIGTERM returns from serve() and exits: the page it owes is made first."""
+    calls = tmp_path / "calls.txt"
+    script = f"""
+from datetime import UTC, datetime, timedelta
+from services.publisher.pages import BackgroundMonitorPages
+
+class Builder:
+    def refresh(self, instrument, base, now):
+        with open({str(calls)!r}, "a") as out:
+            out.write(now.isoformat() + "\\n")
+
+pages = BackgroundMonitorPages(Builder(), min_interval_s=600)
+t0 = datetime(2026, 11, 20, 9, 0, tzinfo=UTC)
+pages.refresh("HAWKI", "PREIMG/HAWKI", t0)
+pages.flush(5)
+pages.refresh("HAWKI", "PREIMG/HAWKI", t0 + timedelta(minutes=1))  # waits for the interval
+"""
+    done = subprocess.run([sys.executable, "-c", script], check=False, cwd=REPO, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().split() == ["2026-11-20T09:00:00+00:00", "2026-11-20T09:01:00+00:00"]
 
 
 def test_a_failed_rebuild_is_counted_and_tried_again_until_it_succeeds():
