@@ -98,7 +98,7 @@ class BackgroundMonitorPages:
         self._clock = clock
         #: When each page's last rebuild started (``clock``).
         self._last_started: dict[str, float] = {}
-        #: Set by ``flush``: run what is pending now, without waiting for the interval.
+        #: Callers of ``flush`` waiting: while any does, what is pending runs without waiting for the interval.
         self._hurry = 0
         self._cond = threading.Condition()
         #: Pages to rebuild: base -> (instrument, the newest "generated at" asked for).
@@ -165,7 +165,8 @@ class BackgroundMonitorPages:
                 if batch is None:
                     return
                 self._busy = True
-                only_with_rows, self._only_with_rows = self._only_with_rows, set()
+                only_with_rows = self._only_with_rows & batch.keys()
+                self._only_with_rows -= only_with_rows
             failed: dict[str, tuple[str, datetime]] = {}
             for base, (instrument, now) in batch.items():
                 try:

@@ -35,6 +35,7 @@ class RecordingBuilder:
         self.failures = failures
         self.rows = rows
         self.listing_failures = listing_failures
+        self.checked: list[str] = []
 
     def refresh(self, instrument: str, base: str, now: datetime) -> None:
         self.entered.set()
@@ -45,6 +46,7 @@ class RecordingBuilder:
         self.calls.append((instrument, base, now))
 
     def has_rows(self, base: str) -> bool:
+        self.checked.append(base)
         if self.listing_failures:
             self.listing_failures -= 1
             raise ConnectionError("QC server unreachable")
@@ -101,6 +103,22 @@ def test_the_interval_is_per_page_and_a_waiting_page_is_rebuilt_once_it_is_over(
     assert builder.calls[1] == ("VIMOS", "PREIMG/VIMOS", T0)
     assert _wait_for_calls(builder, 3), "the waiting page was not rebuilt after its interval"
     assert builder.calls[2] == ("HAWKI", BASE, T0 + timedelta(minutes=1))
+    assert pages.stop()
+
+
+def test_a_page_checked_at_start_keeps_its_condition_while_it_waits_for_its_interval():
+    builder = RecordingBuilder(rows=False)
+    pages = BackgroundMonitorPages(builder, min_interval_s=60)
+    pages.refresh("HAWKI", BASE, T0)
+    assert _wait_for_calls(builder, 1)
+    # HAWKI waits for its interval, VIMOS is checked (and skipped: no rows) at once.
+    pages.refresh_existing({BASE: "HAWKI", "PREIMG/VIMOS": "VIMOS"}, T0 + timedelta(minutes=1))
+    deadline = time.monotonic() + 5
+    while "PREIMG/VIMOS" not in builder.checked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert builder.checked == ["PREIMG/VIMOS"]
+    assert pages.flush(5)  # HAWKI's turn, without waiting for the interval
+    assert builder.calls == [("HAWKI", BASE, T0)], "a page asked for only if it has rows was made without the check"
     assert pages.stop()
 
 
