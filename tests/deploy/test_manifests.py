@@ -33,6 +33,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from services.publisher.pages import EXIT_FLUSH_S
 from shared.metrics import E2E_BUCKETS, STAGE_BUCKETS, build_metrics
 from shared.profiles import PROFILE_DIR
 from shared.settings import Settings
@@ -803,6 +804,8 @@ def test_workload_is_probed_sized_and_locked_down(name: str) -> None:
         or _objects_of("ConfigMap")["preimg-config"]["data"]["PREIMG_SHUTDOWN_GRACE_S"]
     )
     assert service_grace < pod["terminationGracePeriodSeconds"], name
+    if _argv(container)[1] == "publisher":  # then the monitor pages still pending are made
+        assert service_grace + EXIT_FLUSH_S < pod["terminationGracePeriodSeconds"], name
     if kind == "ScaledJob":
         instrument = _argv(container)[4]
         timeout = float(_profile(instrument).get("recipe_timeout_s", 900))
