@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
 from shared import files
 
+#: A file whose fdatasync the ``syncs`` fixture fails with EIO.
+FAILING = "fails.fits"
+
 
 @pytest.fixture
 def syncs(monkeypatch):
     """Record, in order, each write-back started and each sync done (the real calls still run)."""
-    calls: list[tuple[str, str]] = []
+    calls: list[tuple[str, str, str]] = []
 
     def named(fd: int) -> str:
         return os.readlink(f"/proc/self/fd/{fd}")
@@ -21,15 +26,17 @@ def syncs(monkeypatch):
     real_writeback, real_fdatasync, real_fsync = files._start_writeback, os.fdatasync, os.fsync
 
     def writeback(fd: int) -> None:
-        calls.append(("writeback", named(fd)))
+        calls.append(("writeback", named(fd), threading.current_thread().name))
         real_writeback(fd)
 
     def fdatasync(fd: int) -> None:
-        calls.append(("fdatasync", named(fd)))
+        calls.append(("fdatasync", named(fd), threading.current_thread().name))
+        if named(fd).endswith(FAILING):
+            raise OSError(errno.EIO, "input/output error (injected)", named(fd))
         real_fdatasync(fd)
 
     def fsync(fd: int) -> None:
-        calls.append(("fsync", named(fd)))
+        calls.append(("fsync", named(fd), threading.current_thread().name))
         real_fsync(fd)
 
     monkeypatch.setattr(files, "_start_writeback", writeback)
@@ -55,11 +62,11 @@ def test_every_file_is_written_back_before_the_first_sync_then_each_is_synced(tm
 
     files.sync_all([*made, directory])
 
-    kinds = [kind for kind, _ in syncs]
+    kinds = [kind for kind, _, _ in syncs]
     assert kinds == ["writeback"] * 4 + ["fdatasync"] * 4 + ["fsync"]
-    assert [name for kind, name in syncs if kind == "writeback"] == [str(p) for p in made]
-    assert [name for kind, name in syncs if kind == "fdatasync"] == [str(p) for p in made]
-    assert [name for kind, name in syncs if kind == "fsync"] == [str(directory)]
+    assert [name for kind, name, _ in syncs if kind == "writeback"] == [str(p) for p in made]
+    assert [name for kind, name, _ in syncs if kind == "fdatasync"] == [str(p) for p in made]
+    assert [name for kind, name, _ in syncs if kind == "fsync"] == [str(directory)]
 
 
 def test_a_path_that_cannot_be_opened_fails_the_round_after_the_others_are_synced(tmp_path, syncs):
@@ -70,7 +77,7 @@ def test_a_path_that_cannot_be_opened_fails_the_round_after_the_others_are_synce
         files.sync_all([made[0], missing, made[1]])
 
     assert raised.value.filename == str(missing)
-    assert [name for kind, name in syncs if kind == "fdatasync"] == [str(p) for p in made]
+    assert [name for kind, name, _ in syncs if kind == "fdatasync"] == [str(p) for p in made]
 
 
 def test_without_sync_file_range_the_files_are_still_synced(tmp_path, syncs, monkeypatch):
@@ -79,7 +86,7 @@ def test_without_sync_file_range_the_files_are_still_synced(tmp_path, syncs, mon
 
     files.sync_all(made)
 
-    assert [name for kind, name in syncs if kind == "fdatasync"] == [str(p) for p in made]
+    assert [name for kind, name, _ in syncs if kind == "fdatasync"] == [str(p) for p in made]
 
 
 def test_many_paths_are_synced_in_rounds_of_bounded_open_descriptors(tmp_path, syncs, monkeypatch):
@@ -99,7 +106,7 @@ def test_many_paths_are_synced_in_rounds_of_bounded_open_descriptors(tmp_path, s
 
     files.sync_all(made)
 
-    assert [name for kind, name in syncs if kind == "writeback"] == [str(p) for p in made]
+    assert [name for kind, name, _ in syncs if kind == "writeback"] == [str(p) for p in made]
     assert 0 < most_open <= 3 + 1  # a round's descriptors, and the listing's own
     assert len(list(fd_dir.iterdir())) == open_before  # every descriptor closed
 
@@ -111,3 +118,22 @@ def test_sync_file_range_is_found_on_linux(tmp_path):
     finally:
         os.close(fd)
     assert files._writeback and files._writeback[0] is not None
+
+
+def test_a_large_round_is_synced_in_lanes_each_path_once_and_a_failure_in_any_lane_is_raised(tmp_path, syncs):
+    made = _outputs(tmp_path, 15)
+    failing = made[0].parent / FAILING
+    failing.write_bytes(b"x")
+    paths = [*made, failing, made[0].parent]
+
+    with pytest.raises(OSError) as raised:
+        files.sync_all(paths)
+
+    assert raised.value.errno == errno.EIO and raised.value.filename == str(failing)
+    synced = [name for kind, name, _ in syncs if kind in ("fdatasync", "fsync")]
+    assert sorted(synced) == sorted(str(p) for p in paths), "each path synced exactly once"
+    threads = {thread for kind, _, thread in syncs if kind in ("fdatasync", "fsync")}
+    assert threading.current_thread().name in threads and len(threads) >= 2
+    # Every write-back was started, on the caller's thread, before the first sync.
+    first_sync = next(i for i, (kind, _, _) in enumerate(syncs) if kind != "writeback")
+    assert sorted(name for kind, name, _ in syncs[:first_sync]) == sorted(str(p) for p in [*made, failing])
