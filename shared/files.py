@@ -331,7 +331,12 @@ def _sync_batch(paths: Sequence[Path]) -> list[OSError]:
 
         n_lanes = max(1, min(_SYNC_LANES, len(opened) // _SYNCS_PER_LANE))
         lanes = [opened[k::n_lanes] for k in range(n_lanes)]
-        others = [_pool().submit(sync_lane, lane) for lane in lanes[1:]]
+        others = []
+        for lane in lanes[1:]:
+            try:
+                others.append(_pool().submit(sync_lane, lane))
+            except RuntimeError:  # the interpreter is exiting (an atexit hook writing): no new work for threads
+                sync_lane(lane)
         sync_lane(lanes[0])
         for lane in others:
             lane.result()
@@ -371,10 +376,16 @@ def sync_soon(paths: Iterable[Path]) -> Callable[[], None]:
     published: the directory entry of a stage's state record (``FileLedger.record``), synced
     while the broker takes the events and the next stage starts.
     """
-    futures = [_pool().submit(_sync_one, path) for path in paths]
+    try:
+        futures = [_pool().submit(_sync_one, path) for path in paths]
+    except RuntimeError:  # the interpreter is exiting: sync at once
+        done = [_sync_one(path) for path in paths]
+        futures = []
+    else:
+        done = []
 
     def wait() -> None:
-        errors = [e for e in (f.result() for f in futures) if e is not None]
+        errors = [e for e in [*done, *(f.result() for f in futures)] if e is not None]
         if errors:
             raise errors[0]
 

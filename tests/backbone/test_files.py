@@ -137,3 +137,23 @@ def test_a_large_round_is_synced_in_lanes_each_path_once_and_a_failure_in_any_la
     # Every write-back was started, on the caller's thread, before the first sync.
     first_sync = next(i for i, (kind, _, _) in enumerate(syncs) if kind != "writeback")
     assert sorted(name for kind, name, _ in syncs[:first_sync]) == sorted(str(p) for p in [*made, failing])
+
+
+class _ExitingPool:
+    """A thread pool after interpreter shutdown began: takes no new work."""
+
+    def submit(self, *_args, **_kwargs):
+        raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+
+
+def test_syncs_asked_for_while_the_interpreter_exits_run_on_the_caller(tmp_path, syncs, monkeypatch):
+    """An atexit hook (the publisher's last monitor page) may write: the thread pool no longer takes work."""
+    monkeypatch.setattr(files, "_pool", _ExitingPool)
+    made = _outputs(tmp_path, 15)
+
+    files.sync_all(made)
+    files.sync_soon([made[0].parent])()
+
+    synced = [(name, thread) for kind, name, thread in syncs if kind in ("fdatasync", "fsync")]
+    assert sorted(name for name, _ in synced) == sorted([*map(str, made), str(made[0].parent)])
+    assert {thread for _, thread in synced} == {threading.current_thread().name}
