@@ -376,35 +376,21 @@ def sync_soon(paths: Iterable[Path]) -> Callable[[], None]:
     published: the directory entry of a stage's state record (``FileLedger.record``), synced
     while the broker takes the events and the next stage starts.
     """
+    # One path per task: a round of one runs on its own thread, never handing lanes to the pool.
     try:
-        futures = [_pool().submit(_sync_one, path) for path in paths]
+        futures = [_pool().submit(_sync_batch, [path]) for path in paths]
     except RuntimeError:  # the interpreter is exiting: sync at once
-        done = [_sync_one(path) for path in paths]
+        done = [_sync_batch([path]) for path in paths]
         futures = []
     else:
         done = []
 
     def wait() -> None:
-        errors = [e for e in [*done, *(f.result() for f in futures)] if e is not None]
+        errors = [e for found in [*done, *(f.result() for f in futures)] for e in found]
         if errors:
             raise errors[0]
 
     return wait
-
-
-def _sync_one(path: Path) -> OSError | None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            if stat.S_ISDIR(os.fstat(fd).st_mode):
-                os.fsync(fd)
-            else:
-                os.fdatasync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        return e
-    return None
 
 
 def _pool() -> ThreadPoolExecutor:
