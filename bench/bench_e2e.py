@@ -221,11 +221,11 @@ def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
         watcher.close()
         done = stage_seconds(cluster)
         handler_ms = {stage: round((done[stage] - warm.get(stage, 0.0)) * 1000 / n, 2) for stage in done}
-        per_delivery = {name: [round((done - warm) * 1000 / n, 1)
-                               for done, warm in zip(done_cpu[name], warm_cpu.get(name, (0.0, 0.0)), strict=True)]
-                        for name in done_cpu}
-        return ServicesRun(times, handler_ms, {name: v[0] for name, v in per_delivery.items()},
-                           {name: v[1] for name, v in per_delivery.items()}, floor_times)
+        def cpu_ms(which: int) -> dict[str, float]:  # 0: user + system, 1: system
+            return {name: round((used[which] - warm_cpu.get(name, (0.0, 0.0))[which]) * 1000 / n, 1)
+                    for name, used in done_cpu.items()}
+
+        return ServicesRun(times, handler_ms, cpu_ms(0), cpu_ms(1), floor_times)
     finally:
         cluster.stop()
 
