@@ -135,15 +135,19 @@ def _temp_prefix(path: Path) -> str:
 
 
 def temp_file_beside(path: Path) -> tuple[int, str]:
-    """A new temporary file in ``path``'s directory, named for :func:`is_temp_name`: (fd, name)."""
+    """A new temporary file in ``path``'s directory, named for :func:`is_temp_name`: (fd, name).
+
+    The directory is made when it is missing (only then: nearly every write goes into one that
+    exists, and asking first would cost a ``mkdir`` and a ``stat`` per file).
+    """
     # A concurrent clean-up may remove the directory just made empty; make it again.
     for attempt in range(5):
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
             return tempfile.mkstemp(prefix=_temp_prefix(path), suffix=TEMP_NAME[1], dir=path.parent)
         except FileNotFoundError:
             if attempt == 4:
                 raise
+            path.parent.mkdir(parents=True, exist_ok=True)
     raise AssertionError("unreachable")
 
 

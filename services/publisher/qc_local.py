@@ -94,21 +94,22 @@ def _link_temp(source: Path, target: Path, sha256: str) -> Path | None:
     None when the two lie on different file systems or links are not
     allowed there: the caller copies instead.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
     prefix, suffix = TEMP_NAME
     tmp = target.parent / f"{prefix}{target.name}.{secrets.token_hex(6)}{suffix}"
     try:
-        os.link(source, tmp)
+        try:
+            os.link(source, tmp)
+        except FileNotFoundError:
+            if target.parent.is_dir():
+                raise  # the source is gone
+            target.parent.mkdir(parents=True, exist_ok=True)  # made when missing only: one syscall less per file
+            os.link(source, tmp)
     except OSError as e:
         if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
             return None
         raise
     try:
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            _set_sha256(fd, sha256)
-        finally:
-            os.close(fd)
+        _set_sha256(tmp, sha256)  # by path: the link is ours, and no descriptor to open and close
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -145,12 +146,13 @@ def _discard(staged: list[_StagedObject]) -> None:
         s.tmp.unlink(missing_ok=True)
 
 
-def _set_sha256(fd: int, sha256: str) -> None:
+def _set_sha256(file: int | Path, sha256: str) -> None:
+    """Attach ``sha256`` to an open file (descriptor) or a path (not a symlink)."""
     setxattr = getattr(os, "setxattr", None)  # Linux only
     if setxattr is None:
         return
     try:
-        setxattr(fd, SHA256_XATTR, sha256.encode("ascii"))
+        setxattr(file, SHA256_XATTR, sha256.encode("ascii"))
     except OSError as e:
         # A file system without user attributes: the object is fine, its digest is
         # unknown to head(), so a replay copies the file again.
