@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,15 +33,21 @@ class DeliveryArea:
     def stage(self, files: Sequence[DeliveredFile], dest: Path) -> list[Path]:
         """Verify and stage ``files`` into ``dest``; the staged paths, in order."""
         area = self.root.resolve()
-        return _stage([(f, _resolve_inside(f, area)) for f in files], dest)
+        real_dirs: dict[Path, Path] = {}  # a delivery's files share one or two directories
+        return _stage([(f, _resolve_inside(f, area, real_dirs)) for f in files], dest)
 
 
-def _resolve_inside(f: DeliveredFile, area: Path) -> Path:
-    """The real path of a delivered file, refused unless it lies inside the (resolved) delivery area."""
+def _resolve_inside(f: DeliveredFile, area: Path, real_dirs: dict[Path, Path]) -> Path:
+    """The real path of a delivered file, refused unless it lies inside the (resolved) delivery area.
+
+    ``real_dirs`` caches the real path of each directory seen: a file that is not a symlink
+    is its directory's real path plus its name, so only the directory is resolved (one
+    ``lstat`` per path component), once per delivery, not once per file.
+    """
     if os.path.basename(f.name) != f.name or f.name in (".", ".."):
         raise PermanentError(f"file name {f.name!r} must be a plain name without directories")
     candidate = Path(f.path) if Path(f.path).is_absolute() else area / f.path
-    real = candidate.resolve()  # follows symlinks: a link pointing out of the area is refused
+    real = _real_path(candidate, real_dirs)  # follows symlinks: a link pointing out of the area is refused
     if not real.is_relative_to(area):
         raise PermanentError(
             f"{f.name}: path {f.path!r} resolves to {real}, outside the delivery area {area}; "
@@ -50,6 +57,21 @@ def _resolve_inside(f: DeliveredFile, area: Path) -> Path:
         raise PermanentError(f"{f.name}: file {real} does not exist (or is not a regular file); "
                              "check that the transfer finished before the delivery was announced")
     return real
+
+
+def _real_path(path: Path, real_dirs: dict[Path, Path]) -> Path:
+    """``path.resolve()``, with the real path of its directory taken from (and kept in) ``real_dirs``."""
+    if path.name in ("", ".", ".."):
+        return path.resolve()
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            return path.resolve()
+    except OSError:
+        return path.resolve()  # missing: resolved as far as it goes, refused by the caller
+    parent = path.parent
+    if parent not in real_dirs:
+        real_dirs[parent] = parent.resolve()
+    return real_dirs[parent] / path.name
 
 
 def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:

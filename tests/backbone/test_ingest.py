@@ -96,6 +96,27 @@ def test_symlink_pointing_out_is_refused(settings, area, tmp_path):
     _fails(settings, [entry.model_copy(update={"name": "link.fits", "path": "link.fits"})], "outside the delivery area")
 
 
+def test_a_directory_linked_out_of_the_area_is_refused_for_each_of_its_files(settings, area, tmp_path):
+    # The real path of a directory is looked up once per delivery and reused for its files.
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    frames = [write_frame(outside / n) for n in ("a.fits", "b.fits")]
+    (area / "sub").symlink_to(outside)
+    entries = [e.model_copy(update={"path": f"sub/{e.name}"}) for e in describe_files(frames, outside)]
+    with pytest.raises(PermanentError) as err:
+        handle_delivery(announce(entries), build_ports(settings))
+    assert "a.fits: path 'sub/a.fits' resolves to" in err.value.reason and "outside the delivery area" in err.value.reason
+
+
+def test_a_file_linked_out_beside_plain_files_is_refused(settings, area, tmp_path):
+    plain = write_frame(area / "plain.fits")
+    outside = write_frame(tmp_path / "secret.fits")
+    (area / "link.fits").symlink_to(outside)
+    entries = describe_files([plain], area) + [
+        describe_files([outside], tmp_path)[0].model_copy(update={"name": "link.fits", "path": "link.fits"})]
+    _fails(settings, entries, "link.fits: path 'link.fits' resolves to .*outside the delivery area")
+
+
 def test_missing_file_is_named(settings, area):
     _fails(settings, [DeliveredFile(name="gone.fits", path="gone.fits", size=1, checksum=ANY_DIGEST)],
            "gone.fits: file .* does not exist")
