@@ -51,7 +51,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from shared.files import file_digest, fsync_file, sync_later
+from shared.files import file_digest, sync_later
 from shared.fitsheader import FitsHeaderError, card_value, iter_header_texts, parse_value
 from shared.messages import Product, RawFrame
 from shared.oca.keywords import header_key
@@ -212,9 +212,11 @@ def move_products(products: Sequence[RecipeProduct], sci_dir: Path, instrument: 
         if target.exists():
             raise FileExistsError(f"{target} exists already; refusing to overwrite a product")
         shutil.move(str(product.path), target)  # os.rename on one file system
-        fsync_file(target)  # esorex does not: the products must be durable before the run is acked
         moved.append(replace(product, path=target))
-    sync_later([sci_dir])
+    # esorex does not sync: the products (bytes and names) must be durable before the run is
+    # acked. One round for the AB's products (write-back of all started first, then synced in
+    # lanes: shared.files.sync_all), not one fsync after another.
+    sync_later([*(m.path for m in moved), sci_dir])
     _log.info("moved %d products to %s", len(moved), sci_dir)
     return moved
 
@@ -250,9 +252,12 @@ def move_logs(workdir: Path, log_dir: Path, ab_name: str) -> dict[str, Path]:
 def package_raw_frames(frames: Sequence[RawFrame], sci_dir: Path) -> list[Product]:
     """PIPE_SUPPORT=NO: the raw frames themselves are the package (hard links, or copies).
 
-    Their checksums are the ones ingest verified; nothing is read.
+    Their checksums are the ones ingest verified; nothing is read. The links (and the bytes of
+    a copy) are made durable with the run's other outputs (``sync_later``): the frames' bytes
+    are ingest's, durable already, but a name in sci/ is not until its directory is synced.
     """
     products = []
+    copied = []
     for frame in frames:
         target = sci_dir / frame.name
         if not target.exists():
@@ -260,5 +265,7 @@ def package_raw_frames(frames: Sequence[RawFrame], sci_dir: Path) -> list[Produc
                 os.link(frame.path, target)
             except OSError:
                 shutil.copyfile(frame.path, target)
+                copied.append(target)
         products.append(Product(path=str(target), pro_catg="RAW", ab="", checksum=frame.checksum))
+    sync_later([*copied, sci_dir])
     return products

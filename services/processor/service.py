@@ -29,7 +29,7 @@ from services.processor.quicklook import with_quicklook
 from services.processor.recipe_processes import kill_leftover_recipes
 from shared.bus.runner import Handlers
 from shared.errors import PermanentError
-from shared.files import write_atomic
+from shared.files import sync_later, write_atomic
 from shared.fitsheader import HeaderReader
 from shared.layout import CAL_SUBDIRS
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
@@ -112,11 +112,17 @@ def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: 
 
 def prepare_workspace(dirs: RunDirs) -> None:
     """Start a run clean: first stop any recipe an attempt that died left running (it would write
-    into the new directories), then empty the run's sci/, logs/ and work/."""
+    into the new directories), then empty the run's sci/, logs/ and work/.
+
+    The new sci/ and logs/ directories' names are made durable with the stage's outputs
+    (``sync_later``: under the runner, in the round of the state record); on a file system
+    without a journal nothing else would, and the run's products would vanish in a crash.
+    """
     kill_leftover_recipes(dirs.work)
     for d in (dirs.sci, dirs.logs, dirs.work):
         shutil.rmtree(d, ignore_errors=True)
         d.mkdir(parents=True)
+    sync_later([dirs.sci.parent, dirs.logs.parent])
 
 
 class CalibrationPool:

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
+import services.processor.products as products_module
 from services.processor.handlers import ABOutcome, ProcessorPorts, handle_raw_ready
 from services.processor.products import package_raw_frames
 from services.processor.service import prepare_workspace
 from shared.errors import PermanentError
+from shared.files import deferred_syncs
 from shared.messages import ABResult, Product, ProductsReady, RawDataReady, RawFrame
 from shared.profiles import load_profile
 from shared.settings import Settings
@@ -108,3 +110,29 @@ def test_without_pipeline_the_raw_frames_are_the_package(tmp_path):
     assert [Path(p.path).name for p in event.products] == [f.name for f in msg.frames]
     assert all(p.pro_catg == "RAW" and p.checksum == f.checksum for p, f in zip(event.products, msg.frames, strict=True))
     assert all(Path(p.path).is_file() for p in event.products)
+
+
+def test_new_run_directories_and_the_raw_package_are_synced_with_the_stage_record(tmp_path):
+    # PIPE_SUPPORT=NO: the raw frames are linked into sci/. Under the runner, what the handler
+    # asks to sync is synced in the round of the state record, before anything is acked.
+    ports = ports_for(tmp_path, plan=lambda msg, dirs: [], execute=None, instrument="FORS2")
+    msg = raw_ready(tmp_path, "FORS2")
+    with deferred_syncs() as pending:
+        [event] = handle_raw_ready(msg, ports)
+    dirs = ports.run_dirs("FORS2", msg.run_id)
+    assert [Path(p.path).parent for p in event.products] == [dirs.sci, dirs.sci]
+    assert {dirs.sci, dirs.sci.parent, dirs.logs.parent} <= set(pending)
+
+
+def test_products_are_synced_in_one_round_after_they_are_moved(tmp_path, monkeypatch):
+    rounds = []
+    monkeypatch.setattr(products_module, "sync_later", lambda paths: rounds.append(list(paths)))
+    work, sci = tmp_path / "work", tmp_path / "sci"
+    work.mkdir()
+    made = []
+    for i in range(3):
+        (work / f"out_{i}.fits").write_bytes(b"x")
+        made.append(products_module.RecipeProduct(work / f"out_{i}.fits", "X"))
+    moved = products_module.move_products(made, sci)
+    assert rounds == [[*(m.path for m in moved), sci]]
+    assert all(m.path.parent == sci and m.path.is_file() for m in moved)
