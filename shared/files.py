@@ -147,8 +147,26 @@ def temp_file_beside(path: Path) -> tuple[int, str]:
         except FileNotFoundError:
             if attempt == 4:
                 raise
-            path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(path.parent)
     raise AssertionError("unreachable")
+
+
+def make_dirs(directory: Path) -> None:
+    """``directory.mkdir(parents=True, exist_ok=True)``, the new directories' names made durable
+    with the caller's outputs (:func:`sync_later`: under a runner, in the round of its state record).
+
+    A file synced into a new directory survives a crash only if the directory's own entry
+    does: on a file system with a journal the file's sync commits the ``mkdir`` too, on one
+    without (ext4 without a journal) only a sync of the parent makes it durable.
+    """
+    missing = []
+    d = directory
+    while not d.is_dir() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    if missing:
+        sync_later([m.parent for m in reversed(missing)])
 
 
 def remove_stale_temp_files(root: Path, older_than_s: float | None = None) -> list[Path]:

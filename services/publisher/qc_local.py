@@ -22,7 +22,15 @@ from urllib.parse import quote_from_bytes
 
 from services.publisher.qcserver import HEX_SHA256, ObjectInfo, safe_key
 from shared.errors import RetryableError
-from shared.files import CHUNK, TEMP_NAME, is_temp_name, sync_all, sync_later, temp_file_beside
+from shared.files import (
+    CHUNK,
+    TEMP_NAME,
+    is_temp_name,
+    make_dirs,
+    sync_all,
+    sync_later,
+    temp_file_beside,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -102,7 +110,7 @@ def _link_temp(source: Path, target: Path, sha256: str) -> Path | None:
         except FileNotFoundError:
             if target.parent.is_dir():
                 raise  # the source is gone
-            target.parent.mkdir(parents=True, exist_ok=True)  # made when missing only: one syscall less per file
+            make_dirs(target.parent)  # made (and its name synced) when missing only: one syscall less per file
             os.link(source, tmp)
     except OSError as e:
         if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):

@@ -157,3 +157,16 @@ def test_syncs_asked_for_while_the_interpreter_exits_run_on_the_caller(tmp_path,
     synced = [(name, thread) for kind, name, thread in syncs if kind in ("fdatasync", "fsync")]
     assert sorted(name for name, _ in synced) == sorted([*map(str, made), str(made[0].parent)])
     assert {thread for _, thread in synced} == {threading.current_thread().name}
+
+
+def test_a_directory_made_for_a_file_has_its_name_synced_with_the_file(tmp_path):
+    # Without a journal, a file synced into a new directory is lost with the directory
+    # unless the directory's parent is synced too: asked for with the file's own syncs.
+    target = tmp_path / "runs" / "run-1" / "products" / "a.fits"
+    with files.deferred_syncs() as pending:
+        files.write_atomic(target, b"data")
+    assert target.read_bytes() == b"data"
+    assert {tmp_path, tmp_path / "runs", tmp_path / "runs" / "run-1"} <= set(pending)
+    with files.deferred_syncs() as again:  # the directories exist now: nothing more to sync for them
+        files.write_atomic(target.with_name("b.fits"), b"data")
+    assert tmp_path / "runs" not in again and tmp_path / "runs" / "run-1" not in again

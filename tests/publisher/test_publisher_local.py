@@ -180,8 +180,11 @@ def test_inside_a_runner_a_batch_leaves_its_directories_to_the_state_record_roun
         qc.put("c/2.txt", b"2", content_type="text/plain", sha256=digest)
     # only the bytes of the object with the caller's digest so far
     assert len(rounds) == 1 and len(rounds[0]) == 1 and files.is_temp_name(rounds[0][0].name)
-    assert sorted(pending) == [tmp_path / "qc" / "b", tmp_path / "qc" / "b" / "1.txt", tmp_path / "qc" / "c"]
+    # the new directories' names (their parents), the directories renamed into, the bytes of the other
+    assert sorted(pending) == [tmp_path, tmp_path / "qc", tmp_path / "qc" / "b", tmp_path / "qc" / "b" / "1.txt",
+                               tmp_path / "qc" / "c"]
     ledger = FileLedger(tmp_path / "state")
+    ledger.run_dir("HAWKI", "r-1").mkdir(parents=True)  # made by the lease the runner holds
     event = RunFailed(run_id="r-1", delivery_id="d-1", instrument="HAWKI", failed_stage="publisher", reason="x")
     ledger.record("reports_ready", event, [], sync_first=pending)
     record_round, record_dir_round = rounds[1], rounds[2]

@@ -24,6 +24,7 @@ from services.publisher.handlers import handle_reports_ready
 from services.publisher.qc_local import SHA256_XATTR, LocalQcServer
 from services.publisher.qc_s3 import S3QcServer
 from shared.errors import OperatorActionRequired, RetryableError
+from shared.files import deferred_syncs
 from shared.messages import ReportsReady
 from shared.settings import Settings
 from tests.publisher.conftest import ports_for, reports_ready, s3_settings
@@ -251,6 +252,18 @@ def test_local_known_checksum_is_linked_with_its_digest_and_head_reads_nothing(t
         handle_reports_ready(msg, ports_for(settings))
     assert opens[str(product)] == 0, "the copy is there with this SHA-256: nothing read"
     assert opens[str(copy)] == 1, "head() opens the copy for its size and attribute, reads nothing"
+
+
+def test_local_package_directory_names_are_synced_with_the_package(tmp_path):
+    # The package's new directories (runs/<run>/, products/) must survive a crash once the
+    # completion is out: under the runner their parents are synced in the record's round.
+    settings = Settings(data_root=tmp_path)
+    msg = reports_ready(tmp_path)
+    qc_dir = settings.qc_local_dir()
+    with deferred_syncs() as pending:
+        handle_reports_ready(msg, ports_for(settings))
+    package = qc_dir / BASE / "runs" / "run-0001"
+    assert {package.parent, package} <= set(pending)
 
 
 def test_local_head_without_a_recorded_checksum_reports_none(tmp_path):
