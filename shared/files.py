@@ -242,8 +242,6 @@ def fsync_path(path: Path) -> None:
 
 #: A directory after entries were created or renamed in it.
 fsync_dir = fsync_path
-#: A file someone else wrote (esorex, a transfer tool), before we vouch for it.
-fsync_file = fsync_path
 
 #: Syncs put off by :func:`deferred_syncs` (None: outside such a block, sync at once).
 _deferred: ContextVar[list[Path] | None] = ContextVar("preimg_deferred_syncs", default=None)
