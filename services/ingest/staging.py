@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shared.errors import PermanentError
-from shared.files import CHUNK, file_digest, sync_later
+from shared.files import CHUNK, file_digest, make_dirs, sync_later
 from shared.messages import DeliveredFile
 
 
@@ -76,7 +76,7 @@ def _real_path(path: Path, real_dirs: dict[Path, Path]) -> Path:
 
 def _stage(sources: list[tuple[DeliveredFile, Path]], dest: Path) -> list[Path]:
     """Copy (or hard-link) and verify every file into a temporary directory, then rename it to ``dest``."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(dest.parent)  # raw/<INSTR> of a new instrument: its name synced with the frames
     tmp = dest.parent / f".{dest.name}.staging"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

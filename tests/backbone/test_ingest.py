@@ -14,7 +14,7 @@ from services.app import describe_files
 from services.ingest.handlers import handle_delivery
 from services.ingest.service import build_ports
 from shared.errors import PermanentError
-from shared.files import file_digest
+from shared.files import deferred_syncs, file_digest
 from shared.messages import DeliveredFile, DeliveryAnnounced, RawDataReady
 from shared.settings import Settings
 
@@ -190,3 +190,12 @@ def test_frames_are_classified_by_the_instruments_oca_rules(tmp_path, area):
     # hawki.oca + hawki_overlay.oca: DPR.TECH IMAGE,PRE science frames are pre-imaging frames.
     assert [f.classification for f in event.frames] == [{"DO.CATG": "IMG_PREIMAGING"}] * 2
     assert event.frames[0].headers["DPR.TECH"] == "IMAGE,PRE" and event.frames[0].headers["INSTRUME"] == "HAWKI"
+
+
+def test_the_first_delivery_of_an_instrument_syncs_the_name_of_its_raw_directory(settings, area):
+    # raw/<INSTR>/ is new on a fresh volume: its name is synced with the frames (ingest's record round).
+    paths = [write_frame(area / "a.fits")]
+    with deferred_syncs() as pending:
+        handle_delivery(announce(describe_files(paths, area)), build_ports(settings))
+    raw = (settings.data_root / "raw").resolve()
+    assert {raw.parent, raw, raw / "FORS2"} <= set(pending)
