@@ -29,7 +29,7 @@ from services.processor.quicklook import with_quicklook
 from services.processor.recipe_processes import kill_leftover_recipes
 from shared.bus.runner import Handlers
 from shared.errors import PermanentError
-from shared.files import sync_later, write_atomic
+from shared.files import make_dirs, sync_later, write_atomic
 from shared.fitsheader import HeaderReader
 from shared.layout import CAL_SUBDIRS
 from shared.messages import ABResult, CalibrationUsed, Product, RawDataReady
@@ -121,7 +121,8 @@ def prepare_workspace(dirs: RunDirs) -> None:
     kill_leftover_recipes(dirs.work)
     for d in (dirs.sci, dirs.logs, dirs.work):
         shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+        make_dirs(d.parent)  # sci/<INSTR> of a new instrument: its name synced too
+        d.mkdir()  # fails if the old one could not be removed
     sync_later([dirs.sci.parent, dirs.logs.parent])
 
 

@@ -122,6 +122,8 @@ def test_new_run_directories_and_the_raw_package_are_synced_with_the_stage_recor
     dirs = ports.run_dirs("FORS2", msg.run_id)
     assert [Path(p.path).parent for p in event.products] == [dirs.sci, dirs.sci]
     assert {dirs.sci, dirs.sci.parent, dirs.logs.parent} <= set(pending)
+    # sci/FORS2 and logs/FORS2 are new too (the instrument's first run): their names as well
+    assert {dirs.sci.parent.parent, dirs.logs.parent.parent} <= set(pending)
 
 
 def test_products_are_synced_in_one_round_after_they_are_moved(tmp_path, monkeypatch):
