@@ -23,7 +23,8 @@ The run's last answer to AOG (a PreImagingCompleted or RunFailed) is kept in
 ``terminal.json``, so a delivery sent again after its run finished can be
 answered with it.
 
-Records live in ``<data_root>/state/<INSTR>/<run_id>/<stage>.json`` and are
+Records live in ``<data_root>/state/<INSTR>/<run_id>/<stage>.json`` (the directory made by
+the run's first lease, its name synced with that stage's record) and are
 written atomically (temporary file, fsync, rename, fsync of the directory),
 each event serialised once. That the events were published is a marker naming
 the input message, written into the stage's lease file after the holder (no
@@ -45,7 +46,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from shared.files import fsync_dir, remove_temp_files_of, sync_soon, write_all_atomic, write_atomic
+from shared.files import (
+    fsync_dir,
+    make_dirs,
+    remove_temp_files_of,
+    sync_soon,
+    write_all_atomic,
+    write_atomic,
+)
 from shared.messages import Envelope, MessageDecodeError, decode
 
 _log = logging.getLogger(__name__)
@@ -299,9 +307,14 @@ class FileLedger:
     def lease(self, stage: str, instrument: str, run_id: str) -> Iterator[Lease]:
         """Hold the (stage, run) lease for the duration of the block; ``LeaseBusy`` if another holds it."""
         directory = self.run_dir(instrument, run_id)
-        directory.mkdir(parents=True, exist_ok=True)
         path = self._lease_path(stage, instrument, run_id)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:
+            # The run's first stage: its state directory is made here, and made durable with the
+            # stage's record (``make_dirs`` under the runner's deferred syncs: the same round).
+            make_dirs(directory)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

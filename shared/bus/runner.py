@@ -41,7 +41,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,8 +201,11 @@ class MessageRunner:
                     "its consumer died or lost the broker each time it held it (killed, out of memory, a recipe "
                     "taking the node down); find why in the service's log"))
             try:
-                with self._ledger.lease(stage, instrument, message.run_id) as lease:
-                    return self._process_message(message, handler, incoming, lease)
+                # The syncs the lease (a new run's state directory) and the handler (the directories
+                # it renamed outputs into) ask for are done with the record's bytes: one round of
+                # syncs fewer; nothing is recorded, emitted or acked before.
+                with deferred_syncs() as pending, self._ledger.lease(stage, instrument, message.run_id) as lease:
+                    return self._process_message(message, handler, incoming, lease, pending)
             except LeaseBusy as busy:
                 return self._wait_for_lease(message, incoming, busy)
             except OSError as e:  # the state directory cannot be made or locked
@@ -210,7 +213,8 @@ class MessageRunner:
 
     # ------------------------------------------------------------------
 
-    def _process_message(self, message: Envelope, handler: Handler, incoming: Incoming, lease: Lease) -> Outcome:
+    def _process_message(self, message: Envelope, handler: Handler, incoming: Incoming, lease: Lease,
+                         pending: Iterable[Path]) -> Outcome:
         stage, instrument = message.stage, message.instrument
         try:
             record = self._ledger.lookup(stage, instrument, message.run_id)
@@ -262,10 +266,7 @@ class MessageRunner:
         gauge.inc()
         started = time.perf_counter()
         try:
-            # The directories the handler renamed its outputs into are synced with the record's
-            # bytes (one round of syncs fewer); nothing is recorded, emitted or acked before.
-            with deferred_syncs() as pending:
-                events = list(handler(message))
+            events = list(handler(message))
         except PermanentError as e:
             return self._failed(message, incoming, e, lease=lease)
         except IgnorableMessage as e:

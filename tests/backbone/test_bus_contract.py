@@ -705,3 +705,32 @@ def test_a_refusal_only_an_operator_can_mend_is_dead_lettered_at_once_with_an_an
     assert "needs an operator" in event.reason and "create the bucket" in event.reason
     assert f"preimg dlq replay {SPEC.name}" in event.reason
     assert handler.calls == {"operator-1": 1}  # not retried: nothing changes until someone acts
+
+
+def test_a_new_runs_state_directory_is_made_durable_with_its_first_record(tmp_path, monkeypatch):
+    """The first stage of a run makes ``state/<INSTR>/<run_id>``: on a file system without a journal
+    its name survives a crash only once its parent is synced, which happens with the record's bytes
+    (one round of syncs: none before the handler, none of its own)."""
+    from shared import files
+
+    rounds: list[set[Path]] = []
+    real_sync_all = files.sync_all
+
+    def recording_sync_all(paths):
+        paths = list(paths)
+        rounds.append(set(paths))
+        real_sync_all(paths)
+
+    monkeypatch.setattr(files, "sync_all", recording_sync_all)
+    ledger = FileLedger(tmp_path / "state")
+    seen_rounds = []
+    handler = lambda msg: seen_rounds.append(len(rounds)) or []  # noqa: E731 - the smallest handler
+    runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger,
+                           build_metrics(CollectorRegistry()))
+    msg = delivery("good-new-run")
+    assert runner.process(Incoming(msg.to_json(), "delivery.HAWKI", {})).action == "ack"
+    assert seen_rounds == [0]  # nothing synced before the handler ran
+    record_rounds = [r for r in rounds if any(p.name.startswith(".delivery.json") for p in r)]
+    assert record_rounds, f"the record was synced without the new directory's parent: {rounds}"
+    assert {tmp_path / "state", tmp_path / "state" / "HAWKI"} <= record_rounds[0]
+    assert sum(1 for r in rounds if tmp_path / "state" / "HAWKI" in r) == 1
