@@ -244,11 +244,12 @@ def fsync_path(path: Path) -> None:
 fsync_dir = fsync_path
 
 #: Syncs put off by :func:`deferred_syncs` (None: outside such a block, sync at once).
-_deferred: ContextVar[list[Path] | None] = ContextVar("preimg_deferred_syncs", default=None)
+#: An ordered set: a dict of paths, each asked for once however often it was asked.
+_deferred: ContextVar[dict[Path, None] | None] = ContextVar("preimg_deferred_syncs", default=None)
 
 
 @contextlib.contextmanager
-def deferred_syncs() -> Iterator[list[Path]]:
+def deferred_syncs() -> Iterator[dict[Path, None]]:
     """Collect, instead of doing, the syncs :func:`sync_later` is asked for inside the block.
 
     For the message runner around a handler: the stage's state record is its commit
@@ -261,7 +262,7 @@ def deferred_syncs() -> Iterator[list[Path]]:
     failed), nothing was promised and the stage runs again. Per thread (a context
     variable): other threads sync at once.
     """
-    pending: list[Path] = []
+    pending: dict[Path, None] = {}
     token = _deferred.set(pending)
     try:
         yield pending
@@ -276,9 +277,7 @@ def sync_later(paths: Iterable[Path]) -> None:
     if pending is None:
         sync_all(paths)
         return
-    for path in paths:
-        if path not in pending:
-            pending.append(path)
+    pending.update(dict.fromkeys(paths))
 
 
 #: Threads syncing beside the caller: :func:`sync_all`'s other lanes and :func:`sync_soon`.
