@@ -724,7 +724,11 @@ def test_a_new_runs_state_directory_is_made_durable_with_its_first_record(tmp_pa
     monkeypatch.setattr(files, "sync_all", recording_sync_all)
     ledger = FileLedger(tmp_path / "state")
     seen_rounds = []
-    handler = lambda msg: seen_rounds.append(len(rounds)) or []  # noqa: E731 - the smallest handler
+
+    def handler(msg):
+        seen_rounds.append(len(rounds))
+        return []
+
     runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger,
                            build_metrics(CollectorRegistry()))
     msg = delivery("good-new-run")
