@@ -112,14 +112,17 @@ def build_ports(settings: Settings, instrument: str, metrics: Metrics, profile: 
 
 def prepare_workspace(dirs: RunDirs) -> None:
     """Start a run clean: first stop any recipe an attempt that died left running (it would write
-    into the new directories), then empty the run's sci/, logs/ and work/.
+    into the new directories), then empty the run's sci/ and logs/ and remove its work/.
 
     The new sci/ and logs/ directories' names are made durable with the stage's outputs
     (``sync_later``: under the runner, in the round of the state record); on a file system
     without a journal nothing else would, and the run's products would vanish in a crash.
+    work/ is made by the first recipe (``run_recipe`` makes each AB's working directory): a
+    run without recipes (no pipeline, or no complete AB) makes none.
     """
     kill_leftover_recipes(dirs.work)
-    for d in (dirs.sci, dirs.logs, dirs.work):
+    shutil.rmtree(dirs.work, ignore_errors=True)  # what is left is refused by run_recipe (not empty)
+    for d in (dirs.sci, dirs.logs):
         shutil.rmtree(d, ignore_errors=True)
         make_dirs(d.parent)  # sci/<INSTR> of a new instrument: its name synced too
         d.mkdir()  # fails if the old one could not be removed

@@ -99,6 +99,15 @@ def test_leftovers_of_a_dead_attempt_are_wiped_before_work(tmp_path):
                       execute=lambda ab, d: seen.append(sorted(p.name for p in d.sci.iterdir())) or outcome(ab, "SUCCESSFUL"))
     handle_raw_ready(raw_ready(tmp_path), ports)
     assert seen == [[]]
+    assert not dirs.work.exists()  # the dead attempt's working files are gone; recipes make their own
+
+
+def test_a_run_without_recipes_makes_no_working_directory(tmp_path):
+    ports = ports_for(tmp_path, plan=lambda msg, dirs: [], execute=None, instrument="FORS2")
+    msg = raw_ready(tmp_path, "FORS2")
+    handle_raw_ready(msg, ports)
+    dirs = ports.run_dirs("FORS2", msg.run_id)
+    assert dirs.sci.is_dir() and dirs.logs.is_dir() and not dirs.work.exists()
 
 
 def test_without_pipeline_the_raw_frames_are_the_package(tmp_path):
