@@ -268,7 +268,8 @@ class MessageRunner:
         try:
             events = list(handler(message))
         except PermanentError as e:
-            return self._failed(message, incoming, e, lease=lease)
+            # The failure is the run's answer: recorded, with a new run's state directory made durable.
+            return self._failed(message, incoming, e, lease=lease, sync_first=_existing(pending))
         except IgnorableMessage as e:
             _log.info("ignored: %s", e)
             self._count(stage, instrument, "ignored")
@@ -283,9 +284,7 @@ class MessageRunner:
             self._metrics.stage_duration.labels(stage, instrument).observe(elapsed)
 
         try:
-            # A path the handler removed again after asking for its sync (an emptied directory) needs none.
-            recorded_durably = self._record(message, events, lease,
-                                            sync_first=[p for p in pending if os.path.lexists(p)])
+            recorded_durably = self._record(message, events, lease, sync_first=_existing(pending))
         except (OSError, LeaseLost) as e:
             return self._retry_or_give_up(message, incoming, e)
         _log.info("handled %s in %.3f s; emits %s", message.type, elapsed, ", ".join(e.type for e in events) or "nothing")
@@ -330,13 +329,13 @@ class MessageRunner:
         return self._retry_or_give_up(message, incoming, PublishFailed(reason))
 
     def _failed(self, message: Envelope, incoming: Incoming, error: PermanentError, record_it: bool = True,
-                lease: Lease | None = None) -> Outcome:
+                lease: Lease | None = None, sync_first: Sequence[Path] = ()) -> Outcome:
         _log.warning("run failed permanently: %s", error.reason)
         event = self._run_failed(message, incoming, error.reason, error.details)
         recorded_durably = None
         if record_it:
             try:
-                recorded_durably = self._record(message, [event], lease)
+                recorded_durably = self._record(message, [event], lease, sync_first=sync_first)
             except (OSError, LeaseLost) as e:
                 return self._retry_or_give_up(message, incoming, e)
         self._count(message.stage, message.instrument, "failed")
@@ -492,3 +491,9 @@ def _reason_label(reason: str) -> str:
 
 def _jsonable(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool, type(None), list, dict, tuple))
+
+
+def _existing(paths: Iterable[Path]) -> list[Path]:
+    """The paths put off for the record's round that still exist: a path the handler removed again
+    after asking for its sync (an emptied directory) needs none."""
+    return [p for p in paths if os.path.lexists(p)]

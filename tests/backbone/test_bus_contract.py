@@ -707,10 +707,12 @@ def test_a_refusal_only_an_operator_can_mend_is_dead_lettered_at_once_with_an_an
     assert handler.calls == {"operator-1": 1}  # not retried: nothing changes until someone acts
 
 
-def test_a_new_runs_state_directory_is_made_durable_with_its_first_record(tmp_path, monkeypatch):
+@pytest.mark.parametrize("outcome", ["done", "failed"])
+def test_a_new_runs_state_directory_is_made_durable_with_its_first_record(tmp_path, monkeypatch, outcome):
     """The first stage of a run makes ``state/<INSTR>/<run_id>``: on a file system without a journal
     its name survives a crash only once its parent is synced, which happens with the record's bytes
-    (one round of syncs: none before the handler, none of its own)."""
+    (one round of syncs: none before the handler, none of its own), the record of a result or of
+    the RunFailed that answers a permanent failure."""
     from shared import files
 
     rounds: list[set[Path]] = []
@@ -727,12 +729,15 @@ def test_a_new_runs_state_directory_is_made_durable_with_its_first_record(tmp_pa
 
     def handler(msg):
         seen_rounds.append(len(rounds))
+        if outcome == "failed":
+            raise PermanentError("the delivery cannot be processed")
         return []
 
     runner = MessageRunner("ingest", SPEC.name, {DeliveryAnnounced: handler}, ledger,
                            build_metrics(CollectorRegistry()))
     msg = delivery("good-new-run")
-    assert runner.process(Incoming(msg.to_json(), "delivery.HAWKI", {})).action == "ack"
+    result = runner.process(Incoming(msg.to_json(), "delivery.HAWKI", {}))
+    assert result.action == "ack" and [type(e) for e in result.events] == ([] if outcome == "done" else [RunFailed])
     assert seen_rounds == [0]  # nothing synced before the handler ran
     record_rounds = [r for r in rounds if any(p.name.startswith(".delivery.json") for p in r)]
     assert record_rounds, f"the record was synced without the new directory's parent: {rounds}"
