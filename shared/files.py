@@ -252,9 +252,10 @@ _deferred: ContextVar[dict[Path, None] | None] = ContextVar("preimg_deferred_syn
 def deferred_syncs() -> Iterator[dict[Path, None]]:
     """Collect, instead of doing, the syncs :func:`sync_later` is asked for inside the block.
 
-    For the message runner around a handler: the stage's state record is its commit
-    point. What the handler asked to sync later (the directories it renamed outputs
-    into; the bytes of outputs that are written again whenever the stage runs again)
+    For the message runner around a message's lease and handler: the stage's state
+    record is its commit point. What they asked to sync later (a new run's state
+    directory; the directories the handler renamed outputs into; the bytes of outputs
+    that are written again whenever the stage runs again)
     is synced in the same round of syncs as the bytes of the record
     (``FileLedger.record(..., sync_first=pending)``), before the record is renamed
     into place and before anything is acked or emitted. Whoever opens the block must

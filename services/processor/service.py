@@ -121,7 +121,9 @@ def prepare_workspace(dirs: RunDirs) -> None:
     run without recipes (no pipeline, or no complete AB) makes none.
     """
     kill_leftover_recipes(dirs.work)
-    shutil.rmtree(dirs.work, ignore_errors=True)  # what is left is refused by run_recipe (not empty)
+    # Each AB's directory is removed again before its recipe; one that cannot be is refused by
+    # run_recipe (not empty).
+    shutil.rmtree(dirs.work, ignore_errors=True)
     for d in (dirs.sci, dirs.logs):
         shutil.rmtree(d, ignore_errors=True)
         make_dirs(d.parent)  # sci/<INSTR> of a new instrument: its name synced too
