@@ -2,14 +2,18 @@
 
 Prints JSON lines:
   e2e_broker_floor_ms  the same four hops over RabbitMQ with empty handlers (confirmed, persistent)
+  e2e_durable_floor_ms the same four hops whose handlers each also make one small record durable before
+                       their event goes out (write, fdatasync, rename, directory fsync), as any stage that
+                       answers a redelivery from its record must: the broker's floor plus the disk's
   e2e_overhead_ms      the four services as separate processes, FORS2 (no recipes, no quick-looks: their
                        cost is bench_quicklook's figure), stages as they stand
   e2e_overhead_cluster_ms  the same on a private three-node cluster with quorum queues
                        (tests/broker_cluster.py), measured in the same run; PREIMG_BENCH_CLUSTER=0 skips it
-The ratio of the two p50s shows what our code costs on top of the broker. The two chains run side by
-side on their own vhosts, one floor delivery before each real one, so both see the machine in the same
-state (on a shared machine its speed drifts by 2x within minutes); ratio_paired_median is the median of
-the per-pair ratios. file_create_us is what creating one file costs in the data root of the run
+The ratio of the two p50s shows what our code costs on top of the broker; ratio_p50_to_durable_floor,
+what it costs on top of the broker and the least a durable stage must ask of the disk. The chains run
+side by side on their own vhosts, one delivery of each floor before each real one, so all see the
+machine in the same state (on a shared machine its speed drifts by 2x within minutes);
+ratio_paired_median is the median of the per-pair ratios against the broker's floor. file_create_us is what creating one file costs in the data root of the run
 (file_create_us()): the data root follows TMPDIR; point it at a tree the test suite has not filled.
 N_DELIVERIES (default 50) sets the number of deliveries, e.g. for a profiler attached to the services.
 e2e_cpu_ms_per_delivery is the CPU time (user + system, and system alone) each service process spent
@@ -78,17 +82,43 @@ def vhost() -> tuple[str, str]:
 FLOOR_FILES = (DeliveredFile(name="f.fits", path="f.fits", size=0, checksum="sha256:" + "0" * 64),)
 
 
-class FloorChain:
-    """Four hops with handlers that only build the next event: what the broker and the bus cost."""
+def write_record(directory: Path, name: str, data: bytes) -> None:
+    """``data`` made durable under ``directory/name`` the plain way: a new temporary file written and
+    fdatasynced, renamed into place, the directory fsynced."""
+    tmp = directory / f".{name}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, directory / name)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, url: str):
+
+class FloorChain:
+    """Four hops with handlers that only build the next event: what the broker and the bus cost.
+
+    With ``records`` (a directory), each handler also makes its event durable in a record file of
+    its own (:func:`write_record`) before returning it: the broker's cost plus the least a stage
+    that answers a redelivery from its record asks of the disk.
+    """
+
+    def __init__(self, url: str, records: Path | None = None):
         from datetime import datetime
 
         now = datetime.now(UTC)
 
         def hop(make_next):
             def process(incoming: Incoming) -> Outcome:
-                return Outcome("ack", events=(make_next(decode(incoming.body)),))
+                event = make_next(decode(incoming.body))
+                if records is not None:
+                    write_record(records, f"{event.run_id}.{event.stage}.json", event.to_json())
+                return Outcome("ack", events=(event,))
             return process
 
         common = lambda m: {"run_id": m.run_id, "delivery_id": m.delivery_id, "instrument": m.instrument}
@@ -172,15 +202,15 @@ class ServicesRun:
     #: Mean CPU time per delivery per service process (ms) after warm-up: user + system, system.
     cpu_ms: dict[str, float]
     sys_ms: dict[str, float]
-    #: The floor chain's times, one floor delivery before each real one.
-    floor_times: list[float]
+    #: Each floor chain's times, one delivery of each before each real one.
+    floor_times: list[list[float]]
 
 
 def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
-                 floor: FloorChain | None = None) -> ServicesRun:
-    """Run ``n`` deliveries (after warm-up) through the four services; with ``floor``, one floor
-    delivery before each real one (the two then share the machine's state of the moment: on a
-    shared machine its speed drifts)."""
+                 floors: tuple[FloorChain, ...] = ()) -> ServicesRun:
+    """Run ``n`` deliveries (after warm-up) through the four services; with ``floors``, one delivery
+    of each floor chain before each real one (they then share the machine's state of the moment: on
+    a shared machine its speed drifts)."""
     # The backbone's own cost: FORS2's raw-frame quick-looks (matplotlib) are measured by bench_quicklook.
     root.mkdir(parents=True, exist_ok=True)
     overlay = root / "no-quicklooks.toml"
@@ -196,7 +226,8 @@ def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
     try:
         watcher = CompletionWatcher(url, QueueArguments(queue_type))
         batches = [make_frames(cluster.delivery_area / f"d{i:02d}", N_FILES) for i in range(n + WARM_UP)]
-        times, floor_times = [], []
+        times: list[float] = []
+        floor_times: list[list[float]] = [[] for _ in floors]
         warm: dict[str, float] = {}
         warm_cpu: dict[str, tuple[float, float]] = {}
         with RabbitClient(url, "preimg", queue_args=QueueArguments(queue_type)) as client:
@@ -204,10 +235,10 @@ def services_run(url: str, root: Path, n: int, queue_type: str = "classic",
                 if i == WARM_UP:
                     warm = stage_seconds(cluster)
                     warm_cpu = cpu_seconds(cluster)
-                if floor is not None:
-                    floor_ms = floor.deliver()
+                for floor, floor_ms in zip(floors, floor_times, strict=True):
+                    took = floor.deliver()
                     if i >= WARM_UP:
-                        floor_times.append(floor_ms)
+                        floor_ms.append(took)
                 msg = DeliveryAnnounced(run_id=f"bench-{i}", delivery_id=f"bench-{i}", instrument="FORS2", test=True,
                                         files=tuple(describe_files(files, cluster.delivery_area)))
                 t0 = time.perf_counter()
@@ -264,27 +295,33 @@ def file_create_us(directory: Path, n: int = 50) -> float:
 
 
 def main() -> int:
-    vhosts = [vhost(), vhost()]  # one per chain: their retry queues differ
+    vhosts = [vhost(), vhost(), vhost()]  # one per chain: their retry queues differ
     root = Path(tempfile.mkdtemp(prefix="preimg-bench-"))
     create_us = file_create_us(root)
+    records = root / "floor-records"  # on the same file system as the services' data root
+    records.mkdir()
     try:
-        with FloorChain(vhosts[0][1]) as floor_chain:
-            run = services_run(vhosts[1][1], root, N_DELIVERIES, floor=floor_chain)
+        with FloorChain(vhosts[0][1]) as floor_chain, FloorChain(vhosts[2][1], records) as durable_chain:
+            run = services_run(vhosts[1][1], root, N_DELIVERIES, floors=(floor_chain, durable_chain))
     finally:
         for name, _ in vhosts:
             subprocess.run(["rabbitmqctl", "-q", "delete_vhost", name], check=False)
         shutil.rmtree(root, ignore_errors=True)
-    real, floor, handler_ms = run.times, run.floor_times, run.handler_ms
+    real, (floor, durable), handler_ms = run.times, run.floor_times, run.handler_ms
     fp50, fp99 = statistics.median(floor), percentile(floor, 99)
+    dp50, dp99 = statistics.median(durable), percentile(durable, 99)
     p50, p99 = statistics.median(real), percentile(real, 99)
     # Each real delivery against the floor delivery just before it: robust to the machine's drift.
     paired = statistics.median(r / f for r, f in zip(real, floor, strict=True))
     clustered = cluster_run(N_DELIVERIES) if os.environ.get("PREIMG_BENCH_CLUSTER", "1") != "0" else None
     print(json.dumps({"name": "e2e_broker_floor_ms", "p50": round(fp50, 2), "p99": round(fp99, 2), "unit": "ms",
                       "n": len(floor), "hops": 4}))
+    print(json.dumps({"name": "e2e_durable_floor_ms", "p50": round(dp50, 2), "p99": round(dp99, 2), "unit": "ms",
+                      "n": len(durable), "hops": 4, "records_per_hop": 1,
+                      "ratio_p50_to_floor": round(dp50 / fp50, 1)}))
     print(json.dumps({"name": "e2e_overhead_ms", "p50": round(p50, 2), "p99": round(p99, 2), "unit": "ms",
                       "n": len(real), "files_per_delivery": N_FILES, "ratio_p50_to_floor": round(p50 / fp50, 1),
-                      "ratio_paired_median": round(paired, 1), "file_create_us": round(create_us),
+                      "ratio_paired_median": round(paired, 1), "ratio_p50_to_durable_floor": round(p50 / dp50, 1), "file_create_us": round(create_us),
                       "target_p50": 100, "target_p99": 250, "target_ratio_p50_to_floor": 4}))
     if clustered is not None:
         cp50, cp99 = statistics.median(clustered), percentile(clustered, 99)
