@@ -13,8 +13,9 @@ The ratio of the two p50s shows what our code costs on top of the broker; ratio_
 what it costs on top of the broker and the least a durable stage must ask of the disk. The chains run
 side by side on their own vhosts, one delivery of each floor before each real one, so all see the
 machine in the same state (on a shared machine its speed drifts by 2x within minutes);
-ratio_paired_median is the median of the per-pair ratios against the broker's floor. file_create_us is what creating one file costs in the data root of the run
-(file_create_us()): the data root follows TMPDIR; point it at a tree the test suite has not filled.
+ratio_paired_median is the median of the per-pair ratios against the broker's floor. file_create_us
+is what creating one file costs in the data root of the run (file_create_us()): the data root follows
+TMPDIR; point it at a tree the test suite has not filled.
 N_DELIVERIES (default 50) sets the number of deliveries, e.g. for a profiler attached to the services.
 e2e_cpu_ms_per_delivery is the CPU time (user + system, and system alone) each service process spent
 per delivery after warm-up, page thread and idle polling included: its sum against e2e_overhead_ms tells
