@@ -50,7 +50,7 @@ from services.app import describe_files
 from shared.bus.rabbitmq import RabbitClient, RabbitConsumer
 from shared.bus.runner import Incoming, Outcome
 from shared.bus.topology import QueueArguments, QueueSpec
-from shared.files import SETTLED_NS
+from shared.files import SETTLED_NS, fsync_dir
 from shared.messages import (
     DeliveredFile,
     DeliveryAnnounced,
@@ -95,11 +95,7 @@ def write_record(directory: Path, name: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, directory / name)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(directory)
 
 
 class FloorChain:
